@@ -1,0 +1,130 @@
+"""The `distmerge` command line.
+
+User errors print one line, `error: ...`, and exit 2; an interrupted merge exits 130 and resumes when rerun.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import click
+
+from . import __version__
+from .config import load_config, parse_device, parse_seed, parse_size
+from .errors import UserError
+
+
+def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=None, workers=None):
+    config = load_config(config_path)
+    engine = config.engine
+    if seed is not None:
+        engine = replace(engine, seed=parse_seed(seed, "--seed"))
+    if shard_size is not None:
+        engine = replace(engine, shard_size=parse_size(shard_size, "--shard-size"))
+    if device is not None:
+        engine = replace(engine, device=parse_device(device, "--device"))
+    if runtime is not None:
+        engine = replace(engine, runtime=runtime)
+    if workers is not None:
+        engine = replace(engine, workers=workers)
+    return replace(config, engine=engine)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="distmerge")
+def cli():
+    """Merge fine-tuned checkpoints of one base model, training-free (R-TSVM, TSV-M, TIES, DARE, ...)."""
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--runtime", type=click.Choice(["local", "ray"]), help="local: this process. ray: one actor per GPU.")
+@click.option("--device", help="cpu or cuda (default: the config's distmerge.device, else cpu).")
+@click.option("--seed", type=int, help="Seed for random methods (DARE, DELLA).")
+@click.option("--shard-size", help="Output shard size, e.g. 2GB (default 5GB).")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray runtime: number of actors (default: one per GPU).")
+@click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def merge(config_path, out, runtime, device, seed, shard_size, workers, address, force, quiet):
+    """Merge the models of CONFIG into OUT."""
+    from .merge import merge as run_merge
+
+    config = _load(config_path, seed, shard_size, device, runtime, workers)
+    plan = run_merge(config, out, force=force, quiet=quiet, address=address,
+                     log=lambda msg: click.echo(msg, err=True))
+    if not quiet:
+        click.echo(f"merged {len(plan.tensors)} tensors into {out}", err=True)
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--deep", is_flag=True, help="Also read every input tensor and check it for NaN and Inf.")
+def validate(config_path, deep):
+    """Check CONFIG and its checkpoints without merging."""
+    from .plan import build_plan, describe
+
+    plan = build_plan(_load(config_path))
+    if deep:
+        from .validate import scan_inputs
+
+        scan_inputs(plan)
+    click.echo(describe(plan))
+    click.echo("ok")
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--device", help="cpu or cuda.")
+def plan(config_path, device):
+    """What a merge of CONFIG will do: tensors, bytes, SVDs, memory."""
+    from .plan import build_plan, describe
+
+    click.echo(describe(build_plan(_load(config_path, device=device))))
+
+
+@cli.command()
+@click.argument("name", required=False)
+def methods(name):
+    """List the merge methods and their parameters (or one method's)."""
+    from .methods import all_methods, get_method
+
+    specs = [get_method(name)] if name else all_methods()
+    for spec in specs:
+        base = "base model required" if spec.needs_base else "no base model needed"
+        count = (f"{spec.min_models}" if spec.min_models == spec.max_models
+                 else f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}")
+        click.echo(f"{spec.name}: {spec.summary}")
+        click.echo(f"    {base}; models: {count}" + (f"; {spec.reference}" if spec.reference else ""))
+        for param in spec.params:
+            scope = "per model" if param.per_model else "global"
+            alias = f" (mergekit: {param.alias})" if param.alias else ""
+            click.echo(f"    {param.name}{alias} [{scope}, {param.describe_range()}, default {param.default!r}]: "
+                       f"{param.doc}")
+        if spec.details:
+            for line in spec.details.strip().splitlines():
+                click.echo(f"    {line}")
+        click.echo("")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The merge config: mergekit's YAML as users write it, plus distmerge's own block.
+
+    merge_method: ties
+    base_model: meta-llama/Llama-3.1-8B          # local directory or hub id in the local HF cache
+    models:
+      - model: ./helpful
+        parameters: {weight: 1.0, density: 0.5}
+      - model: ./honest
+        parameters: {weight: 0.5, density: [0.3, 0.7]}   # a gradient over the layers
+    parameters: {lambda: 1.0}                    # for every model; per-model values override
+    dtype: float32                               # compute precision (never below float32)
+    out_dtype: bfloat16                          # saved dtype
+    tokenizer_source: base                       # base, or a model reference
+    distmerge: {seed: 0, shard_size: 2GB, device: cpu}
+
+Parameter values follow mergekit: a scalar; a list of numbers, interpolated over the layers (the first value
+applies to tensors outside the layers); or a list of `{filter, value}` pairs where the first filter that is a
+substring of the tensor name wins (no filter matches all). This module parses and validates the text; it knows
+nothing of tensors or Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# Names users write for dtypes, mapped to the canonical torch name.
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+
+TOP_LEVEL_KEYS = (
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "distmerge",
+)
+# mergekit keys that describe merges distmerge does not do; each gets its own explanation.
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (frankenmerges) is not supported: list whole models under `models:`",
+    "modules": "per-module configs are not supported: list whole models under `models:`",
+    "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported: use `tokenizer_source: base` "
+                 "or name one of the models",
+    "chat_template": "`chat_template` is not supported: the tokenizer files of `tokenizer_source` are copied as-is",
+}
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The `distmerge:` block: how to run, not what to compute. CLI flags override these."""
+
+    seed: int = 0
+    device: str = "cpu"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    runtime: str = "local"
+    workers: int | None = None
+
+    @staticmethod
+    def parse(raw: Any) -> "EngineSettings":
+        if raw is None:
+            return EngineSettings()
+        if not isinstance(raw, dict):
+            raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
+        allowed = {"seed", "device", "shard_size", "runtime", "workers"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
+        settings = EngineSettings()
+        if "seed" in raw:
+            settings = replace(settings, seed=parse_seed(raw["seed"], "distmerge.seed"))
+        if "device" in raw:
+            settings = replace(settings, device=parse_device(raw["device"], "distmerge.device"))
+        if "shard_size" in raw:
+            settings = replace(settings, shard_size=parse_size(raw["shard_size"], "distmerge.shard_size"))
+        if "runtime" in raw:
+            settings = replace(settings, runtime=parse_choice(raw["runtime"], ("local", "ray"), "distmerge.runtime"))
+        if "workers" in raw:
+            settings = replace(settings, workers=parse_positive_int(raw["workers"], "distmerge.workers"))
+        return settings
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    merge_method: str
+    models: tuple[ModelEntry, ...]
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    base_dir: str = "."  # relative model paths resolve against the config file's directory
+
+    @property
+    def compute_dtype(self) -> str:
+        """float64 when asked for; float32 otherwise. 16-bit compute only loses accuracy."""
+        return "float64" if self.dtype == "float64" else "float32"
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the output bytes (not of how the work is distributed)."""
+        payload = {
+            "merge_method": self.merge_method,
+            "models": [[m.model, m.parameters] for m in self.models],
+            "base_model": self.base_model,
+            "parameters": self.parameters,
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "tokenizer_source": self.tokenizer_source,
+            "seed": self.engine.seed,
+            "shard_size": self.engine.shard_size,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        """The config as a mergekit-style YAML document (for the model card)."""
+        doc: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model:
+            doc["base_model"] = self.base_model
+        doc["models"] = [
+            {"model": m.model, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
+        ]
+        for key in ("parameters", "dtype", "out_dtype", "tokenizer_source"):
+            value = getattr(self, key)
+            if value:
+                doc[key] = value
+        doc["distmerge"] = {"seed": self.engine.seed, "shard_size": self.engine.shard_size}
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(text, base_dir=str(path.resolve().parent), source=str(path))
+
+
+def parse_config(text: str, base_dir: str = ".", source: str = "config") -> MergeConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping with at least `merge_method` and `models`")
+
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in raw:
+            raise ConfigError(f"`{key}` in {source}: {why}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key `{unknown[0]}` in {source}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+
+    method = raw.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise ConfigError(f"`merge_method` is required in {source} and must be a method name (see `distmerge methods`)")
+
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"`models` in {source} must be a non-empty list of `{{model: PATH_OR_HUB_ID}}` entries")
+    models = tuple(_parse_model_entry(entry, i) for i, entry in enumerate(models_raw))
+
+    base_model = raw.get("base_model")
+    if base_model is not None:
+        base_model = _parse_model_ref(base_model, "base_model")
+
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"`parameters` must be a mapping of parameter names to values, got {parameters!r}")
+
+    tokenizer_source = raw.get("tokenizer_source")
+    if tokenizer_source is not None:
+        tokenizer_source = _parse_model_ref(tokenizer_source, "tokenizer_source")
+        if tokenizer_source == "union":
+            raise ConfigError(
+                "`tokenizer_source: union` is not supported: distmerge merges models that share one vocabulary; "
+                "use `base` or name one of the models"
+            )
+
+    return MergeConfig(
+        merge_method=method,
+        models=models,
+        base_model=base_model,
+        parameters=dict(parameters),
+        dtype=parse_dtype(raw["dtype"], "dtype") if raw.get("dtype") is not None else None,
+        out_dtype=parse_dtype(raw["out_dtype"], "out_dtype") if raw.get("out_dtype") is not None else None,
+        tokenizer_source=tokenizer_source,
+        engine=EngineSettings.parse(raw.get("distmerge")),
+        base_dir=base_dir,
+    )
+
+
+def _parse_model_ref(value: Any, key: str) -> str:
+    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
+        value = value["model"]
+        if isinstance(value, dict):
+            value = value.get("path")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"`{key}` must be a local directory or a hub id such as org/name, got {value!r}")
+    return value.strip()
+
+
+def _parse_model_entry(entry: Any, index: int) -> ModelEntry:
+    key = f"models[{index}]"
+    if isinstance(entry, str):
+        return ModelEntry(model=_parse_model_ref(entry, key))
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"`{key}` must be a mapping with a `model` key, got {entry!r}")
+    extra = sorted(set(entry) - {"model", "parameters"})
+    if extra:
+        raise ConfigError(f"unknown key `{key}.{extra[0]}`; allowed: model, parameters")
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"`{key}.parameters` must be a mapping, got {parameters!r}")
+    return ModelEntry(model=_parse_model_ref(entry["model"], f"{key}.model"), parameters=dict(parameters))
+
+
+# ---- scalar parsers shared by the config and the CLI -----------------------------------------------------
+
+
+def parse_dtype(value: Any, key: str) -> str:
+    name = str(value).removeprefix("torch.").lower()
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"`{key}: {value}` is not a dtype; allowed: float32, bfloat16, float16, float64")
+    return DTYPE_NAMES[name]
+
+
+def parse_seed(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"`{key}: {value!r}` must be a non-negative integer")
+    return value
+
+
+def parse_positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{key}: {value!r}` must be a positive integer")
+    return value
+
+
+def parse_choice(value: Any, choices: tuple[str, ...], key: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"`{key}: {value!r}` is not allowed; choose one of: {', '.join(choices)}")
+    return value
+
+
+def parse_device(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"`{key}: {value!r}` must be cpu or cuda")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """'2GB', '500MiB', 2000000000 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"`{key}: {value!r}` is not a size; write for example 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---- parameter settings: scalars, gradients over layers, filters -------------------------------------------
+
+
+def resolve_setting(setting: Any, tensor_name: str, t: float, key: str) -> Any:
+    """The value of one parameter setting for one tensor, `t` being its position in the layer stack (0..1)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        raise ConfigError(f"parameter `{key}` is an empty list; give a value, a gradient or filter entries")
+    if all(isinstance(item, dict) for item in setting):
+        for item in setting:
+            extra = sorted(set(item) - {"filter", "value"})
+            if extra or "value" not in item:
+                raise ConfigError(f"parameter `{key}`: each filter entry needs `value` (and optional `filter`), got {item!r}")
+            flt = item.get("filter")
+            if flt is None or flt == "*" or flt in tensor_name:
+                return resolve_setting(item["value"], tensor_name, t, key)
+        return None
+    if any(isinstance(item, (dict, list)) for item in setting):
+        raise ConfigError(f"parameter `{key}`: a gradient must be a list of plain values, got {setting!r}")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+    if not numeric:  # booleans and strings pick the nearest-below entry, as mergekit does
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    lo = int(scaled)
+    hi = min(len(setting) - 1, lo + 1)
+    frac = scaled - lo
+    return (1 - frac) * setting[lo] + frac * setting[hi]
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_position(tensor_name: str, num_layers: int | None) -> float:
+    """Where a tensor sits in the layer stack, 0 for the first layer and 1 for the last.
+
+    Tensors outside the layers (embeddings, final norm, head) get 0, as in mergekit.
+    """
+    match = _LAYER_INDEX.search(tensor_name)
+    if not match or not num_layers or num_layers < 2:
+        return 0.0
+    return min(1.0, int(match.group(1)) / (num_layers - 1))

@@ -1,0 +1,111 @@
+"""Running one work unit (one output shard) on one device.
+
+For each tensor of the unit: read it from every input straight from storage, check it, move it to the device in
+the compute dtype, call the method, cast to the saved dtype, append it to the shard. The shard is written under a
+temporary name and renamed when complete. The local runtime and each Ray actor call the same `run_unit`, so both
+produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .checkpoint import DTYPES, Checkpoint
+from .errors import CheckpointError, ConfigError, UserError
+from .methods import TensorContext
+from .methods.sparsify import HIGH_BINS, magnitude_histogram, magnitude_keep_count, threshold_from_histogram
+from .methods.elementwise import task_vectors
+from .plan import MergePlan, TensorJob, WorkUnit
+from .writer import OutputDir, ShardRecord, ShardWriter
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def read_checked(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    tensor = ckpt.read(name)
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"model {ckpt.ref}: tensor {name} contains NaN or Inf values; this checkpoint is "
+                              "corrupt or diverged in training. Fix or drop the model before merging")
+    return tensor
+
+
+def load_inputs(plan: MergePlan, job: TensorJob, device: torch.device):
+    """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype."""
+    dtype = getattr(torch, plan.config.compute_dtype)
+    base = read_checked(plan.base, job.name).to(device=device, dtype=dtype) if plan.base else None
+    models = torch.empty((len(plan.models), *job.shape), dtype=dtype, device=device)
+    for t, ckpt in enumerate(plan.models):
+        models[t].copy_(read_checked(ckpt, job.name))
+    return base, models
+
+
+def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The merged tensor (CPU, saved dtype) and the method's statistics for the report."""
+    if not job.merge:
+        return plan.reference.read(job.name), {}
+    base, models = load_inputs(plan, job, device)
+    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, plan.global_thresholds)
+    merged = plan.spec.fn(base, models, job.params, ctx)
+    out = merged.to(DTYPES[job.out_dtype][0])
+    if not torch.isfinite(out).all():
+        raise ConfigError(f"merged tensor {job.name} has values outside the range of {job.out_dtype}; "
+                          "save in bfloat16 or float32 (out_dtype), or lower lambda/weights")
+    return out.cpu(), ctx.stats
+
+
+def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.device,
+             on_tensor: Callable[[TensorJob], None] | None = None) -> ShardRecord:
+    """Merge every tensor of `unit` into its shard; returns the shard's record."""
+    temp = out.temp_path(unit.shard)
+    writer = ShardWriter(temp, [(t.name, t.out_dtype, t.shape) for t in unit.tensors])
+    record = ShardRecord(shard=unit.shard, size=writer.size)
+    try:
+        for job in unit.tensors:
+            start = time.perf_counter()
+            tensor, stats = merge_tensor(plan, job, device)
+            checksum = writer.write(job.name, tensor)
+            record.tensors[job.name] = {
+                **stats, "seconds": time.perf_counter() - start, "device": str(device), "sha256": checksum,
+            }
+            if on_tensor is not None:
+                on_tensor(job)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    out.commit_shard(temp, record)
+    return record
+
+
+# ---- TIES with trim_scope: global — the first pass -------------------------------------------------------------
+
+
+def magnitude_histograms(plan: MergePlan, unit: WorkUnit, device: torch.device) -> torch.Tensor:
+    """Per-task histograms [T, 2^15] of |d_t| over the unit's merged tensors (int64, CPU)."""
+    counts = torch.zeros((len(plan.models), HIGH_BINS), dtype=torch.int64, device=device)
+    for job in unit.tensors:
+        if not job.merge:
+            continue
+        base, models = load_inputs(plan, job, device)
+        deltas = task_vectors(base, models)
+        for t in range(deltas.shape[0]):
+            counts[t] += magnitude_histogram(deltas[t].abs_())
+    return counts.cpu()
+
+
+def global_thresholds(plan: MergePlan, counts: torch.Tensor) -> tuple[float, ...]:
+    """Each task's magnitude threshold: the bucket edge that keeps its top `density` share of the whole model."""
+    total = int(counts[0].sum())
+    densities = plan.tensors[0].params["density"]
+    return tuple(
+        threshold_from_histogram(counts[t], magnitude_keep_count(densities[t], total)) if densities[t] < 1 else 0.0
+        for t in range(counts.shape[0])
+    )

@@ -1,0 +1,107 @@
+"""One merge from start to finish: plan, prepare the output, run the units, write the small files and the index.
+
+This is the public API behind `distmerge merge`:
+
+    from distmerge.config import load_config
+    from distmerge.merge import merge
+    merge(load_config("config.yaml"), "merged/")
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .checkpoint import CODE_TO_NAME
+from .config import MergeConfig
+from .engine import global_thresholds
+from .plan import MergePlan, build_plan
+from .progress import Progress
+from .report import REPORT_NAME, report_bytes, report_rows
+from .runtime import make_runtime
+from .writer import TOKENIZER_FILES, OutputDir, ShardRecord
+
+
+def merge(config: MergeConfig, out: str | Path, *, runtime: str | None = None, device: str | None = None,
+          force: bool = False, quiet: bool = False, workers: int | None = None, address: str | None = None,
+          log=print) -> MergePlan:
+    plan = build_plan(config, device)
+    out_dir = OutputDir(out)
+    finished = out_dir.prepare(plan.fingerprint, force, [ckpt.path for ckpt in plan.inputs()])
+    pending = [unit for unit in plan.units if unit.shard not in finished]
+    out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
+    if finished and not quiet:
+        log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
+
+    runner = make_runtime(runtime or config.engine.runtime, plan.device, workers or config.engine.workers, address,
+                          quiet=quiet)
+    try:
+        if plan.needs_global_pass:
+            plan.global_thresholds = tuple(out_dir.remember(
+                "global_thresholds", lambda: global_thresholds(plan, _first_pass(plan, runner, quiet))))
+        progress = Progress("merging", len(plan.tensors), plan.bytes_read(), quiet=quiet)
+        for unit in plan.units:
+            if unit.shard in finished:
+                progress.skip(len(unit.tensors), sum(plan.read_bytes(job) for job in unit.tensors))
+        records = list(finished.values()) + runner.merge(plan, pending, out_dir, progress)
+        progress.close()
+    finally:
+        runner.close()
+    finalize(plan, out_dir, records)
+    return plan
+
+
+def _first_pass(plan: MergePlan, runner, quiet: bool):
+    progress = Progress("trim thresholds (pass 1 of 2)", len(plan.tensors), plan.bytes_read(), quiet=quiet)
+    counts = runner.histograms(plan, list(plan.units), progress)
+    progress.close()
+    return counts
+
+
+def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) -> None:
+    weight_map = {name: record.shard for record in records for name in record.tensors}
+    files: dict[str, bytes | Path] = {}
+    config_json = output_config(plan)
+    if config_json is not None:
+        files["config.json"] = (json.dumps(config_json, indent=2) + "\n").encode()
+    generation = plan.reference.path / "generation_config.json"
+    if generation.is_file():
+        files["generation_config.json"] = generation
+    if plan.tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (plan.tokenizer_dir / name).is_file():
+                files[name] = plan.tokenizer_dir / name
+    files["README.md"] = model_card(plan).encode()
+    files[REPORT_NAME] = report_bytes(report_rows(plan, records))
+    out_dir.finalize(weight_map, plan.bytes_written(), files)
+
+
+def output_config(plan: MergePlan) -> dict | None:
+    """The reference model's config.json with the saved dtype recorded."""
+    if not plan.reference.config:
+        return None
+    config = dict(plan.reference.config)
+    dtype = CODE_TO_NAME.get(Counter(t.out_dtype for t in plan.tensors if t.merge).most_common(1)[0][0])
+    if dtype:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = dtype
+    return config
+
+
+def model_card(plan: MergePlan) -> str:
+    config = plan.config
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- distmerge"]
+    if config.base_model:
+        front += [f"base_model: {config.base_model}"]
+    front += ["---", ""]
+    models = "\n".join(f"- {m.model}" for m in config.models)
+    reference = f" ({plan.spec.reference})" if plan.spec.reference else ""
+    base = f"\nBase model: {config.base_model}\n" if config.base_model else ""
+    return "\n".join(front) + (
+        f"# Merged model\n\nThis model was merged with distmerge using "
+        f"**{plan.spec.name}**{reference}: {plan.spec.summary}.\n{base}\n## Models merged\n\n{models}\n\n"
+        f"## Configuration\n\n```yaml\n{config.to_yaml()}```\n\n"
+        f"Per-tensor statistics are in `{REPORT_NAME}` (`distmerge report` summarises them).\n"
+    )

@@ -1,0 +1,171 @@
+"""The method registry: a merge method is a plain function, registered once with its parameter declarations.
+
+    @merge_method("ties", needs_base=True, params=(WEIGHT, DENSITY, LAMBDA, ...), summary="...")
+    def ties(base, models, p, ctx): ...
+
+The function receives the base tensor (or None), the fine-tuned tensors stacked as `models` [T, *shape] in the
+compute dtype (the function may overwrite them; it owns them), the parameters resolved for this tensor as a
+dict (per-model ones as lists of T values), and a `TensorContext`. It returns the merged tensor. Parameters are
+validated from their declarations before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+from .sampling import uniform
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter.
+
+    kind: "float", "int", "bool", "globs" (a list of tensor-name patterns), or a tuple of allowed strings.
+    per_model: set per model (a list of T values reaches the method) rather than once for the merge.
+    lo/hi: the allowed range; `lo_open`/`hi_open` exclude the end itself.
+    bool_map: what mergekit's boolean spelling of a choice means (e.g. `rescale: true` is L1 rescaling).
+    alias: mergekit's name for the same parameter (e.g. `normalize` for `aggregate`).
+    """
+
+    name: str
+    kind: Any
+    default: Any
+    doc: str
+    per_model: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    bool_map: dict | None = None
+    alias: str | None = None
+
+    def describe_range(self) -> str:
+        if isinstance(self.kind, tuple):
+            return " | ".join(self.kind)
+        if self.kind in ("bool", "globs"):
+            return self.kind
+        if self.lo is None and self.hi is None:
+            return self.kind
+        left = "(" if self.lo_open else "["
+        right = ")" if self.hi_open else "]"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{self.kind} in {left}{lo}, {hi}{right}"
+
+    def check(self, value: Any, where: str) -> Any:
+        """`value` converted to the declared kind, or a ConfigError naming `where`."""
+        allowed = f"allowed: {self.describe_range()}"
+        if isinstance(self.kind, tuple):
+            if isinstance(value, bool) and self.bool_map is not None:
+                value = self.bool_map[value]
+            if value not in self.kind:
+                raise ConfigError(f"{where}: `{self.name}: {value!r}` is not allowed; {allowed}")
+            return value
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: `{self.name}: {value!r}` must be true or false")
+            return value
+        if self.kind == "globs":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: `{self.name}` must be a list of tensor-name patterns, got {value!r}")
+            return tuple(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: `{self.name}: {value!r}` must be a number; {allowed}")
+        if self.kind == "int":
+            if float(value) != int(value):
+                raise ConfigError(f"{where}: `{self.name}: {value!r}` must be an integer; {allowed}")
+            value = int(value)
+        else:
+            value = float(value)
+        too_low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        too_high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if too_low or too_high:
+            raise ConfigError(f"{where}: `{self.name}: {value!r}` is out of range; {allowed}")
+        return value
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor besides its values.
+
+    `stats` is filled by the method (ranks kept, outlier share, ...) and ends up in the merge report.
+    `global_thresholds` holds per-task magnitude thresholds from a first pass (TIES with global trimming).
+    """
+
+    name: str
+    seed: int = 0
+    model_ids: tuple[int, ...] = ()
+    global_thresholds: tuple[float, ...] | None = None
+    stats: dict = field(default_factory=dict)
+
+    def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0) -> torch.Tensor:
+        """Uniform [0, 1) draws for task `task`, keyed by (seed, tensor name, model index): any worker, device
+        or processing order gives the same numbers. `start` offsets into the flat element stream (row chunks)."""
+        return uniform(self.seed, self.name, self.model_ids[task], shape, device, start)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable
+    params: tuple[Param, ...]
+    summary: str
+    needs_base: bool
+    min_models: int = 1
+    max_models: int | None = None
+    spectral: bool = False
+    random: bool = False
+    reference: str = ""
+    check: Callable[[dict], str | None] | None = None  # cross-parameter constraints; returns a message
+    details: str = ""  # the exact formulas, where the summary cannot hold them
+
+    def defaults(self, n_models: int, **overrides) -> dict:
+        """Every parameter at its default (per-model ones as lists), with `overrides` applied as given."""
+        params = {p.name: [p.default] * n_models if p.per_model else p.default for p in self.params}
+        params.update(overrides)
+        return params
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    def names_with_aliases(self) -> dict[str, Param]:
+        table = {p.name: p for p in self.params}
+        table.update({p.alias: p for p in self.params if p.alias})
+        return table
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_base: bool, min_models: int = 1,
+                 max_models: int | None = None, spectral: bool = False, random: bool = False, reference: str = "",
+                 check: Callable[[dict], str | None] | None = None, details: str = ""):
+    def register(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, spectral,
+                                     random, reference, check, details)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"`merge_method: {name}` is not a method; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def all_methods() -> list[MethodSpec]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)

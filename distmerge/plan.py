@@ -1,0 +1,366 @@
+"""From a config to work units, reading headers only.
+
+`build_plan` opens every checkpoint's index and safetensors headers, checks everything that can be checked
+without tensor data (names, shapes, dtypes, parameters and their ranges, per tensor), resolves each tensor's
+parameters, assigns tensors to output shards (natural name order, size cap) and makes one work unit per shard.
+Units are ordered largest cost first. The plan is small and picklable: it is what Ray actors receive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import CODE_TO_NAME, DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, resolve_model_dir
+from .config import MergeConfig, ModelEntry, format_bytes, layer_position, resolve_setting
+from .errors import CheckpointError, ConfigError
+from .methods import MethodSpec, get_method
+from .methods.registry import matches_any
+
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: its name, shape, saved dtype, parameters, and whether it is merged or copied."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str  # safetensors code
+    params: dict
+    merge: bool = True  # False: copied from the base (integer buffers and the like)
+    svd: bool = False  # spectral methods: this tensor goes through SVDs
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * DTYPES[self.out_dtype][1]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One output shard: the tensors it holds, in the order they are written."""
+
+    index: int
+    shard: str
+    tensors: tuple[TensorJob, ...]
+    cost: float
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    spec: MethodSpec
+    base: Checkpoint | None
+    models: tuple[Checkpoint, ...]  # the T inputs merged (the base excluded for methods that take one)
+    model_ids: tuple[int, ...]  # their positions in `models:` (random streams are keyed by these)
+    units: tuple[WorkUnit, ...]
+    device: str
+    fingerprint: str
+    dropped: tuple[str, ...] = ()  # tensors left out on purpose (a tied lm_head)
+    tokenizer_dir: Path | None = None
+    global_thresholds: tuple[float, ...] | None = None  # from the first pass of TIES with trim_scope: global
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Checkpoint:
+        """The checkpoint whose config, tied-embedding layout and non-float tensors the output takes."""
+        return self.base or self.models[0]
+
+    @property
+    def tensors(self) -> list[TensorJob]:
+        return [t for u in self.units for t in u.tensors]
+
+    @property
+    def needs_global_pass(self) -> bool:
+        return self.tensors[0].params.get("trim_scope") == "global" if self.tensors else False
+
+    def inputs(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + list(self.models)
+
+    def read_bytes(self, job: TensorJob) -> int:
+        """Bytes read from storage for one output tensor (a copied tensor is read once)."""
+        if not job.merge:
+            return self.reference.tensors[job.name].nbytes
+        return sum(ckpt.tensors[job.name].nbytes for ckpt in self.inputs())
+
+    def bytes_read(self) -> int:
+        return sum(self.read_bytes(t) for t in self.tensors)
+
+    def bytes_written(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    def peak_bytes_per_worker(self) -> int:
+        """Largest working set of one tensor: T + 1 float32 copies plus the method's scratch."""
+        n_models = len(self.models)
+        worst = 0
+        for t in self.tensors:
+            copies = n_models + 1 + (2 if not t.svd else 3)
+            worst = max(worst, copies * t.numel * 4)
+        return worst
+
+    def svd_count(self) -> int:
+        return sum(len(self.models) for t in self.tensors if t.svd)
+
+
+def natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def build_plan(config: MergeConfig, device: str | None = None) -> MergePlan:
+    spec = get_method(config.merge_method)
+    base, models, entries, model_ids = _open_inputs(config, spec)
+    reference = base or models[0]
+    _check_parameter_names(config, spec, entries)
+    _check_same_tensors(reference, base, models)
+
+    dropped = []
+    names = sorted(reference.tensors, key=natural_key)
+    if reference.config.get("tie_word_embeddings") and TIED_HEAD in reference.tensors:
+        names.remove(TIED_HEAD)  # the loader re-ties it; merging it separately could untie it
+        dropped.append(TIED_HEAD)
+
+    num_layers = reference.num_layers
+    jobs = []
+    for name in names:
+        info = reference.tensors[name]
+        merge = info.is_float
+        params = _resolve_params(config, spec, entries, name, layer_position(name, num_layers)) if merge else {}
+        jobs.append(TensorJob(
+            name=name,
+            shape=info.shape,
+            out_dtype=_out_dtype(config, info) if merge else info.dtype,
+            params=params,
+            merge=merge,
+            svd=merge and spec.spectral and _goes_through_svd(info, params),
+        ))
+
+    _check_global_trim(spec, jobs)
+    device = device or config.engine.device
+    units = _make_units(jobs, config.engine.shard_size, len(models))
+    plan = MergePlan(
+        config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids), units=units,
+        device=device, fingerprint="", dropped=tuple(dropped),
+        tokenizer_dir=_tokenizer_dir(config, base, models),
+    )
+    plan.fingerprint = _fingerprint(plan)
+    return plan
+
+
+def _open_inputs(config: MergeConfig, spec: MethodSpec):
+    base = Checkpoint.open(config.base_model, config.base_dir) if config.base_model else None
+    if spec.needs_base and base is None:
+        raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
+    models, entries, model_ids = [], [], []
+    for index, entry in enumerate(config.models):
+        if base is not None and spec.needs_base and _same_model(entry.model, config, base):
+            if entry.parameters:
+                raise ConfigError(f"`models[{index}]` is the base model; {spec.name} takes no parameters for it")
+            continue  # mergekit configs list the base among the models
+        models.append(Checkpoint.open(entry.model, config.base_dir))
+        entries.append(entry)
+        model_ids.append(index)
+    if len(models) < spec.min_models or (spec.max_models is not None and len(models) > spec.max_models):
+        wanted = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                  else f"at least {spec.min_models}" if spec.max_models is None
+                  else f"{spec.min_models} to {spec.max_models}")
+        extra = " besides the base model" if spec.needs_base else ""
+        raise ConfigError(f"`merge_method: {spec.name}` needs {wanted} model(s){extra} under `models`, "
+                          f"got {len(models)}")
+    return base, models, entries, model_ids
+
+
+def _same_model(ref: str, config: MergeConfig, base: Checkpoint) -> bool:
+    if ref == base.ref:
+        return True
+    try:
+        return resolve_model_dir(ref, config.base_dir) == base.path
+    except CheckpointError:
+        return False
+
+
+def _check_parameter_names(config: MergeConfig, spec: MethodSpec, entries: list[ModelEntry]) -> None:
+    known = spec.names_with_aliases()
+    allowed = ", ".join(p.name for p in spec.params) or "(none)"
+    for where, settings in [("parameters", config.parameters)] + [
+        (f"parameters of model {e.model}", e.parameters) for e in entries
+    ]:
+        for key in settings:
+            if key not in known:
+                raise ConfigError(f"`{key}` in {where} is not a parameter of {spec.name}; allowed: {allowed}")
+            param = known[key]
+            if param.alias and param.name in settings and param.alias in settings:
+                raise ConfigError(f"{where} sets both `{param.name}` and its mergekit alias `{param.alias}`; keep one")
+            if not param.per_model and where != "parameters":
+                raise ConfigError(f"`{key}` is set once for the whole merge in {spec.name}: move it from {where} "
+                                  "to the top-level `parameters`")
+
+
+def _lookup(settings: dict, param) -> Any:
+    if param.name in settings:
+        return settings[param.name]
+    if param.alias and param.alias in settings:
+        return settings[param.alias]
+    return None
+
+
+def _resolve_params(config: MergeConfig, spec: MethodSpec, entries: list[ModelEntry], name: str, t: float) -> dict:
+    """Each declared parameter's value for tensor `name`, validated (per-model ones as lists)."""
+
+    def value_of(param, settings_chain: list[tuple[str, dict]]):
+        for where, settings in settings_chain:
+            setting = _lookup(settings, param)
+            if setting is None:
+                continue
+            key = param.name if param.name in settings else param.alias
+            value = setting if param.kind == "globs" else resolve_setting(setting, name, t, key)
+            if value is not None:
+                return param.check(value, f"{where} (tensor {name})")
+        return param.default
+
+    resolved = {}
+    for param in spec.params:
+        if param.per_model:
+            resolved[param.name] = [
+                value_of(param, [(f"parameters of model {e.model}", e.parameters), ("parameters", config.parameters)])
+                for e in entries
+            ]
+        else:
+            resolved[param.name] = value_of(param, [("parameters", config.parameters)])
+    if spec.check is not None:
+        problem = spec.check(resolved)
+        if problem:
+            raise ConfigError(f"{spec.name}, tensor {name}: {problem}")
+    return resolved
+
+
+def _check_same_tensors(reference: Checkpoint, base: Checkpoint | None, models: list[Checkpoint]) -> None:
+    ref_names = set(reference.tensors)
+    for ckpt in ([base] if base is not None else []) + models:
+        if ckpt is reference:
+            continue
+        names = set(ckpt.tensors)
+        missing, extra = sorted(ref_names - names, key=natural_key), sorted(names - ref_names, key=natural_key)
+        if missing or extra:
+            what = (f"lacks {len(missing)} tensor(s) of {reference.ref}, e.g. {missing[0]}" if missing
+                    else f"has {len(extra)} tensor(s) that {reference.ref} lacks, e.g. {extra[0]}")
+            raise CheckpointError(f"model {ckpt.ref} {what}. All models must share one architecture "
+                                  "(same tensor names); merge only fine-tunes of the same base")
+        for name in sorted(ref_names, key=natural_key):
+            mine, theirs = ckpt.tensors[name], reference.tensors[name]
+            if mine.shape != theirs.shape:
+                raise CheckpointError(
+                    f"model {ckpt.ref}: tensor {name} has shape {list(mine.shape)} but {reference.ref} has "
+                    f"{list(theirs.shape)}. Models must have the same shapes (resized vocabularies must match)")
+            if mine.is_float != theirs.is_float or (not mine.is_float and mine.dtype != theirs.dtype):
+                raise CheckpointError(
+                    f"model {ckpt.ref}: tensor {name} is {mine.dtype} but {reference.ref} has {theirs.dtype}; "
+                    "floating-point tensors may differ in precision, other tensors must match exactly")
+
+
+def _check_global_trim(spec: MethodSpec, jobs: list[TensorJob]) -> None:
+    """Global trimming keeps each task's top `density` over the whole model: one scope and one density per task."""
+    merged = [job for job in jobs if job.merge]
+    scopes = {job.params.get("trim_scope") for job in merged}
+    if "global" in scopes and (len(scopes) > 1 or len({tuple(job.params["density"]) for job in merged}) > 1):
+        raise ConfigError(f"{spec.name} with `trim_scope: global` needs one `trim_scope` and one `density` per "
+                          "model for the whole model (no gradients or filters on them)")
+
+
+def _out_dtype(config: MergeConfig, info: TensorInfo) -> str:
+    """out_dtype, else dtype (mergekit: one key sets both), else the reference's own dtype."""
+    name = config.out_dtype or config.dtype
+    return TORCH_TO_CODE[name] if name else info.dtype
+
+
+def _goes_through_svd(info: TensorInfo, params: dict) -> bool:
+    return len(info.shape) == 2 and not matches_any(info.name, params.get("exclude", ()))
+
+
+def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[WorkUnit, ...]:
+    """Fill shards in name order up to `shard_size` bytes; a tensor larger than that gets its own shard."""
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + job.out_bytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.out_bytes
+    total = len(groups)
+    units = [
+        WorkUnit(index=i, shard=f"model-{i + 1:05d}-of-{total:05d}.safetensors", tensors=tuple(group),
+                 cost=sum(tensor_cost(t, n_models) for t in group))
+        for i, group in enumerate(groups)
+    ]
+    return tuple(sorted(units, key=lambda u: (-u.cost, u.index)))
+
+
+def tensor_cost(job: TensorJob, n_models: int) -> float:
+    """Relative cost for ordering: bytes moved, plus SVD work (rows x cols x min(rows, cols) per SVD)."""
+    moved = job.numel * 4 * (n_models + 2)
+    if not job.svd:
+        return moved
+    rows, cols = job.shape
+    return moved + (n_models + 2) * rows * cols * min(rows, cols) / 50.0  # ~50 flops per byte moved
+
+
+def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> Path | None:
+    source = config.tokenizer_source
+    if source is None or source == "base":
+        if source == "base" and base is None:
+            raise ConfigError("`tokenizer_source: base` needs `base_model`")
+        return (base or models[0]).path
+    return resolve_model_dir(source, config.base_dir)
+
+
+def _fingerprint(plan: MergePlan) -> str:
+    """What decides the output bytes: the config, the input files as they are now, the device type, and this
+    version of distmerge. A rerun with the same fingerprint may resume; any change starts over."""
+    import hashlib
+    import json
+
+    files = []
+    for ckpt in plan.inputs():
+        for file in ckpt.files:
+            st = os.stat(file)
+            files.append([file, st.st_size, st.st_mtime_ns])
+    payload = {
+        "config": plan.config.fingerprint(),
+        "files": files,
+        "device": plan.device.split(":")[0],
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def describe(plan: MergePlan) -> str:
+    """Human-readable summary for `distmerge plan` and `distmerge validate`."""
+    n_tensors = len(plan.tensors)
+    lines = [
+        f"method        {plan.spec.name} ({len(plan.models)} models"
+        + (f" + base {plan.base.ref})" if plan.base else ")"),
+        f"tensors       {n_tensors} in {len(plan.units)} shard(s)"
+        + (f"; left out: {', '.join(plan.dropped)} (tied to the embeddings)" if plan.dropped else ""),
+        f"read          {format_bytes(plan.bytes_read())}",
+        f"write         {format_bytes(plan.bytes_written())}"
+        + f" ({', '.join(sorted({CODE_TO_NAME.get(t.out_dtype, t.out_dtype) for t in plan.tensors}))})",
+        f"SVDs          {plan.svd_count()}",
+        f"peak memory   {format_bytes(plan.peak_bytes_per_worker())} per worker (one tensor at a time)",
+        f"device        {plan.device}",
+    ]
+    return "\n".join(lines)
