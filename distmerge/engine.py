@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import DTYPES, Checkpoint
+from .checkpoint import CODE_TO_NAME, DTYPES, Checkpoint
 from .errors import CheckpointError, ConfigError, UserError
 from .methods import TensorContext
 from .methods.sparsify import HIGH_BINS, magnitude_histogram, magnitude_keep_count, threshold_from_histogram
@@ -56,7 +56,8 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not torch.isfinite(out).all():
-        raise ConfigError(f"merged tensor {job.name} has values outside the range of {job.out_dtype}; "
+        raise ConfigError(f"merged tensor {job.name} has values outside the range of "
+                          f"{CODE_TO_NAME.get(job.out_dtype, job.out_dtype)}; "
                           "save in bfloat16 or float32 (out_dtype), or lower lambda/weights")
     return out.cpu(), ctx.stats
 

@@ -1,0 +1,69 @@
+"""Shared fixtures: small generated checkpoints in Hugging Face layout, and a CLI runner.
+
+Checkpoints are written with safetensors' own `save_file` (distmerge.synthetic), never by distmerge's writer,
+so what the tests read is independent of what they test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distmerge.architecture import llama_config
+from distmerge.synthetic import make_family
+
+TINY = llama_config(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
+
+
+@pytest.fixture(scope="session")
+def family_bf16_sharded(tmp_path_factory):
+    """Base + 3 experts, bfloat16, sharded (about 3 shards each)."""
+    return make_family(tmp_path_factory.mktemp("bf16_sharded"), n_experts=3, config=TINY, dtype=torch.bfloat16,
+                       shard_size=8_000)
+
+
+@pytest.fixture(scope="session")
+def family_fp32_single(tmp_path_factory):
+    """Base + 3 experts, float32, one model.safetensors each."""
+    return make_family(tmp_path_factory.mktemp("fp32_single"), n_experts=3, config=TINY, dtype=torch.float32)
+
+
+def write_config(path: Path, method: str, family: dict | None = None, models=None, base="family", **top) -> Path:
+    """A mergekit-style YAML: `models` defaults to the family's experts without parameters."""
+    doc = {"merge_method": method}
+    if base == "family":
+        doc["base_model"] = str(family["base"])
+    elif base is not None:
+        doc["base_model"] = str(base)
+    if models is None:
+        models = [{"model": str(p)} for p in family["experts"]]
+    doc["models"] = models
+    doc.update(top)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_cli(*args, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
+    """`distmerge ARGS` as a subprocess, the way users run it."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "distmerge.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distmerge {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, one `error:` line (after any progress lines) naming every fragment, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, proc.stderr)
