@@ -15,7 +15,7 @@ from .config import load_config, parse_device, parse_seed, parse_size
 from .errors import UserError
 
 
-def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=None, workers=None):
+def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=None, workers=None, threads=None):
     config = load_config(config_path)
     engine = config.engine
     if seed is not None:
@@ -28,6 +28,8 @@ def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=Non
         engine = replace(engine, runtime=runtime)
     if workers is not None:
         engine = replace(engine, workers=workers)
+    if threads is not None:
+        engine = replace(engine, threads=threads)
     return replace(config, engine=engine)
 
 
@@ -46,13 +48,15 @@ def cli():
 @click.option("--shard-size", help="Output shard size, e.g. 2GB (default 5GB).")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray runtime: number of actors (default: one per GPU).")
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads per worker (default: all cores locally, 1 per Ray CPU worker).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def merge(config_path, out, runtime, device, seed, shard_size, workers, address, force, quiet):
+def merge(config_path, out, runtime, device, seed, shard_size, workers, address, threads, force, quiet):
     """Merge the models of CONFIG into OUT."""
     from .merge import merge as run_merge
 
-    config = _load(config_path, seed, shard_size, device, runtime, workers)
+    config = _load(config_path, seed, shard_size, device, runtime, workers, threads)
     plan = run_merge(config, out, force=force, quiet=quiet, address=address,
                      log=lambda msg: click.echo(msg, err=True))
     if not quiet:

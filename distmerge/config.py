@@ -60,10 +60,11 @@ class EngineSettings:
     """The `distmerge:` block: how to run, not what to compute. CLI flags override these."""
 
     seed: int = 0
-    device: str = "cpu"
+    device: str | None = None  # None: cpu locally; under Ray, cuda when the cluster has GPUs
     shard_size: int = DEFAULT_SHARD_SIZE
     runtime: str = "local"
     workers: int | None = None
+    threads: int | None = None  # CPU threads per worker; None: all cores locally, 1 per Ray CPU worker
 
     @staticmethod
     def parse(raw: Any) -> "EngineSettings":
@@ -71,7 +72,7 @@ class EngineSettings:
             return EngineSettings()
         if not isinstance(raw, dict):
             raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
-        allowed = {"seed", "device", "shard_size", "runtime", "workers"}
+        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
@@ -86,6 +87,8 @@ class EngineSettings:
             settings = replace(settings, runtime=parse_choice(raw["runtime"], ("local", "ray"), "distmerge.runtime"))
         if "workers" in raw:
             settings = replace(settings, workers=parse_positive_int(raw["workers"], "distmerge.workers"))
+        if "threads" in raw:
+            settings = replace(settings, threads=parse_positive_int(raw["threads"], "distmerge.threads"))
         return settings
 
 

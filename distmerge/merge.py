@@ -23,27 +23,27 @@ from .runtime import make_runtime
 from .writer import TOKENIZER_FILES, OutputDir, ShardRecord
 
 
-def merge(config: MergeConfig, out: str | Path, *, runtime: str | None = None, device: str | None = None,
-          force: bool = False, quiet: bool = False, workers: int | None = None, address: str | None = None,
-          log=print) -> MergePlan:
-    plan = build_plan(config, device)
-    out_dir = OutputDir(out)
-    finished = out_dir.prepare(plan.fingerprint, force, [ckpt.path for ckpt in plan.inputs()])
-    pending = [unit for unit in plan.units if unit.shard not in finished]
-    out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
-    if finished and not quiet:
-        log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
-
-    runner = make_runtime(runtime or config.engine.runtime, plan.device, workers or config.engine.workers, address,
-                          quiet=quiet)
+def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: bool = False,
+          address: str | None = None, log=print) -> MergePlan:
+    """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine."""
+    plan = build_plan(config)  # every check that needs no tensor data, before anything starts
+    engine = config.engine
+    runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
     try:
+        plan.bind(runner.device, runner.threads)
+        out_dir = OutputDir(out)
+        finished = out_dir.prepare(plan.fingerprint, force, [ckpt.path for ckpt in plan.inputs()])
+        pending = [unit for unit in plan.units if unit.shard not in finished]
+        out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
+        if finished and not quiet:
+            log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
         if plan.needs_global_pass:
             plan.global_thresholds = tuple(out_dir.remember(
-                "global_thresholds", lambda: global_thresholds(plan, _first_pass(plan, runner, quiet))))
+                "global_thresholds", lambda: global_thresholds(plan, _first_pass(plan, runner, out_dir, quiet))))
         progress = Progress("merging", len(plan.tensors), plan.bytes_read(), quiet=quiet)
         for unit in plan.units:
             if unit.shard in finished:
-                progress.skip(len(unit.tensors), sum(plan.read_bytes(job) for job in unit.tensors))
+                progress.skip(len(unit.tensors), plan.unit_read_bytes(unit))
         records = list(finished.values()) + runner.merge(plan, pending, out_dir, progress)
         progress.close()
     finally:
@@ -52,9 +52,9 @@ def merge(config: MergeConfig, out: str | Path, *, runtime: str | None = None, d
     return plan
 
 
-def _first_pass(plan: MergePlan, runner, quiet: bool):
+def _first_pass(plan: MergePlan, runner, out_dir: OutputDir, quiet: bool):
     progress = Progress("trim thresholds (pass 1 of 2)", len(plan.tensors), plan.bytes_read(), quiet=quiet)
-    counts = runner.histograms(plan, list(plan.units), progress)
+    counts = runner.histograms(plan, list(plan.units), out_dir, progress)
     progress.close()
     return counts
 

@@ -71,6 +71,7 @@ class MergePlan:
     units: tuple[WorkUnit, ...]
     device: str
     fingerprint: str
+    threads: int | None = None  # CPU threads per worker (LAPACK results depend on it)
     dropped: tuple[str, ...] = ()  # tensors left out on purpose (a tied lm_head)
     tokenizer_dir: Path | None = None
     global_thresholds: tuple[float, ...] | None = None  # from the first pass of TIES with trim_scope: global
@@ -91,6 +92,14 @@ class MergePlan:
 
     def inputs(self) -> list[Checkpoint]:
         return ([self.base] if self.base else []) + list(self.models)
+
+    def bind(self, device: str, threads: int | None) -> None:
+        """Fix where the work runs; the fingerprint covers it, since it can change the bytes."""
+        self.device, self.threads = device, threads
+        self.fingerprint = _fingerprint(self)
+
+    def unit_read_bytes(self, unit: WorkUnit) -> int:
+        return sum(self.read_bytes(job) for job in unit.tensors)
 
     def read_bytes(self, job: TensorJob) -> int:
         """Bytes read from storage for one output tensor (a copied tensor is read once)."""
@@ -121,7 +130,7 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(config: MergeConfig, device: str | None = None) -> MergePlan:
+def build_plan(config: MergeConfig) -> MergePlan:
     spec = get_method(config.merge_method)
     base, models, entries, model_ids = _open_inputs(config, spec)
     reference = base or models[0]
@@ -150,14 +159,12 @@ def build_plan(config: MergeConfig, device: str | None = None) -> MergePlan:
         ))
 
     _check_global_trim(spec, jobs)
-    device = device or config.engine.device
     units = _make_units(jobs, config.engine.shard_size, len(models))
     plan = MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids), units=units,
-        device=device, fingerprint="", dropped=tuple(dropped),
-        tokenizer_dir=_tokenizer_dir(config, base, models),
+        device="", fingerprint="", dropped=tuple(dropped), tokenizer_dir=_tokenizer_dir(config, base, models),
     )
-    plan.fingerprint = _fingerprint(plan)
+    plan.bind(config.engine.device or "cpu", config.engine.threads)
     return plan
 
 
@@ -329,8 +336,9 @@ def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Ch
 
 
 def _fingerprint(plan: MergePlan) -> str:
-    """What decides the output bytes: the config, the input files as they are now, the device type, and this
-    version of distmerge. A rerun with the same fingerprint may resume; any change starts over."""
+    """What decides the output bytes: the config, the input files as they are now, the device type (and, for
+    SVDs on CPU, the threads per worker), and this version of distmerge. A rerun with the same fingerprint may
+    resume; any change starts over."""
     import hashlib
     import json
 
@@ -343,6 +351,7 @@ def _fingerprint(plan: MergePlan) -> str:
         "config": plan.config.fingerprint(),
         "files": files,
         "device": plan.device.split(":")[0],
+        "threads": plan.threads if plan.device == "cpu" and plan.spec.spectral else None,
         "version": __version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -122,6 +122,7 @@ class OutputDir:
             raise OutputError(f"output {self.path} exists and is not a directory; choose another -o")
         if run_file.is_file():
             if json.loads(run_file.read_text()).get("fingerprint") == fingerprint and not force:
+                shutil.rmtree(self.state / "tmp", ignore_errors=True)  # partial shards of the interrupted run
                 return self._finished_shards()
             if not force:
                 raise OutputError(

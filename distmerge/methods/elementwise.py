@@ -279,7 +279,8 @@ def slerp(base, models, p, ctx):
     norm0, norm1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
     norm0 = norm0 if norm0 > 1e-8 else torch.ones_like(norm0)
     norm1 = norm1 if norm1 > 1e-8 else torch.ones_like(norm1)
-    dot = float((torch.dot(v0, v1) / (norm0 * norm1)).clamp(-1, 1))
+    # (v0 * v1).sum(), not torch.dot: BLAS's dot changes its last bits with the thread count
+    dot = float(((v0 * v1).sum() / (norm0 * norm1)).clamp(-1, 1))
     if abs(dot) > SLERP_DOT_THRESHOLD:
         coef0, coef1 = 1 - t, t
     else:

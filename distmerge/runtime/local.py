@@ -11,20 +11,24 @@ from ..writer import OutputDir, ShardRecord
 
 
 class LocalRuntime:
-    def __init__(self, device: str):
-        self.device = resolve_device(device)
+    def __init__(self, device: str, threads: int | None = None):
+        self.device = str(resolve_device(device))
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
 
-    def histograms(self, plan: MergePlan, units: list[WorkUnit], progress: Progress) -> torch.Tensor:
+    def histograms(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> torch.Tensor:
         total = None
         for unit in units:
-            counts = magnitude_histograms(plan, unit, self.device)
+            counts = magnitude_histograms(plan, unit, torch.device(self.device))
             total = counts if total is None else total + counts
-            progress.advance(len(unit.tensors), sum(plan.read_bytes(job) for job in unit.tensors))
+            progress.advance(len(unit.tensors), plan.unit_read_bytes(unit))
         return total
 
     def merge(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> list[ShardRecord]:
         return [
-            run_unit(plan, unit, out, self.device, on_tensor=lambda job: progress.advance(1, plan.read_bytes(job)))
+            run_unit(plan, unit, out, torch.device(self.device),
+                     on_tensor=lambda job: progress.advance(1, plan.read_bytes(job)))
             for unit in units
         ]
 

@@ -1,0 +1,151 @@
+"""The Ray runtime writes the same bytes as the local runtime, survives a worker killed mid-unit, and resumes
+after the driver is interrupted. One Ray instance serves the whole session."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, write_config
+
+from distmerge.config import load_config
+from distmerge.merge import finalize, merge
+from distmerge.methods import elementwise
+from distmerge.plan import build_plan
+from distmerge.progress import Progress
+from distmerge.runtime.ray import RayRuntime
+from distmerge.writer import OutputDir
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One Ray for the session: 2 CPUs, a small object store, no dashboard."""
+    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def shard_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.safetensors"))}
+
+
+def merged(config_path: Path, out: Path, **engine) -> dict[str, bytes]:
+    config = load_config(config_path)
+    merge(replace(config, engine=replace(config.engine, **engine)), out, quiet=True)
+    return shard_bytes(out)
+
+
+METHOD_CONFIGS = {
+    "linear": dict(base=None, models="weight", values=(1.0, 2.0, 0.5)),
+    "task_arithmetic": dict(parameters={"lambda": 0.7}),
+    "ties": dict(models="density", values=(0.5, 0.3, 0.7)),
+    "ties_global": dict(method="ties", models="density", values=(0.4, 0.4, 0.4), parameters={"trim_scope": "global"}),
+    "dare_linear": dict(models="density", values=(0.5, 0.3, 0.7)),
+    "dare_ties": dict(models="density", values=(0.5, 0.3, 0.7)),
+    "breadcrumbs": dict(models="density", values=(0.5, 0.6, 0.7)),
+    "breadcrumbs_ties": dict(models="density", values=(0.5, 0.6, 0.7)),
+    "della": dict(models="density", values=(0.5, 0.4, 0.6)),
+    "della_linear": dict(models="density", values=(0.5, 0.4, 0.6), parameters={"rescale": "l1"}),
+    "consensus_ta": dict(),
+    "consensus_ties": dict(models="density", values=(0.5, 0.5, 0.5)),
+    "slerp": dict(n_models=1, parameters={"t": 0.3}),
+    "model_stock": dict(),
+}
+
+
+def method_config(tmp_path: Path, family: dict, case: str) -> Path:
+    spec = METHOD_CONFIGS[case]
+    experts = family["experts"][: spec.get("n_models", 3)]
+    values = spec.get("values", (None,) * len(experts))
+    models = [{"model": str(p), **({"parameters": {spec["models"]: v}} if "models" in spec else {})}
+              for p, v in zip(experts, values)]
+    return write_config(tmp_path / f"{case}.yaml", spec.get("method", case), family, models=models,
+                        base=spec.get("base", "family"), parameters=spec.get("parameters", {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(METHOD_CONFIGS))
+def test_ray_writes_the_same_bytes_as_local(tmp_path, family_bf16_sharded, ray_address, case):
+    cfg = method_config(tmp_path, family_bf16_sharded, case)
+    local = merged(cfg, tmp_path / "local", shard_size=6000)
+    assert len(local) >= 3
+    assert merged(cfg, tmp_path / "ray2", runtime="ray", workers=2, shard_size=6000) == local
+    if case in ("ties_global", "dare_ties"):  # the two-pass and the random paths, with one worker too
+        assert merged(cfg, tmp_path / "ray1", runtime="ray", workers=1, shard_size=6000) == local
+
+
+def linear_that_kills_its_worker_once(marker: Path):
+    """linear, except that the first worker to reach the second layer's down_proj kills its own process."""
+
+    def method(base, models, p, ctx):
+        if ctx.name == "model.layers.1.mlp.down_proj.weight" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return elementwise.linear(base, models, p, ctx)
+
+    return method
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_unit_costs_a_retry_and_not_the_bytes(tmp_path, family_bf16_sharded, ray_address):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    cfg = write_config(tmp_path / "linear.yaml", "linear", family_bf16_sharded, base=None)
+    expected = merged(cfg, tmp_path / "local", shard_size=6000)
+
+    marker = tmp_path / "crashed"
+    config = load_config(cfg)
+    config = replace(config, engine=replace(config.engine, shard_size=6000))
+    plan = build_plan(config)
+    plan.spec = replace(plan.spec, fn=linear_that_kills_its_worker_once(marker))
+    runtime = RayRuntime("cpu", workers=2, quiet=True)
+    try:
+        plan.bind(runtime.device, runtime.threads)
+        out = OutputDir(tmp_path / "ray")
+        out.prepare(plan.fingerprint, force=False, input_dirs=[])
+        records = runtime.merge(plan, list(plan.units), out, Progress("t", 1, 1, quiet=True))
+    finally:
+        runtime.close()
+    finalize(plan, out, records)
+    assert marker.exists(), "the worker was not killed"
+    assert runtime._replacements == 1
+    assert shard_bytes(tmp_path / "ray") == expected
+
+
+@pytest.mark.slow
+def test_an_interrupted_ray_driver_resumes(tmp_path, family_bf16_sharded, ray_address, monkeypatch):
+    cfg = write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded)
+    expected = merged(cfg, tmp_path / "local", shard_size=6000)
+
+    real_run = RayRuntime._run
+
+    def run_two_units_then_interrupt(self, units, submit, on_done):
+        real_run(self, units[:2], submit, on_done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RayRuntime, "_run", run_two_units_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        merged(cfg, tmp_path / "out", runtime="ray", workers=2, shard_size=6000)
+    monkeypatch.undo()
+    assert len(shard_bytes(tmp_path / "out")) == 2
+
+    proc = run_cli("merge", cfg, "-o", tmp_path / "out", "--runtime", "ray", "--workers", "2", "--shard-size", "6000",
+                   env={"RAY_ADDRESS": ray_address})
+    assert "resuming: 2 of" in proc.stderr and "merging:" in proc.stderr
+    assert shard_bytes(tmp_path / "out") == expected
+
+
+@pytest.mark.slow
+def test_too_many_workers_is_a_clear_error(tmp_path, family_fp32_single, ray_address):
+    cfg = write_config(tmp_path / "ta.yaml", "task_arithmetic", family_fp32_single)
+    proc = run_cli("merge", cfg, "-o", tmp_path / "out", "--runtime", "ray", "--workers", "5", check=False,
+                   env={"RAY_ADDRESS": ray_address})
+    assert proc.returncode == 2 and "--workers 5 does not fit" in proc.stderr
