@@ -19,7 +19,7 @@ from .checkpoint import CODE_TO_NAME, DTYPES, TORCH_TO_CODE, Checkpoint, TensorI
 from .config import MergeConfig, ModelEntry, format_bytes, layer_position, resolve_setting
 from .errors import CheckpointError, ConfigError
 from .methods import MethodSpec, get_method
-from .methods.registry import matches_any
+from .methods.spectral import goes_through_svd
 
 TIED_HEAD = "lm_head.weight"
 
@@ -155,7 +155,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
             out_dtype=_out_dtype(config, info) if merge else info.dtype,
             params=params,
             merge=merge,
-            svd=merge and spec.spectral and _goes_through_svd(info, params),
+            svd=merge and spec.spectral and goes_through_svd(name, info.shape, params["exclude"]),
         ))
 
     _check_global_trim(spec, jobs)
@@ -292,10 +292,6 @@ def _out_dtype(config: MergeConfig, info: TensorInfo) -> str:
     """out_dtype, else dtype (mergekit: one key sets both), else the reference's own dtype."""
     name = config.out_dtype or config.dtype
     return TORCH_TO_CODE[name] if name else info.dtype
-
-
-def _goes_through_svd(info: TensorInfo, params: dict) -> bool:
-    return len(info.shape) == 2 and not matches_any(info.name, params.get("exclude", ()))
 
 
 def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[WorkUnit, ...]:

@@ -1,7 +1,7 @@
 """The math: pure functions from tensors and parameters to a merged tensor. Importing this package registers
 every method."""
 
-from . import elementwise  # noqa: F401  (registers the methods)
+from . import elementwise, spectral  # noqa: F401  (importing registers the methods)
 from .registry import MethodSpec, Param, TensorContext, all_methods, get_method
 
 __all__ = ["MethodSpec", "Param", "TensorContext", "all_methods", "get_method"]

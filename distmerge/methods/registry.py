@@ -105,10 +105,13 @@ class TensorContext:
     global_thresholds: tuple[float, ...] | None = None
     stats: dict = field(default_factory=dict)
 
-    def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0) -> torch.Tensor:
-        """Uniform [0, 1) draws for task `task`, keyed by (seed, tensor name, model index): any worker, device
-        or processing order gives the same numbers. `start` offsets into the flat element stream (row chunks)."""
-        return uniform(self.seed, self.name, self.model_ids[task], shape, device, start)
+    def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0,
+                stream: str = "") -> torch.Tensor:
+        """Uniform [0, 1) draws for task `task`, keyed by (seed, tensor name, model index, stream): any worker,
+        device or processing order gives the same numbers. `start` offsets into the flat element stream (row
+        chunks); `stream` names an independent stream for another use (e.g. "svd" sketches)."""
+        name = f"{self.name}#{stream}" if stream else self.name
+        return uniform(self.seed, name, self.model_ids[task], shape, device, start)
 
 
 @dataclass(frozen=True)

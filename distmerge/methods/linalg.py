@@ -1,0 +1,159 @@
+"""Linear algebra for the spectral methods: top-k SVDs (exact or randomized), polar factors, low-rank updates.
+
+All of it runs on the tensor's own device, in float32 (or float64 when the merge computes in float64), never in
+16-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# cuSOLVER's QR-based SVD: slower than the Jacobi driver on small matrices, but it is the one whose accuracy does
+# not depend on convergence settings, and it is what "exact" promises.
+CUDA_SVD_DRIVER = "gesvd"
+ROW_CHUNK = 1 << 14  # rows per step of chunked products: bounds their scratch
+POLAR_RCOND = 1e-6  # singular values below this fraction of the largest are treated as zero by the polar factor
+
+
+@dataclass
+class Factors:
+    """Leading singular triplets of one matrix: A ~= U diag(S) V^T, with how they were computed."""
+
+    U: torch.Tensor  # rows x k
+    S: torch.Tensor  # k
+    V: torch.Tensor  # cols x k
+    backend: str
+
+    def top(self, k: int) -> "Factors":
+        return Factors(self.U[:, :k], self.S[:k], self.V[:, :k], self.backend)
+
+
+def exact_svd(matrix: torch.Tensor) -> Factors:
+    driver = CUDA_SVD_DRIVER if matrix.is_cuda else None
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
+    return Factors(U, S, Vh.mT, "exact")
+
+
+def randomized_svd(matrix: torch.Tensor, columns: int, power_iters: int,
+                   test_matrix: Callable[[tuple[int, int]], torch.Tensor]) -> Factors:
+    """Halko, Martinsson & Tropp's randomized SVD with `columns` sketch columns and subspace iterations.
+
+    `test_matrix(shape)` supplies the random sketch (keyed draws, so the result does not depend on the device
+    or worker); its entries are centred uniforms, which sketch a range as well as Gaussians do.
+    """
+    rows, cols = matrix.shape
+    columns = min(columns, rows, cols)
+    omega = test_matrix((cols, columns)).to(matrix.dtype).sub_(0.5)
+    basis = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    small = exact_svd(basis.mT @ matrix)
+    return Factors(basis @ small.U, small.S, small.V, "randomized")
+
+
+def sketch_fits(rank: int, oversample: int, full_rank: int) -> bool:
+    """Whether a randomized SVD of this rank is worth it: its sketch is at most a quarter of the full rank."""
+    return 4 * (rank + oversample) <= full_rank
+
+
+def top_svd(matrix: torch.Tensor, rank: int, backend: str, oversample: int, power_iters: int,
+            test_matrix) -> Factors:
+    """The `rank` leading singular triplets. backend: exact, randomized, or auto (randomized when the sketch is
+    small against the full rank, exact otherwise)."""
+    full_rank = min(matrix.shape)
+    if backend == "randomized" or (backend == "auto" and sketch_fits(rank, oversample, full_rank)):
+        return randomized_svd(matrix, rank + oversample, power_iters, test_matrix).top(rank)
+    return exact_svd(matrix).top(rank)
+
+
+def energy_rank(singular_values: torch.Tensor, total_energy: float, eta: float) -> int | None:
+    """Smallest k whose leading singular values hold a share `eta` of `total_energy` (None if they don't)."""
+    cumulative = torch.cumsum(singular_values.double() ** 2, 0)
+    reached = (cumulative >= eta * total_energy).nonzero()
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def top_svd_by_energy(matrix: torch.Tensor, eta: float, cap: int, backend: str, oversample: int,
+                      power_iters: int, test_matrix) -> Factors:
+    """Leading triplets up to the smallest rank holding a share `eta` of the matrix's energy (at most `cap`).
+
+    The energy is ||matrix||_F^2, known without an SVD. With auto or randomized, sketches grow from 64 columns,
+    doubling, until the share is reached or the cap is; auto switches to the exact SVD once a sketch would be
+    larger than a quarter of the full rank.
+    """
+    full_rank = min(matrix.shape)
+    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
+    if total == 0.0:
+        return Factors(matrix.new_zeros(matrix.shape[0], 1), matrix.new_zeros(1), matrix.new_zeros(matrix.shape[1], 1),
+                       "none")
+    rank = min(cap, 64)
+    while backend == "randomized" or (backend == "auto" and sketch_fits(rank, oversample, full_rank)):
+        factors = randomized_svd(matrix, rank + oversample, power_iters, test_matrix)
+        k = energy_rank(factors.S[:rank], total, eta)
+        if k is not None or rank >= cap:
+            return factors.top(min(k or cap, cap))
+        rank = min(cap, 2 * rank)
+    factors = exact_svd(matrix)
+    return factors.top(min(energy_rank(factors.S, total, eta) or cap, cap))
+
+
+def gram64(matrix: torch.Tensor) -> torch.Tensor:
+    """matrix^T matrix accumulated in float64, a block of rows at a time."""
+    cols = matrix.shape[1]
+    gram = torch.zeros(cols, cols, dtype=torch.float64, device=matrix.device)
+    for start in range(0, matrix.shape[0], ROW_CHUNK):
+        block = matrix[start:start + ROW_CHUNK].double()
+        gram.addmm_(block.mT, block)
+    return gram
+
+
+def polar_via_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """The polar factor of a tall matrix A: A (A^T A)^{-1/2}, from the eigen-decomposition of the small Gram
+    matrix, in place.
+
+    The Gram matrix squares A's condition number, so it is formed and decomposed in float64; the result is
+    then as accurate as A's own rounding allows. Directions with singular values below POLAR_RCOND of the
+    largest are dropped (a pseudo-inverse): merging a task with a copy of itself then returns that task,
+    where an SVD would pick an arbitrary completion.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(gram64(matrix))
+    keep = eigenvalues > (POLAR_RCOND**2) * eigenvalues[-1].clamp(min=torch.finfo(torch.float64).tiny)
+    inverse_root = torch.where(keep, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    whitening = ((vectors * inverse_root) @ vectors.mT).to(matrix.dtype)
+    return multiply_rows_(matrix, whitening)
+
+
+def singular_values_via_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values of a tall matrix from its float64 Gram matrix (accurate to ~1e-8 of the largest)."""
+    return torch.linalg.eigvalsh(gram64(matrix)).clamp(min=0).sqrt()
+
+
+def polar_via_svd(matrix: torch.Tensor) -> torch.Tensor:
+    factors = exact_svd(matrix)
+    return factors.U @ factors.V.mT
+
+
+def polar(matrix: torch.Tensor, method: str) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns (tall input), by `method`: gram or svd."""
+    return polar_via_gram(matrix) if method == "gram" else polar_via_svd(matrix)
+
+
+def multiply_rows_(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """matrix @ right, written into `matrix` a block of rows at a time (right is square)."""
+    for start in range(0, matrix.shape[0], ROW_CHUNK):
+        block = matrix[start:start + ROW_CHUNK]
+        block.copy_(block @ right)
+    return matrix
+
+
+def add_low_rank_(target: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """target += scale * U diag(S) V^T, a block of rows at a time (no full-size temporary)."""
+    right = (V * S).mT.contiguous()
+    for start in range(0, target.shape[0], ROW_CHUNK):
+        target[start:start + ROW_CHUNK].addmm_(U[start:start + ROW_CHUNK], right, alpha=scale)
+    return target

@@ -1,0 +1,228 @@
+"""The spectral family (METHODS.md): merges that work on the singular vectors of 2-D task vectors.
+
+tsvm      Task Singular Vectors merge (Gargiulo et al., CVPR 2025): each task keeps its k = floor(r/T) leading
+          singular triplets; the stacked left and right singular vectors are orthogonalised (polar factors);
+          merged = U_o diag(S) V_o^T.
+rtsvm     tsvm plus outlier-aware weighting and sparsity-adaptive rank, each behind a switch (formulas in RTSVM_DETAILS).
+iso_c     Iso-C (Marczak et al., 2025): the sum of task vectors with its spectrum flattened to its mean.
+iso_cts   Iso-CTS: a common subspace of the sum plus each task's own directions outside it, orthogonalised,
+          with a flat spectrum.
+
+Tensors that are not 2-D, and those matching `exclude`, are averaged instead: b + alpha * mean_t w_t d_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .elementwise import WEIGHT, task_vectors
+from .linalg import (
+    Factors,
+    add_low_rank_,
+    exact_svd,
+    polar,
+    singular_values_via_gram,
+    top_svd,
+    top_svd_by_energy,
+)
+from .registry import Param, TensorContext, matches_any, merge_method
+from .sparsify import kth_largest
+
+ALPHA = Param("alpha", "float", 1.0, "scaling of the merged task vector")
+EXCLUDE = Param("exclude", "globs", (), "tensor-name patterns (fnmatch) that are averaged instead of SVD-merged")
+SVD = Param("svd", ("auto", "exact", "randomized"), "auto",
+            "task SVDs: exact (LAPACK/cuSOLVER, float32), randomized (sketch + subspace iterations), or auto "
+            "(randomized when the kept rank plus oversampling is at most a quarter of the full rank)")
+POLAR = Param("polar", ("gram", "svd"), "gram",
+              "orthogonalisation: gram = A (A^T A)^-1/2 from a float64 eigen-decomposition of the small Gram matrix; "
+              "svd = P Q^T from A's SVD (the reference's way)")
+OVERSAMPLE = Param("oversample", "int", 10, "randomized SVD: extra sketch columns", lo=0)
+POWER_ITERS = Param("power_iters", "int", 2, "randomized SVD: subspace iterations", lo=0)
+SPECTRAL_PARAMS = (WEIGHT, ALPHA, EXCLUDE, SVD, POLAR, OVERSAMPLE, POWER_ITERS)
+
+
+def goes_through_svd(name: str, shape: tuple[int, ...], exclude: tuple[str, ...]) -> bool:
+    return len(shape) == 2 and not matches_any(name, exclude)
+
+
+def weighted_task_vectors(base, models, weights) -> torch.Tensor:
+    deltas = task_vectors(base, models)
+    for t, w in enumerate(weights):
+        if w != 1:
+            deltas[t].mul_(w)
+    return deltas
+
+
+def averaged(base, deltas, alpha) -> torch.Tensor:
+    """b + alpha * mean_t d_t: for 1-D and excluded tensors."""
+    return base.add_(deltas.mean(0), alpha=alpha)
+
+
+def sketch_source(ctx: TensorContext, task: int, device):
+    """Random test matrices for task `task`'s randomized SVD, keyed like every other draw."""
+    return lambda shape: ctx.uniform(task, shape, device, stream="svd")
+
+
+def merge_task_factors(base, factors: list[Factors], alpha: float, polar_method: str, ctx: TensorContext):
+    """b + alpha * U_o diag(S) V_o^T from the tasks' stacked leading triplets."""
+    U = torch.cat([f.U for f in factors], 1)
+    V = torch.cat([f.V for f in factors], 1)
+    S = torch.cat([f.S for f in factors])
+    U, V = polar(U, polar_method), polar(V, polar_method)
+    ctx.stats["svd"] = [f.backend for f in factors]
+    return add_low_rank_(base, U, S, V, alpha)
+
+
+def _energy_kept(delta: torch.Tensor, factors: Factors) -> float:
+    total = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    return float((factors.S.double() ** 2).sum()) / total if total > 0 else 1.0
+
+
+@merge_method("tsvm", needs_base=True, spectral=True, params=SPECTRAL_PARAMS,
+              reference="https://arxiv.org/abs/2412.00081",
+              summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
+                      "orthogonalised; b + alpha * U_o S V_o^T")
+def tsvm(base, models, p, ctx):
+    return task_singular_vectors(base, models, {**p, "outlier_weighting": False, "adaptive_rank": False}, ctx)
+
+
+def task_singular_vectors(base, models, p, ctx):
+    """tsvm, with R-TSVM's two additions when their switches are on (both off: tsvm, the same bytes)."""
+    deltas = weighted_task_vectors(base, models, p["weight"])
+    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
+        return averaged(base, deltas, p["alpha"])
+    n_tasks = deltas.shape[0]
+    per_task = min(base.shape) // n_tasks
+    excess = outlier_excess_(deltas, p, ctx) if p["outlier_weighting"] else None
+    factors = []
+    for t in range(n_tasks):
+        sketch = sketch_source(ctx, t, base.device)
+        if p["adaptive_rank"]:
+            f = top_svd_by_energy(deltas[t], p["eta"], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
+        else:
+            f = top_svd(deltas[t], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
+        factors.append(f)
+    ctx.stats["rank_kept"] = [int(f.S.numel()) for f in factors]
+    ctx.stats["energy_kept"] = [_energy_kept(deltas[t], f) for t, f in enumerate(factors)]
+    ctx.stats["weights"] = list(p["weight"])
+    merged = merge_task_factors(base, factors, p["alpha"], p["polar"], ctx)
+    if excess is not None and p["outlier_residual"] == "add":
+        merged.add_(excess, alpha=p["alpha"])
+    return merged
+
+
+def outlier_excess_(deltas: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor:
+    """Down-weight each task's outlier entries in place; return the removed part, summed over tasks.
+
+    An entry is an outlier when |d| > tau = M * stat(|d|) over its tensor (stat: mean or median of |d|; OWL,
+    Yin et al. 2024, uses M * mean). Its magnitude above tau is scaled by `outlier_weight`:
+    d -> sign(d) * (tau + w * (|d| - tau)); w = 0 clips at tau, w = 1 changes nothing.
+    """
+    excess = torch.zeros_like(deltas[0])
+    shares = []
+    for t in range(deltas.shape[0]):
+        magnitude = deltas[t].abs()
+        if p["outlier_statistic"] == "mean":
+            statistic = float(magnitude.mean(dtype=torch.float64))
+        else:
+            statistic = median(magnitude)
+        tau = p["outlier_m"] * statistic
+        over = (magnitude - tau).clamp_(min=0).mul_(1 - p["outlier_weight"]).mul_(deltas[t].sign())
+        shares.append(float((magnitude > tau).float().mean()))
+        deltas[t].sub_(over)
+        excess.add_(over)
+    ctx.stats["outlier_share"] = shares
+    return excess
+
+
+def median(values: torch.Tensor) -> float:
+    """The median (mean of the two middle values for an even count), by selection, not sorting."""
+    n = values.numel()
+    upper = kth_largest(values, (n + 1) // 2 if n % 2 else n // 2)
+    lower = kth_largest(values, n // 2 + 1) if n % 2 == 0 else upper
+    return (upper + lower) / 2
+
+
+RTSVM_DETAILS = """
+Per 2-D tensor, with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
+  outlier weighting (outlier_weighting: true):
+    tau_t = outlier_m * stat(|d_t|), stat = mean (default, as in OWL) or median of the tensor's magnitudes
+    outlier share rho_t = fraction of entries with |d_t| > tau_t                         (reported)
+    d~_t = sign(d_t) * (tau_t + outlier_weight * (|d_t| - tau_t)) on those entries, d_t elsewhere
+    the SVDs below see d~_t; with outlier_residual: add, the removed excess sum_t (d_t - d~_t) is added back
+    after the merge (the sparse spikes are kept, they just do not steer the singular directions)
+  sparsity-adaptive rank (adaptive_rank: true):
+    k_t = min(floor(r/T), smallest k with sum_{i<=k} s_{t,i}^2 >= eta * ||d~_t||_F^2)   (at least 1)
+    so every task's budget stays within r/T and the ranks of all tasks fit in r
+  otherwise k_t = floor(r/T) (TSV-M)
+  merged = U_o diag(S) V_o^T from the tasks' leading k_t triplets, orthogonalised as in tsvm;
+  result b + alpha * (merged [+ excess])
+With both switches off rtsvm runs exactly tsvm's computation and writes the same bytes.
+"""
+
+
+@merge_method("rtsvm", needs_base=True, spectral=True, details=RTSVM_DETAILS,
+              params=SPECTRAL_PARAMS + (
+                  Param("outlier_weighting", "bool", True, "down-weight heavy-tailed entries before the SVDs"),
+                  Param("outlier_m", "float", 3.0, "outlier threshold: |d| > outlier_m * stat(|d|)", lo=0.0,
+                        lo_open=True),
+                  Param("outlier_statistic", ("mean", "median"), "mean", "the tensor statistic of |d|"),
+                  Param("outlier_weight", "float", 0.0, "weight of the magnitude above the threshold "
+                        "(0 clips, 1 keeps)", lo=0.0, hi=1.0),
+                  Param("outlier_residual", ("add", "drop"), "add", "add the removed excess back after merging"),
+                  Param("adaptive_rank", "bool", True, "per-task rank from the energy share instead of floor(r/T)"),
+                  Param("eta", "float", 0.9, "energy share the adaptive rank keeps", lo=0.0, lo_open=True, hi=1.0),
+              ),
+              reference="TSV-M https://arxiv.org/abs/2412.00081; outliers as in OWL https://arxiv.org/abs/2310.05175",
+              summary="TSV-M plus outlier-aware weighting of heavy-tailed task vectors and sparsity-adaptive rank")
+def rtsvm(base, models, p, ctx):
+    return task_singular_vectors(base, models, p, ctx)
+
+
+@merge_method("iso_c", needs_base=True, spectral=True, params=SPECTRAL_PARAMS[:3] + (POLAR,),
+              reference="https://arxiv.org/abs/2502.04959",
+              summary="D = sum_t d_t with every singular value replaced by their mean: b + alpha * mean(S) U V^T")
+def iso_c(base, models, p, ctx):
+    deltas = weighted_task_vectors(base, models, p["weight"])
+    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
+        return averaged(base, deltas, p["alpha"])
+    total = deltas.sum(0)
+    # mean(S) U V^T is mean(S) times the polar factor of D: no SVD needed with the Gram route
+    wide = total.shape[0] < total.shape[1]
+    tall = total.mT if wide else total
+    if p["polar"] == "svd":
+        factors = exact_svd(tall)
+        mean_singular_value = float(factors.S.mean())
+        orthogonal = factors.U @ factors.V.mT
+    else:
+        mean_singular_value = float(singular_values_via_gram(tall).mean())
+        orthogonal = polar(tall, "gram")
+    ctx.stats["mean_singular_value"] = mean_singular_value
+    return base.add_(orthogonal.mT if wide else orthogonal, alpha=p["alpha"] * mean_singular_value)
+
+
+@merge_method("iso_cts", needs_base=True, spectral=True,
+              params=SPECTRAL_PARAMS + (Param("common_fraction", "float", 0.8, "share of the rank given to the "
+                                              "common subspace of sum_t d_t", lo=0.0, hi=1.0, hi_open=True),),
+              reference="https://arxiv.org/abs/2502.04959",
+              summary="common subspace of sum_t d_t plus each task's top directions outside it, orthogonalised, "
+                      "flat spectrum")
+def iso_cts(base, models, p, ctx):
+    deltas = weighted_task_vectors(base, models, p["weight"])
+    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
+        return averaged(base, deltas, p["alpha"])
+    n_tasks, full_rank = deltas.shape[0], min(base.shape)
+    # sizes as in the Iso-CTS reference: the task-specific share is rounded to a multiple of T
+    common = int(full_rank * p["common_fraction"])
+    common = full_rank - round((full_rank - common) / n_tasks) * n_tasks
+    per_task = (full_rank - common) // n_tasks
+    shared = exact_svd(deltas.sum(0)).top(common)
+    factors = [shared]
+    for t in range(n_tasks):
+        residual = deltas[t].addmm_(shared.U, shared.U.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
+        factors.append(top_svd(residual, per_task, p["svd"], p["oversample"], p["power_iters"],
+                               sketch_source(ctx, t, base.device)))
+    S = torch.cat([f.S for f in factors])
+    ctx.stats["rank_kept"] = [common] + [per_task] * n_tasks
+    flat = [Factors(f.U, torch.full_like(f.S, float(S.mean())), f.V, f.backend) for f in factors]
+    return merge_task_factors(base, flat, p["alpha"], p["polar"], ctx)

@@ -1,0 +1,187 @@
+"""The spectral family against a NumPy reference written from METHODS.md, and the equivalences it lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reference_spectral as ref
+
+from distmerge.methods import TensorContext, get_method
+from distmerge.methods.linalg import polar, randomized_svd, top_svd_by_energy
+
+
+def low_rank_plus_noise(rows, cols, rank, noise, seed, decay=0.7):
+    gen = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(gen.standard_normal((rows, rank)))
+    v, _ = np.linalg.qr(gen.standard_normal((cols, rank)))
+    s = decay ** np.arange(rank)
+    return (u * s) @ v.T + noise * gen.standard_normal((rows, cols))
+
+
+def run(method: str, base: np.ndarray, deltas: list[np.ndarray], name="layers.0.w", **params) -> np.ndarray:
+    spec = get_method(method)
+    models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32)
+    p = spec.defaults(len(deltas), **params)
+    ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))))
+    out = spec.fn(torch.tensor(base, dtype=torch.float32), models, p, ctx)
+    run.stats = ctx.stats
+    return out.double().numpy()
+
+
+def close(actual, expected, rel):
+    scale = np.linalg.norm(expected)
+    assert np.linalg.norm(actual - expected) <= rel * scale, np.linalg.norm(actual - expected) / scale
+
+
+@pytest.fixture
+def problem():
+    gen = np.random.default_rng(0)
+    base = 0.02 * gen.standard_normal((48, 40))
+    deltas = [low_rank_plus_noise(48, 40, 12, 1e-3, seed) for seed in (1, 2, 3)]
+    return base, deltas
+
+
+@pytest.mark.parametrize("polar_method", ["gram", "svd"])
+def test_tsvm_matches_the_reference(problem, polar_method):
+    base, deltas = problem
+    actual = run("tsvm", base, deltas, alpha=0.8, svd="exact", polar=polar_method)
+    close(actual - base, ref.tsvm(base, deltas, alpha=0.8) - base, rel=2e-5)
+    assert run.stats["rank_kept"] == [13, 13, 13]
+
+
+def test_tsvm_weights_scale_task_vectors_before_the_svd(problem):
+    base, deltas = problem
+    actual = run("tsvm", base, deltas, weight=[1.0, 0.5, 2.0], svd="exact")
+    scaled = [w * d for w, d in zip((1.0, 0.5, 2.0), deltas)]
+    close(actual - base, ref.tsvm(base, scaled) - base, rel=2e-5)
+
+
+def test_tsvm_averages_vectors_and_excluded_tensors(problem):
+    base, deltas = problem
+    vector_base, vector_deltas = base[0], [d[0] for d in deltas]
+    close(run("tsvm", vector_base, vector_deltas, alpha=0.5), vector_base + 0.5 * np.mean(vector_deltas, 0), 1e-6)
+    excluded = run("tsvm", base, deltas, name="model.embed_tokens.weight", exclude=["*embed_tokens*"])
+    close(excluded, base + np.mean(deltas, 0), 1e-6)
+
+
+def test_tsvm_with_one_model_and_full_rank_returns_the_model(problem):
+    base, deltas = problem
+    close(run("tsvm", base, deltas[:1], svd="exact"), base + deltas[0], 1e-5)
+
+
+def test_tsvm_on_orthogonal_task_subspaces_is_the_sum_of_truncations():
+    gen = np.random.default_rng(7)
+    u, _ = np.linalg.qr(gen.standard_normal((30, 30)))
+    v, _ = np.linalg.qr(gen.standard_normal((24, 24)))
+    k = 24 // 3
+    # task t lives in columns [t*k, (t+1)*k) of u and v: mutually orthogonal subspaces; each also has a tail
+    # beyond its first k directions, which TSV-M must drop
+    deltas = []
+    for t in range(3):
+        s = np.concatenate([np.linspace(2.0, 1.0, k - 2), [0.05, 0.04]])
+        cols = slice(t * k, (t + 1) * k)
+        deltas.append((u[:, cols] * s) @ v[:, cols].T)
+    truncations = [ref.tsvm(np.zeros((30, 24)), [d], ranks=[k]) for d in deltas]
+    base = np.zeros((30, 24))
+    close(run("tsvm", base, deltas, svd="exact"), np.sum(truncations, 0), 1e-5)
+
+
+def test_tsvm_of_a_task_and_its_copy_is_that_task(problem):
+    base, deltas = problem
+    half = min(base.shape) // 2
+    expected = ref.tsvm(np.zeros_like(base), [deltas[0]], ranks=[half])  # its rank-r/2 truncation
+    close(run("tsvm", base, [deltas[0], deltas[0]], svd="exact") - base, expected, 1e-4)
+
+
+def test_rtsvm_with_both_switches_off_writes_tsvms_bytes(problem):
+    base, deltas = problem
+    for svd in ("exact", "randomized"):
+        a = run("tsvm", base, deltas, svd=svd, alpha=0.7)
+        b = run("rtsvm", base, deltas, svd=svd, alpha=0.7, outlier_weighting=False, adaptive_rank=False)
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("residual", ["add", "drop"])
+@pytest.mark.parametrize("statistic", ["mean", "median"])
+def test_rtsvm_outlier_weighting_matches_the_reference(problem, residual, statistic):
+    base, deltas = problem
+    gen = np.random.default_rng(5)
+    spiky = [d + (gen.random(d.shape) < 0.01) * gen.standard_normal(d.shape) * 0.5 for d in deltas]
+    actual = run("rtsvm", base, spiky, svd="exact", adaptive_rank=False, outlier_m=3.0, outlier_weight=0.25,
+                 outlier_statistic=statistic, outlier_residual=residual, alpha=0.9)
+    weighted = [ref.downweight_outliers(d, 3.0, 0.25, statistic) for d in spiky]
+    expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted])
+    if residual == "add":
+        expected = expected + sum(e for _, e in weighted)
+    close(actual - base, 0.9 * expected, 2e-5)
+    shares = [np.mean(np.abs(d) > 3.0 * (np.abs(d).mean() if statistic == "mean" else np.median(np.abs(d))))
+              for d in spiky]
+    np.testing.assert_allclose(run.stats["outlier_share"], shares)
+
+
+def test_rtsvm_adaptive_rank_keeps_the_energy_share_within_the_budget():
+    gen = np.random.default_rng(3)
+    # task 0: energy in 3 directions; task 1: a slowly decaying spectrum (wants more than r/T = 30, gets 30)
+    spectra = [np.concatenate([[3.0, 2.0, 1.0], np.full(57, 0.01)]), np.linspace(2.0, 1.0, 60)]
+    deltas = []
+    for s in spectra:
+        u, _ = np.linalg.qr(gen.standard_normal((60, 60)))
+        v, _ = np.linalg.qr(gen.standard_normal((60, 60)))
+        deltas.append((u * s) @ v.T)
+    actual = run("rtsvm", np.zeros((60, 60)), deltas, svd="exact", outlier_weighting=False, eta=0.9)
+    # by hand: task 0 holds 9/14.0057 = 64.3% in 1 direction, 13/14.0057 = 92.8% in 2 -> k = 2
+    assert run.stats["rank_kept"] == [2, 30] == [ref.energy_rank(d, 0.9, 30) for d in deltas]
+    close(actual, ref.tsvm(np.zeros((60, 60)), deltas, ranks=[2, 30]), 1e-5)
+
+
+@pytest.mark.parametrize("polar_method", ["gram", "svd"])
+def test_iso_c_matches_the_reference(problem, polar_method):
+    base, deltas = problem
+    close(run("iso_c", base, deltas, alpha=1.3, polar=polar_method) - base,
+          ref.iso_c(base, deltas, alpha=1.3) - base, 2e-5)
+    wide = [d.T for d in deltas]
+    close(run("iso_c", base.T, wide, polar=polar_method) - base.T, ref.iso_c(base.T, wide) - base.T, 2e-5)
+
+
+def test_iso_cts_matches_the_reference(problem):
+    base, deltas = problem
+    actual = run("iso_cts", base, deltas, svd="exact", common_fraction=0.6, alpha=0.9)
+    close(actual - base, ref.iso_cts(base, deltas, alpha=0.9, common_fraction=0.6) - base, 2e-5)
+
+
+@pytest.mark.parametrize("condition", [1e1, 1e3, 1e5])
+def test_gram_polar_factor_agrees_with_the_svd_one(condition):
+    """Tolerance: float32 rounding of the input times the polar factor's condition number (~ sigma_max/sigma_min)."""
+    gen = np.random.default_rng(int(condition))
+    u, _ = np.linalg.qr(gen.standard_normal((400, 120)))
+    v, _ = np.linalg.qr(gen.standard_normal((120, 120)))
+    a = (u * np.geomspace(1.0, 1.0 / condition, 120)) @ v.T
+    matrix = torch.tensor(a, dtype=torch.float32)
+    exact = ref.polar(matrix.double().numpy())
+    gram = polar(matrix.clone(), "gram").double().numpy()
+    assert np.abs(gram - exact).max() <= 1e-6 * condition
+    assert np.abs(gram.T @ gram - np.eye(120)).max() <= 1e-6 * condition
+
+
+def test_randomized_svd_matches_exact_on_low_rank_plus_noise():
+    """Stated tolerance: on rank-20 + 1e-3 noise, 10 oversampling columns and 2 subspace iterations recover the
+    top 20 singular values to 1e-3 and the rank-20 approximation to 1e-3 of its norm."""
+    a = torch.tensor(low_rank_plus_noise(300, 200, 20, 1e-3, 11, decay=0.9), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    approx = randomized_svd(a, 30, 2, lambda shape: torch.rand(shape, generator=gen)).top(20)
+    u, s, vt = np.linalg.svd(a.double().numpy(), full_matrices=False)
+    np.testing.assert_allclose(approx.S.double().numpy(), s[:20], rtol=1e-3)
+    exact_truncation = (u[:, :20] * s[:20]) @ vt[:20]
+    close((approx.U * approx.S).double().numpy() @ approx.V.double().numpy().T, exact_truncation, 1e-3)
+
+
+def test_energy_rank_with_randomized_sketches_equals_the_exact_rank():
+    a = torch.tensor(low_rank_plus_noise(500, 400, 40, 1e-4, 13, decay=0.85), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    sketch = lambda shape: torch.rand(shape, generator=gen)  # noqa: E731
+    expected = ref.energy_rank(a.double().numpy(), 0.95, 100)
+    for backend in ("randomized", "exact"):
+        factors = top_svd_by_energy(a, 0.95, 100, backend, 10, 2, sketch)
+        assert factors.S.numel() == expected, backend
