@@ -113,6 +113,25 @@ def methods(name):
         click.echo("")
 
 
+@cli.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--plots/--no-plots", default=True, help="Write rank_kept.png and outlier_share.png into OUT.")
+def report(out_dir, plots):
+    """Summarise the per-tensor statistics of the finished merge in OUT."""
+    from .report import plot, read_report, summarize
+
+    rows, models = read_report(out_dir)
+    click.echo(summarize(rows, models))
+    if plots:
+        try:
+            written = plot(rows, models, out_dir)
+        except ImportError:
+            click.echo("plots need matplotlib: pip install 'distmerge[plots]'", err=True)
+            return
+        for path in written:
+            click.echo(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="distmerge", standalone_mode=False)

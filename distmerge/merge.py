@@ -73,7 +73,7 @@ def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) ->
             if (plan.tokenizer_dir / name).is_file():
                 files[name] = plan.tokenizer_dir / name
     files["README.md"] = model_card(plan).encode()
-    files[REPORT_NAME] = report_bytes(report_rows(plan, records))
+    files[REPORT_NAME] = report_bytes(report_rows(plan, records), [ckpt.ref for ckpt in plan.models])
     out_dir.finalize(weight_map, plan.bytes_written(), files)
 
 

@@ -13,6 +13,7 @@ from ..writer import OutputDir, ShardRecord
 class LocalRuntime:
     def __init__(self, device: str, threads: int | None = None):
         self.device = str(resolve_device(device))
+        self._threads_before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
@@ -33,4 +34,4 @@ class LocalRuntime:
         ]
 
     def close(self) -> None:
-        pass
+        torch.set_num_threads(self._threads_before)
