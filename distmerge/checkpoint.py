@@ -143,9 +143,18 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
 
     @classmethod
-    def open(cls, ref: str, base_dir: str = ".") -> "Checkpoint":
+    def open(cls, ref: str, base_dir: str = ".", config_only: bool = False) -> "Checkpoint":
+        """`config_only`: when the directory has a config.json but no weights (planning a merge before the
+        checkpoints are downloaded), derive the tensors from the architecture instead of refusing."""
         path = resolve_model_dir(ref, base_dir)
-        return cls(ref, path, _index_tensors(ref, path), _read_config(ref, path))
+        config = _read_config(ref, path)
+        if config_only and config and not any(path.glob("*.safetensors")):
+            return cls(ref, path, _tensors_from_config(ref, config), config)
+        return cls(ref, path, _index_tensors(ref, path), config)
+
+    @property
+    def has_weights(self) -> bool:
+        return all(info.file for info in self.tensors.values())
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -226,6 +235,18 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"model {ref}: tensor {missing[0]} is listed in {INDEX_NAME} under "
                                   f"{weight_map[missing[0]]} but that file does not hold it; re-download it")
     return tensors
+
+
+def _tensors_from_config(ref: str, config: dict) -> dict[str, TensorInfo]:
+    from .architecture import llama_tensor_shapes
+
+    try:
+        shapes = llama_tensor_shapes(config)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"model {ref} has no weights, and its config.json does not describe a Llama-family "
+                              f"model distmerge can derive tensors from ({exc})") from None
+    dtype = TORCH_TO_CODE.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), "BF16")
+    return {name: TensorInfo(name, dtype, shape, "") for name, shape in shapes.items()}
 
 
 def _read_config(ref: str, path: Path) -> dict:

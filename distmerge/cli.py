@@ -81,12 +81,23 @@ def validate(config_path, deep):
 
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--device", help="cpu or cuda.")
-def plan(config_path, device):
-    """What a merge of CONFIG will do: tensors, bytes, SVDs, memory."""
-    from .plan import build_plan, describe
+@click.option("--gpus", type=click.IntRange(min=1), help="Estimate for this many GPU workers.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes sharing the work.")
+@click.option("--read-gbps", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Storage read bandwidth per node, GB/s.")
+@click.option("--write-gbps", type=click.FloatRange(min=0, min_open=True), help="Write bandwidth per node, GB/s "
+              "(default: the read bandwidth).")
+@click.option("--workers", type=click.IntRange(min=1), help="Estimate for this many CPU workers (without --gpus).")
+def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers):
+    """What a merge of CONFIG will do: tensors, bytes, SVDs, memory per worker, and a lower-bound time.
 
-    click.echo(describe(build_plan(_load(config_path, device=device))))
+    Models that have only a config.json (not downloaded yet) are planned from their architecture."""
+    from .plan import Cluster, build_plan, describe
+
+    merge_plan = build_plan(_load(config_path, device="cuda" if gpus else None), config_only=True)
+    cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
+                      write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
+    click.echo(describe(merge_plan, cluster))
 
 
 @cli.command()

@@ -19,6 +19,7 @@ from .checkpoint import CODE_TO_NAME, DTYPES, TORCH_TO_CODE, Checkpoint, TensorI
 from .config import MergeConfig, ModelEntry, format_bytes, layer_position, resolve_setting
 from .errors import CheckpointError, ConfigError
 from .methods import MethodSpec, get_method
+from .methods.linalg import sketch_fits
 from .methods.spectral import goes_through_svd
 
 TIED_HEAD = "lm_head.weight"
@@ -114,25 +115,51 @@ class MergePlan:
         return sum(t.out_bytes for t in self.tensors)
 
     def peak_bytes_per_worker(self) -> int:
-        """Largest working set of one tensor: T + 1 float32 copies plus the method's scratch."""
+        """Largest working set of one tensor: T + 1 compute-dtype copies, the stored-dtype read buffer, and the
+        method's scratch (masks for elementwise methods; stacked singular vectors, one SVD's factors and its
+        workspace, and the float64 Gram matrix for spectral ones)."""
         n_models = len(self.models)
+        width = 8 if self.config.compute_dtype == "float64" else 4
         worst = 0
         for t in self.tensors:
-            copies = n_models + 1 + (2 if not t.svd else 3)
-            worst = max(worst, copies * t.numel * 4)
+            inputs = (n_models + 1) * t.numel * width + t.numel * 4
+            if t.svd:
+                rows, cols = t.shape
+                rank = min(rows, cols)
+                scratch = (2 * (rows + cols) * rank + t.numel) * width + 8 * rank * rank
+            else:
+                scratch = 2 * t.numel * width
+            worst = max(worst, inputs + scratch)
         return worst
 
     def svd_count(self) -> int:
         return sum(len(self.models) for t in self.tensors if t.svd)
+
+    def compute_flops(self, job: TensorJob) -> float:
+        """Floating-point operations for one tensor (SVDs dominate; elementwise work is negligible)."""
+        if not job.svd:
+            return 20.0 * job.numel * len(self.models)
+        rows, cols = job.shape
+        n_tasks, rank = len(self.models), min(rows, cols)
+        per_task = rank // n_tasks
+        svd = job.params.get("svd", "exact")
+        if svd == "randomized" or (svd == "auto" and sketch_fits(per_task, job.params.get("oversample", 10), rank)):
+            sketch = per_task + job.params.get("oversample", 10)
+            one = (2 + 4 * job.params.get("power_iters", 2)) * rows * cols * sketch
+        else:
+            one = 14.0 * max(rows, cols) * rank**2 + 8.0 * rank**3  # thin SVD with both factors
+        polar = 2 * (4.0 * (rows + cols) * rank**2 + 9.0 * rank**3)  # Gram, eigh and product, for U and for V
+        return n_tasks * one + polar
 
 
 def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(config: MergeConfig) -> MergePlan:
+def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
+    """`config_only`: allow models that have only a config.json (planning, never merging)."""
     spec = get_method(config.merge_method)
-    base, models, entries, model_ids = _open_inputs(config, spec)
+    base, models, entries, model_ids = _open_inputs(config, spec, config_only)
     reference = base or models[0]
     _check_parameter_names(config, spec, entries)
     _check_same_tensors(reference, base, models)
@@ -168,8 +195,8 @@ def build_plan(config: MergeConfig) -> MergePlan:
     return plan
 
 
-def _open_inputs(config: MergeConfig, spec: MethodSpec):
-    base = Checkpoint.open(config.base_model, config.base_dir) if config.base_model else None
+def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
+    base = Checkpoint.open(config.base_model, config.base_dir, config_only) if config.base_model else None
     if spec.needs_base and base is None:
         raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
     models, entries, model_ids = [], [], []
@@ -178,7 +205,7 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec):
             if entry.parameters:
                 raise ConfigError(f"`models[{index}]` is the base model; {spec.name} takes no parameters for it")
             continue  # mergekit configs list the base among the models
-        models.append(Checkpoint.open(entry.model, config.base_dir))
+        models.append(Checkpoint.open(entry.model, config.base_dir, config_only))
         entries.append(entry)
         model_ids.append(index)
     if len(models) < spec.min_models or (spec.max_models is not None and len(models) > spec.max_models):
@@ -341,8 +368,8 @@ def _fingerprint(plan: MergePlan) -> str:
     files = []
     for ckpt in plan.inputs():
         for file in ckpt.files:
-            st = os.stat(file)
-            files.append([file, st.st_size, st.st_mtime_ns])
+            st = os.stat(file) if file else None
+            files.append([file, st.st_size, st.st_mtime_ns] if st else [ckpt.ref, None, None])
     payload = {
         "config": plan.config.fingerprint(),
         "files": files,
@@ -353,12 +380,47 @@ def _fingerprint(plan: MergePlan) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def describe(plan: MergePlan) -> str:
+# Sustained rates of one worker, measured by benchmarks/bench_svd.py (see benchmarks/results/): float32
+# SVD-heavy work in flop/s, and elementwise merging in bytes of input per second.
+WORKER_FLOPS = {"cpu": 8e10, "cuda": 2e12}
+WORKER_ELEMENTWISE_BYTES = {"cpu": 1.5e9, "cuda": 5e11}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What `distmerge plan --gpus N --nodes M --read-gbps X` assumes."""
+
+    workers: int
+    nodes: int
+    read_gbps: float  # storage read bandwidth per node, GB/s
+    write_gbps: float
+    device: str
+
+
+def estimate_seconds(plan: MergePlan, cluster: Cluster) -> dict[str, float]:
+    """Lower bounds: reading and writing at full storage bandwidth, computing on every worker at once, and the
+    largest unit on one worker. The merge takes at least the largest of them."""
+    kind = cluster.device.split(":")[0]
+
+    def unit_seconds(unit: WorkUnit) -> float:
+        return sum(plan.compute_flops(t) / WORKER_FLOPS[kind] if t.svd
+                   else plan.read_bytes(t) / WORKER_ELEMENTWISE_BYTES[kind] for t in unit.tensors)
+
+    compute = sum(unit_seconds(u) for u in plan.units)
+    return {
+        "read": plan.bytes_read() / (cluster.nodes * cluster.read_gbps * 1e9),
+        "write": plan.bytes_written() / (cluster.nodes * cluster.write_gbps * 1e9),
+        "compute": compute / cluster.workers,
+        "largest unit": max(unit_seconds(u) for u in plan.units),
+    }
+
+
+def describe(plan: MergePlan, cluster: Cluster | None = None) -> str:
     """Human-readable summary for `distmerge plan` and `distmerge validate`."""
     n_tensors = len(plan.tensors)
     lines = [
         f"method        {plan.spec.name} ({len(plan.models)} models"
-        + (f" + base {plan.base.ref})" if plan.base else ")"),
+        + (f" + base model {plan.base.ref})" if plan.base else ")"),
         f"tensors       {n_tensors} in {len(plan.units)} shard(s)"
         + (f"; left out: {', '.join(plan.dropped)} (tied to the embeddings)" if plan.dropped else ""),
         f"read          {format_bytes(plan.bytes_read())}",
@@ -368,4 +430,19 @@ def describe(plan: MergePlan) -> str:
         f"peak memory   {format_bytes(plan.peak_bytes_per_worker())} per worker (one tensor at a time)",
         f"device        {plan.device}",
     ]
+    missing = [ckpt.ref for ckpt in plan.inputs() if not ckpt.has_weights]
+    if missing:
+        lines.append(f"note          no weights yet for {', '.join(missing)}: tensors derived from config.json")
+    if cluster is not None:
+        from .progress import format_seconds
+
+        parts = estimate_seconds(plan, cluster)
+        bound = max(parts["read"] + parts["write"], parts["compute"], parts["largest unit"])
+        lines += [
+            f"cluster       {cluster.workers} {'GPU' if cluster.device.startswith('cuda') else 'CPU'} worker(s) on "
+            f"{cluster.nodes} node(s); storage {cluster.read_gbps:g} GB/s read, {cluster.write_gbps:g} GB/s "
+            "write per node",
+            "time          at least " + format_seconds(bound) + " (" + ", ".join(
+                f"{name} {format_seconds(value)}" for name, value in parts.items()) + ")",
+        ]
     return "\n".join(lines)
