@@ -15,6 +15,10 @@ import pytest
 import torch
 import yaml
 
+# Tests never reach the network: no Ray usage reports, no Hugging Face hub calls.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from distmerge.architecture import llama_config
 from distmerge.synthetic import make_family
 

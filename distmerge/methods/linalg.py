@@ -28,7 +28,10 @@ class Factors:
     backend: str
 
     def top(self, k: int) -> "Factors":
-        return Factors(self.U[:, :k], self.S[:k], self.V[:, :k], self.backend)
+        """The k leading triplets, copied out so that the full factors can be freed."""
+        if k >= self.S.numel():
+            return self
+        return Factors(self.U[:, :k].contiguous(), self.S[:k].clone(), self.V[:, :k].contiguous(), self.backend)
 
 
 def exact_svd(matrix: torch.Tensor) -> Factors:

@@ -1,0 +1,117 @@
+"""Spectral merges of one Llama-3-70B-shaped decoder layer on a GPU, and the projection to a whole 70B model.
+
+    python benchmarks/bench_gpu_layer.py [--methods tsvm,rtsvm,iso_c,iso_cts,ties] [--experts 3]
+
+Random weights (a base and T experts = base + low-rank update + sparse outliers + noise, bfloat16 like a real
+checkpoint) for the 7 matrices of one layer (q, k, v, o: 8192-wide; gate, up, down: 28672 x 8192) and for the
+128256 x 8192 embedding. For each method: seconds per layer (the method's own compute, inputs already on the GPU
+in float32, as the engine hands them over), seconds for the embedding, peak GPU memory, and the projection
+80 layers + embedding + lm_head = one 70B merge on one GPU (divide by the GPU count for a cluster; reading the
+(T+1) x 141 GB of inputs is extra, see `distmerge plan --gpus`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distmerge.methods import TensorContext, get_method
+
+RESULTS = Path(__file__).parent / "results"
+HIDDEN, INTERMEDIATE, KV, VOCAB, LAYERS = 8192, 28672, 1024, 128256, 80
+LAYER = {
+    "self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (KV, HIDDEN),
+    "self_attn.v_proj.weight": (KV, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+    "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+}
+
+
+def inputs(shape, n_experts: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    base = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)
+    models = torch.empty((n_experts, *shape), device="cuda", dtype=torch.float32)
+    for t in range(n_experts):
+        rank = 64
+        update = torch.randn(shape[0], rank, device="cuda", generator=gen) @ torch.randn(
+            rank, shape[1], device="cuda", generator=gen) * (0.002 / rank**0.5)
+        spikes = (torch.rand(shape, device="cuda", generator=gen) < 0.001) * 0.02 * torch.randn(
+            shape, device="cuda", generator=gen)
+        noise = 0.0005 * torch.randn(shape, device="cuda", generator=gen)
+        models[t] = (base.float() + update + spikes + noise).to(torch.bfloat16).float()
+    return base.float(), models
+
+
+def run_method(method: str, name: str, shape, n_experts: int, params: dict) -> tuple[float, int]:
+    spec = get_method(method)
+    base, models = inputs(shape, n_experts, seed=hash(name) % 2**31)
+    p = spec.defaults(n_experts, **params)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    spec.fn(base, models, p, TensorContext(name, model_ids=tuple(range(n_experts))))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated()
+    del base, models
+    torch.cuda.empty_cache()
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="tsvm,rtsvm,iso_c,iso_cts,ties")
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="layers timed per method (median)")
+    parser.add_argument("--params", default="{}", help='JSON per method, e.g. {"tsvm": {"svd": "exact"}}')
+    parser.add_argument("--skip-embedding", action="store_true")
+    parser.add_argument("--out", default="gpu_layer")
+    args = parser.parse_args()
+    extra = json.loads(args.params)
+    run_method("ties", "warmup", (1024, 1024), args.experts, {})
+    rows = []
+    for method in args.methods.split(","):
+        params = extra.get(method, {})
+        layer_seconds, peaks = [], []
+        for repeat in range(args.repeats):
+            total = 0.0
+            for name, shape in LAYER.items():
+                seconds, peak = run_method(method, f"model.layers.{repeat}.{name}", shape, args.experts, params)
+                total += seconds
+                peaks.append(peak)
+            layer_seconds.append(total)
+        per_layer = statistics.median(layer_seconds)
+        embed_seconds, embed_peak = (float("nan"), 0) if args.skip_embedding else run_method(
+            method, "model.embed_tokens.weight", (VOCAB, HIDDEN), args.experts, params)
+        whole = LAYERS * per_layer + (0 if args.skip_embedding else 2 * embed_seconds)
+        row = {"method": method, "params": params, "seconds_per_layer": per_layer,
+               "seconds_embedding": embed_seconds, "projected_70b_one_gpu_s": whole,
+               "projected_70b_8_gpus_s": whole / 8, "peak_gib_layer": max(peaks) / 2**30,
+               "peak_gib_embedding": embed_peak / 2**30}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "experts": args.experts}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    lines = [f"# One Llama-3-70B-shaped layer on {machine['gpu']} (T = {args.experts} experts, torch "
+             f"{machine['torch']}, {machine['date']})", "",
+             f"Command: `python benchmarks/bench_gpu_layer.py --methods {args.methods} --experts {args.experts} "
+             f"--repeats {args.repeats}`. Compute only (inputs already on the GPU in float32).", "",
+             "| method | params | s / layer | s / embedding | 70B on 1 GPU | 70B on 8 GPUs | peak GiB (layer / emb.) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {json.dumps(r['params']) if r['params'] else 'defaults'} | "
+                     f"{r['seconds_per_layer']:.2f} | {r['seconds_embedding']:.2f} | "
+                     f"{r['projected_70b_one_gpu_s'] / 60:.1f} min | {r['projected_70b_8_gpus_s'] / 60:.1f} min | "
+                     f"{r['peak_gib_layer']:.1f} / {r['peak_gib_embedding']:.1f} |")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The same code on a GPU: results agree with the CPU's, random draws are identical, memory stays in budget.
+Skipped where no CUDA device is visible (CI); run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reference_spectral as ref
+from conftest import run_cli, write_config
+
+from distmerge.methods import TensorContext, get_method
+from distmerge.methods.sampling import uniform
+from distmerge.methods.sparsify import kth_largest, top_k_mask
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+def test_random_draws_are_the_same_on_cpu_and_cuda():
+    cpu = uniform(3, "model.layers.7.mlp.up_proj.weight", 2, (1000, 3000), "cpu")
+    gpu = uniform(3, "model.layers.7.mlp.up_proj.weight", 2, (1000, 3000), "cuda")
+    assert torch.equal(cpu, gpu.cpu())
+
+
+def test_selection_is_the_same_on_cpu_and_cuda():
+    values = torch.randn(3_000_000).abs().to(torch.bfloat16).float()  # many exact ties
+    for k in (1, 12345, 1_500_000, 3_000_000):
+        assert kth_largest(values, k) == kth_largest(values.cuda(), k)
+        assert torch.equal(top_k_mask(values, k), top_k_mask(values.cuda(), k).cpu())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "model_stock", "slerp"])
+def test_elementwise_methods_agree_with_cpu(method):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 512, generator=gen) * 0.02
+    n = 1 if method == "slerp" else 3
+    models = base + 0.01 * torch.randn(n, 256, 512, generator=gen)
+    spec = get_method(method)
+    p = spec.defaults(n, **({"density": [0.4] * n} if "density" in {x.name for x in spec.params} else {}))
+
+    def run(device):
+        ctx = TensorContext("w", seed=1, model_ids=tuple(range(n)))
+        return spec.fn(base.to(device), models.clone().to(device), p, ctx).cpu()
+
+    cpu, gpu = run("cpu"), run("cuda")
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["tsvm", "rtsvm", "iso_c", "iso_cts"])
+def test_spectral_methods_on_cuda_match_the_reference(method):
+    rng = np.random.default_rng(0)
+    base = 0.02 * rng.standard_normal((300, 200))
+    deltas = [0.01 * rng.standard_normal((300, 8)) @ rng.standard_normal((8, 200)) + 1e-4 * rng.standard_normal(
+        (300, 200)) for _ in range(3)]
+    spec = get_method(method)
+    p = spec.defaults(3, svd="exact", **({"outlier_weighting": False, "adaptive_rank": False}
+                                         if method == "rtsvm" else {}))
+    models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32, device="cuda")
+    out = spec.fn(torch.tensor(base, dtype=torch.float32, device="cuda"), models, p,
+                  TensorContext("w", model_ids=(0, 1, 2))).cpu().double().numpy()
+    expected = {"tsvm": ref.tsvm, "rtsvm": ref.tsvm, "iso_c": ref.iso_c, "iso_cts": ref.iso_cts}[method](base, deltas)
+    assert np.linalg.norm(out - expected) <= 2e-5 * np.linalg.norm(expected - base)
+
+
+def test_tsvm_memory_on_a_tall_matrix_stays_within_the_plans_budget():
+    """An embedding-shaped tensor (rows >> cols): peak GPU memory <= T+1 float32 copies + the SVD scratch that
+    `MergePlan.peak_bytes_per_worker` budgets."""
+    rows, cols, n_tasks = 32768, 2048, 3
+    spec = get_method("tsvm")
+    base = torch.randn(rows, cols, device="cuda") * 0.02
+    models = base + 0.01 * torch.randn(n_tasks, rows, cols, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    spec.fn(base, models, spec.defaults(n_tasks, svd="exact"), TensorContext("w", model_ids=(0, 1, 2)))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before  # beyond the T + 1 input copies already allocated
+    numel, rank = rows * cols, cols
+    budget = (2 * (rows + cols) * rank + numel) * 4 + 8 * rank * rank
+    assert peak <= budget, (peak / 2**30, budget / 2**30)
+
+
+def test_cli_merge_on_cuda_is_deterministic_and_close_to_cpu(tmp_path, family_bf16_sharded):
+    cfg = write_config(tmp_path / "c.yaml", "rtsvm", family_bf16_sharded, dtype="float32", out_dtype="float32")
+    for name, device in (("a", "cuda"), ("b", "cuda"), ("cpu", "cpu")):
+        run_cli("merge", cfg, "-o", tmp_path / name, "--device", device, "--quiet")
+    a = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.safetensors")}
+    assert a == {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.safetensors")}
+    from safetensors.torch import load_file
+
+    for shard in (tmp_path / "cpu").glob("*.safetensors"):
+        cpu, gpu = load_file(str(shard)), load_file(str(tmp_path / "a" / shard.name))
+        for key in cpu:
+            torch.testing.assert_close(gpu[key], cpu[key], rtol=1e-4, atol=1e-5)
