@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+
+import torch
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from .checkpoint import CODE_TO_NAME, DTYPES, TORCH_TO_CODE, Checkpoint, TensorI
 from .config import MergeConfig, ModelEntry, format_bytes, layer_position, resolve_setting
 from .errors import CheckpointError, ConfigError
 from .methods import MethodSpec, get_method
-from .methods.linalg import sketch_fits
+from .methods.linalg import resolve_backend
 from .methods.spectral import goes_through_svd
 
 TIED_HEAD = "lm_head.weight"
@@ -142,10 +144,13 @@ class MergePlan:
         rows, cols = job.shape
         n_tasks, rank = len(self.models), min(rows, cols)
         per_task = rank // n_tasks
-        svd = job.params.get("svd", "exact")
-        if svd == "randomized" or (svd == "auto" and sketch_fits(per_task, job.params.get("oversample", 10), rank)):
-            sketch = per_task + job.params.get("oversample", 10)
-            one = (2 + 4 * job.params.get("power_iters", 2)) * rows * cols * sketch
+        oversample = job.params.get("oversample", 10)
+        backend = resolve_backend(job.params.get("svd", "exact"), per_task, oversample, rank,
+                                  torch.device(self.device.split(":")[0]))
+        if backend == "randomized":
+            one = (2 + 4 * job.params.get("power_iters", 2)) * rows * cols * (per_task + oversample)
+        elif backend == "gram":
+            one = 2.0 * max(rows, cols) * rank**2 * 2 + 9.0 * rank**3  # float64 Gram, eigh, U = A V / S
         else:
             one = 14.0 * max(rows, cols) * rank**2 + 8.0 * rank**3  # thin SVD with both factors
         polar = 2 * (4.0 * (rows + cols) * rank**2 + 9.0 * rank**3)  # Gram, eigh and product, for U and for V

@@ -30,9 +30,10 @@ from .sparsify import kth_largest
 
 ALPHA = Param("alpha", "float", 1.0, "scaling of the merged task vector")
 EXCLUDE = Param("exclude", "globs", (), "tensor-name patterns (fnmatch) that are averaged instead of SVD-merged")
-SVD = Param("svd", ("auto", "exact", "randomized"), "auto",
-            "task SVDs: exact (LAPACK/cuSOLVER, float32), randomized (sketch + subspace iterations), or auto "
-            "(randomized when the kept rank plus oversampling is at most a quarter of the full rank)")
+SVD = Param("svd", ("auto", "exact", "gram", "randomized"), "auto",
+            "task SVDs: exact (LAPACK/cuSOLVER, float32), gram (float64 eigen-decomposition of the Gram matrix), "
+            "randomized (sketch + subspace iterations), or auto: randomized when the kept rank plus oversampling is "
+            "at most a quarter of the full rank, else gram on GPUs and exact on CPUs")
 POLAR = Param("polar", ("gram", "svd"), "gram",
               "orthogonalisation: gram = A (A^T A)^-1/2 from a float64 eigen-decomposition of the small Gram matrix; "
               "svd = P Q^T from A's SVD (the reference's way)")
@@ -216,7 +217,8 @@ def iso_cts(base, models, p, ctx):
     common = int(full_rank * p["common_fraction"])
     common = full_rank - round((full_rank - common) / n_tasks) * n_tasks
     per_task = (full_rank - common) // n_tasks
-    shared = exact_svd(deltas.sum(0)).top(common)
+    shared = top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],
+                     sketch_source(ctx, 0, base.device))
     factors = [shared]
     for t in range(n_tasks):
         residual = deltas[t].addmm_(shared.U, shared.U.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
