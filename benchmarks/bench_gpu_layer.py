@@ -1,6 +1,8 @@
 """Spectral merges of one Llama-3-70B-shaped decoder layer on a GPU, and the projection to a whole 70B model.
 
-    python benchmarks/bench_gpu_layer.py [--methods tsvm,rtsvm,iso_c,iso_cts,ties] [--experts 3]
+    python benchmarks/bench_gpu_layer.py [--methods tsvm,tsvm@svd=exact,rtsvm,iso_c,iso_cts,ties] [--experts 3]
+
+A method entry may carry parameters after `@` (`tsvm@svd=exact`).
 
 Random weights (a base and T experts = base + low-rank update + sparse outliers + noise, bfloat16 like a real
 checkpoint) for the 7 matrices of one layer (q, k, v, o: 8192-wide; gate, up, down: 28672 x 8192) and for the
@@ -65,18 +67,17 @@ def run_method(method: str, name: str, shape, n_experts: int, params: dict) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="tsvm,rtsvm,iso_c,iso_cts,ties")
+    parser.add_argument("--methods", default="tsvm,tsvm@svd=exact,rtsvm,iso_c,iso_cts,ties")
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="layers timed per method (median)")
-    parser.add_argument("--params", default="{}", help='JSON per method, e.g. {"tsvm": {"svd": "exact"}}')
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--out", default="gpu_layer")
     args = parser.parse_args()
-    extra = json.loads(args.params)
     run_method("ties", "warmup", (1024, 1024), args.experts, {})
     rows = []
-    for method in args.methods.split(","):
-        params = extra.get(method, {})
+    for entry in args.methods.split(","):
+        method, _, settings = entry.partition("@")
+        params = dict(item.split("=", 1) for item in settings.split(";") if item)
         layer_seconds, peaks = [], []
         for repeat in range(args.repeats):
             total = 0.0

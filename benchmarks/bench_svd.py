@@ -3,7 +3,7 @@
     python benchmarks/bench_svd.py [--device cuda] [--sizes 4096x4096,8192x8192,28672x8192] [--repeats 3]
 
 For each matrix (a random low-rank-plus-noise "task vector"): the exact SVD (on CUDA, each cuSOLVER driver),
-randomized SVDs at TSV-M's rank for T = 3 (r/3) and at a small adaptive rank (r/16), and the polar step that
+the float64-Gram route (`svd: gram`), randomized SVDs at TSV-M's rank for T = 3 (r/3) and at a small adaptive rank (r/16), and the polar step that
 orthogonalises T = 3 stacked blocks of singular vectors, by distmerge's Gram route and by the SVD route the
 reference uses. Medians of --repeats runs; results as JSON and a markdown table under benchmarks/results/.
 """
@@ -59,6 +59,7 @@ def cases(rows: int, cols: int, device: str):
     for driver in drivers:
         label = f"exact ({driver})" if driver else "exact"
         yield label, lambda d=driver: torch.linalg.svd(matrix, full_matrices=False, driver=d)
+    yield "gram (float64 Gram)", lambda: linalg.gram_svd(matrix)
     for share, label in ((3, "randomized r/3"), (16, "randomized r/16")):
         yield label, lambda k=rank // share: linalg.randomized_svd(matrix, k + 10, 2, sketch)
     stacked = stacked_blocks(rows, rank, device)

@@ -23,9 +23,15 @@ from .writer import OutputDir, ShardRecord, ShardWriter
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for `name`, checked. On CUDA, float32 matrix products are made IEEE float32: TF32
+    tensor cores would round inputs to 10 mantissa bits, and the merge promises float32 arithmetic."""
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but no CUDA device is visible; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} was asked for but no CUDA device is visible; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     return device
 
 

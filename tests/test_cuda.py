@@ -17,6 +17,15 @@ from distmerge.methods.sparsify import kth_largest, top_k_mask
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
+@pytest.fixture(autouse=True)
+def cuda_as_the_engine_sets_it_up():
+    from distmerge.engine import resolve_device
+
+    print(f"TF32 before: matmul {torch.backends.cuda.matmul.allow_tf32}, "
+          f"precision {torch.get_float32_matmul_precision()}")
+    resolve_device("cuda")
+
+
 def test_random_draws_are_the_same_on_cpu_and_cuda():
     cpu = uniform(3, "model.layers.7.mlp.up_proj.weight", 2, (1000, 3000), "cpu")
     gpu = uniform(3, "model.layers.7.mlp.up_proj.weight", 2, (1000, 3000), "cuda")

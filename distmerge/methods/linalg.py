@@ -40,28 +40,34 @@ def exact_svd(matrix: torch.Tensor) -> Factors:
     return Factors(U, S, Vh.mT, "exact")
 
 
-def gram_svd(matrix: torch.Tensor) -> Factors:
-    """All singular triplets from the eigen-decomposition of the float64 Gram matrix of the smaller side.
+def gram_svd(matrix: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = None) -> Factors:
+    """Leading singular triplets from the eigen-decomposition of the float64 Gram matrix of the smaller side.
 
     sigma_i^2 and V come from eigh(A^T A) in float64, so squaring the condition number costs nothing at float32
-    precision; U = A V / sigma. The rank-k reconstruction agrees with LAPACK's SVD to float32 round-off (tests
-    pin it), and on a GPU this is about 9x faster than cuSOLVER's SVD of a 28672 x 8192 matrix and needs only
-    the small Gram matrix as workspace (benchmarks/results/svd_cuda.md).
+    precision; U = A V / sigma, computed only for the `keep(singular_values)` leading triplets (all by default).
+    The rank-k reconstruction agrees with LAPACK's SVD to float32 round-off (tests pin it); on a GPU this is
+    about 9x faster than cuSOLVER's SVD of a 28672 x 8192 matrix and needs a third of its workspace
+    (benchmarks/results/svd_cuda.md).
     """
     wide = matrix.shape[0] < matrix.shape[1]
     tall = matrix.mT if wide else matrix
     eigenvalues, vectors = torch.linalg.eigh(gram64(tall))
-    singular_values = eigenvalues.flip(0).clamp(min=0).sqrt()
-    right = vectors.flip(1).to(matrix.dtype)
+    singular_values = eigenvalues.flip(0).clamp(min=0).sqrt().to(matrix.dtype)
+    k = keep(singular_values) if keep else singular_values.numel()
+    singular_values = singular_values[:k].clone()
+    right = vectors.flip(1)[:, :k].to(matrix.dtype)
     left = tall @ right
-    left.div_(torch.where(singular_values > 0, singular_values, 1.0).to(matrix.dtype))
-    singular_values = singular_values.to(matrix.dtype)
+    left.div_(torch.where(singular_values > 0, singular_values, 1.0))
     return Factors(right, singular_values, left, "gram") if wide else Factors(left, singular_values, right, "gram")
 
 
-def full_svd(matrix: torch.Tensor, backend: str) -> Factors:
-    """Every singular triplet, by `backend`: exact (LAPACK / cuSOLVER) or gram."""
-    return gram_svd(matrix) if backend == "gram" else exact_svd(matrix)
+def full_svd(matrix: torch.Tensor, backend: str, keep: Callable[[torch.Tensor], int] | None = None) -> Factors:
+    """The leading `keep(singular_values)` triplets (all by default), by `backend`: exact (LAPACK / cuSOLVER),
+    or gram (which then computes only those)."""
+    if backend == "gram":
+        return gram_svd(matrix, keep)
+    factors = exact_svd(matrix)
+    return factors.top(keep(factors.S)) if keep else factors
 
 
 def resolve_backend(backend: str, rank: int, oversample: int, full_rank: int, device: torch.device) -> str:
@@ -103,7 +109,7 @@ def top_svd(matrix: torch.Tensor, rank: int, backend: str, oversample: int, powe
     backend = resolve_backend(backend, rank, oversample, min(matrix.shape), matrix.device)
     if backend == "randomized":
         return randomized_svd(matrix, rank + oversample, power_iters, test_matrix).top(rank)
-    return full_svd(matrix, backend).top(rank)
+    return full_svd(matrix, backend, keep=lambda singular_values: rank)
 
 
 def energy_rank(singular_values: torch.Tensor, total_energy: float, eta: float) -> int | None:
@@ -133,8 +139,8 @@ def top_svd_by_energy(matrix: torch.Tensor, eta: float, cap: int, backend: str, 
         if k is not None or rank >= cap:
             return factors.top(min(k or cap, cap))
         rank = min(cap, 2 * rank)
-    factors = full_svd(matrix, resolve_backend(backend, cap, oversample, full_rank, matrix.device))
-    return factors.top(min(energy_rank(factors.S, total, eta) or cap, cap))
+    return full_svd(matrix, resolve_backend(backend, cap, oversample, full_rank, matrix.device),
+                    keep=lambda singular_values: min(energy_rank(singular_values, total, eta) or cap, cap))
 
 
 def gram64(matrix: torch.Tensor) -> torch.Tensor:
