@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from distmerge.engine import resolve_device
 from distmerge.methods import TensorContext, get_method
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--out", default="gpu_layer")
     args = parser.parse_args()
+    resolve_device("cuda")  # the engine's CUDA set-up: IEEE float32 matrix products
     run_method("ties", "warmup", (1024, 1024), args.experts, {})
     rows = []
     for entry in args.methods.split(","):
