@@ -56,7 +56,7 @@ def test_elementwise_methods_agree_with_cpu(method):
     torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-7)
 
 
-def well_posed_task_vector(rng, rows, cols, decay=0.97):
+def well_posed_task_vector(rng, rows, cols, decay=0.95):
     """Distinct, decaying singular values: top-k subspaces are well defined."""
     u, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
     v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
@@ -76,7 +76,11 @@ def test_spectral_methods_on_cuda_match_the_reference(method, svd):
     out = spec.fn(torch.tensor(base, dtype=torch.float32, device="cuda"), models, p,
                   TensorContext("w", model_ids=(0, 1, 2))).cpu().double().numpy()
     expected = {"tsvm": ref.tsvm, "rtsvm": ref.tsvm, "iso_c": ref.iso_c, "iso_cts": ref.iso_cts}[method](base, deltas)
-    assert np.linalg.norm(out - expected) <= 2e-5 * np.linalg.norm(expected - base)
+    # TSV-M stacks T*k = r singular vectors, so here V is 200 x 198 with condition number ~600: two correct float32
+    # implementations (numpy's float64 reference against distmerge on the CPU included) differ by ~1e-4 relative,
+    # iso_cts's projected residuals by ~7e-4. A wrong computation is off by far more.
+    tolerance = 2e-3 if method == "iso_cts" else 5e-4
+    assert np.linalg.norm(out - expected) <= tolerance * np.linalg.norm(expected - base)
 
 
 def peak_beyond_inputs(fn) -> int:

@@ -35,9 +35,19 @@ class Factors:
 
 
 def exact_svd(matrix: torch.Tensor) -> Factors:
-    driver = CUDA_SVD_DRIVER if matrix.is_cuda else None
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
-    return Factors(U, S, Vh.mT, "exact")
+    """LAPACK's / cuSOLVER's SVD. A matrix at least twice as tall as wide (or wide as tall) is first reduced by
+    QR, A = Q R, and R is decomposed: the same result, a third of the workspace, and no overflow of cuSOLVER's
+    32-bit workspace size on embedding-sized matrices (128256 x 8192 fails without it)."""
+    rows, cols = matrix.shape
+    if max(rows, cols) < 2 * min(rows, cols):
+        driver = CUDA_SVD_DRIVER if matrix.is_cuda else None
+        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
+        return Factors(U, S, Vh.mT, "exact")
+    wide = rows < cols
+    q, r = torch.linalg.qr(matrix.mT if wide else matrix)
+    inner = exact_svd(r)
+    left = q @ inner.U
+    return Factors(inner.V, inner.S, left, "exact") if wide else Factors(left, inner.S, inner.V, "exact")
 
 
 def gram_svd(matrix: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = None) -> Factors:
@@ -182,6 +192,36 @@ def polar_via_svd(matrix: torch.Tensor) -> torch.Tensor:
 def polar(matrix: torch.Tensor, method: str) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (tall input), by `method`: gram or svd."""
     return polar_via_gram(matrix) if method == "gram" else polar_via_svd(matrix)
+
+
+class StackedFactors:
+    """The tasks' leading singular triplets side by side, in one preallocated buffer per side (so the per-task
+    factors can be freed as soon as they are stacked), then merged: b + scale * polar(U) diag(S) polar(V)^T."""
+
+    def __init__(self, rows: int, cols: int, capacity: int, like: torch.Tensor):
+        self.U = like.new_empty(rows, capacity)
+        self.V = like.new_empty(cols, capacity)
+        self.S: list[torch.Tensor] = []
+        self.used = 0
+        self.backends: list[str] = []
+
+    def add(self, factors: Factors) -> None:
+        k = factors.S.numel()
+        self.U[:, self.used:self.used + k] = factors.U
+        self.V[:, self.used:self.used + k] = factors.V
+        self.S.append(factors.S)
+        self.backends.append(factors.backend)
+        self.used += k
+
+    def add_to_(self, target: torch.Tensor, scale: float, polar_method: str,
+                flatten: bool = False) -> torch.Tensor:
+        """target += scale * U_o diag(S) V_o^T; `flatten` replaces every singular value by their mean."""
+        U, V = self.U[:, :self.used], self.V[:, :self.used]
+        S = torch.cat(self.S)
+        if flatten:
+            S = torch.full_like(S, float(S.mean()))
+        U, V = polar(U, polar_method), polar(V, polar_method)
+        return add_low_rank_(target, U, S, V, scale)
 
 
 def multiply_rows_(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

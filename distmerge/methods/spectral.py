@@ -17,8 +17,7 @@ import torch
 
 from .elementwise import WEIGHT, task_vectors
 from .linalg import (
-    Factors,
-    add_low_rank_,
+    StackedFactors,
     exact_svd,
     polar,
     singular_values_via_gram,
@@ -64,17 +63,7 @@ def sketch_source(ctx: TensorContext, task: int, device):
     return lambda shape: ctx.uniform(task, shape, device, stream="svd")
 
 
-def merge_task_factors(base, factors: list[Factors], alpha: float, polar_method: str, ctx: TensorContext):
-    """b + alpha * U_o diag(S) V_o^T from the tasks' stacked leading triplets."""
-    U = torch.cat([f.U for f in factors], 1)
-    V = torch.cat([f.V for f in factors], 1)
-    S = torch.cat([f.S for f in factors])
-    U, V = polar(U, polar_method), polar(V, polar_method)
-    ctx.stats["svd"] = [f.backend for f in factors]
-    return add_low_rank_(base, U, S, V, alpha)
-
-
-def _energy_kept(delta: torch.Tensor, factors: Factors) -> float:
+def _energy_kept(delta: torch.Tensor, factors) -> float:
     total = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
     return float((factors.S.double() ** 2).sum()) / total if total > 0 else 1.0
 
@@ -92,21 +81,22 @@ def task_singular_vectors(base, models, p, ctx):
     deltas = weighted_task_vectors(base, models, p["weight"])
     if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
         return averaged(base, deltas, p["alpha"])
-    n_tasks = deltas.shape[0]
-    per_task = min(base.shape) // n_tasks
+    n_tasks, (rows, cols) = deltas.shape[0], base.shape
+    per_task = min(rows, cols) // n_tasks
     excess = outlier_excess_(deltas, p, ctx) if p["outlier_weighting"] else None
-    factors = []
+    stack = StackedFactors(rows, cols, n_tasks * per_task, base)
+    ranks, energies = [], []
     for t in range(n_tasks):
         sketch = sketch_source(ctx, t, base.device)
         if p["adaptive_rank"]:
             f = top_svd_by_energy(deltas[t], p["eta"], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
         else:
             f = top_svd(deltas[t], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
-        factors.append(f)
-    ctx.stats["rank_kept"] = [int(f.S.numel()) for f in factors]
-    ctx.stats["energy_kept"] = [_energy_kept(deltas[t], f) for t, f in enumerate(factors)]
-    ctx.stats["weights"] = list(p["weight"])
-    merged = merge_task_factors(base, factors, p["alpha"], p["polar"], ctx)
+        stack.add(f)
+        ranks.append(int(f.S.numel()))
+        energies.append(_energy_kept(deltas[t], f))
+    ctx.stats.update(rank_kept=ranks, energy_kept=energies, weights=list(p["weight"]), svd=stack.backends)
+    merged = stack.add_to_(base, p["alpha"], p["polar"])
     if excess is not None and p["outlier_residual"] == "add":
         merged.add_(excess, alpha=p["alpha"])
     return merged
@@ -128,8 +118,8 @@ def outlier_excess_(deltas: torch.Tensor, p: dict, ctx: TensorContext) -> torch.
         else:
             statistic = median(magnitude)
         tau = p["outlier_m"] * statistic
-        over = (magnitude - tau).clamp_(min=0).mul_(1 - p["outlier_weight"]).mul_(deltas[t].sign())
-        shares.append(float((magnitude > tau).float().mean()))
+        shares.append(int((magnitude > tau).sum()) / magnitude.numel())
+        over = magnitude.sub_(tau).clamp_(min=0).mul_(1 - p["outlier_weight"]).copysign_(deltas[t])  # reuses it
         deltas[t].sub_(over)
         excess.add_(over)
     ctx.stats["outlier_share"] = shares
@@ -217,14 +207,14 @@ def iso_cts(base, models, p, ctx):
     common = int(full_rank * p["common_fraction"])
     common = full_rank - round((full_rank - common) / n_tasks) * n_tasks
     per_task = (full_rank - common) // n_tasks
-    shared = top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],
-                     sketch_source(ctx, 0, base.device))
-    factors = [shared]
+    rows, cols = base.shape
+    stack = StackedFactors(rows, cols, common + n_tasks * per_task, base)
+    stack.add(top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],
+                      sketch_source(ctx, 0, base.device)))
+    shared_left = stack.U[:, :common]
     for t in range(n_tasks):
-        residual = deltas[t].addmm_(shared.U, shared.U.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
-        factors.append(top_svd(residual, per_task, p["svd"], p["oversample"], p["power_iters"],
-                               sketch_source(ctx, t, base.device)))
-    S = torch.cat([f.S for f in factors])
-    ctx.stats["rank_kept"] = [common] + [per_task] * n_tasks
-    flat = [Factors(f.U, torch.full_like(f.S, float(S.mean())), f.V, f.backend) for f in factors]
-    return merge_task_factors(base, flat, p["alpha"], p["polar"], ctx)
+        residual = deltas[t].addmm_(shared_left, shared_left.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
+        stack.add(top_svd(residual, per_task, p["svd"], p["oversample"], p["power_iters"],
+                          sketch_source(ctx, t, base.device)))
+    ctx.stats.update(rank_kept=[common] + [per_task] * n_tasks, svd=stack.backends)
+    return stack.add_to_(base, p["alpha"], p["polar"], flatten=True)

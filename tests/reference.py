@@ -1,0 +1,313 @@
+"""NumPy references for the elementwise family, written from /work/shared/METHODS.md (float64 throughout).
+
+Nothing here imports distmerge: these are the definitions as the spec states them, with the conventions the spec
+leaves open written down where they are chosen:
+
+- how many entries "top-`density`" keeps: floor(density * n), at least one (mergekit's rule, which distmerge's
+  docs adopt); equal magnitudes at the boundary are taken in index order (a stable sort), lowest index first;
+- the TIES sign election works on the weighted task vectors w_t d'_t (identical to the unweighted ones for the
+  positive weights the tests use); "0 counts as +" is for the elected sign only: an entry that is 0 has no sign
+  and is never kept / counted in the disjoint mean's divisor;
+- breadcrumbs: ranks ascending by magnitude, ties in index order; keep ranks [n_bot, n_bot + keep) with
+  keep = floor(density n), n_top = floor(gamma n), n_bot = max(0, n - keep - n_top);
+- DELLA ranks: per row (1-D tensors are one row), stable ascending ranks r = 0..n-1 mapped linearly onto
+  [density - epsilon, density + epsilon];
+- random methods take their randomness explicitly: DARE a keep mask per task, DELLA uniform draws per task
+  (kept where draw < keep probability).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ---- building blocks ---------------------------------------------------------------------------------------------
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def task_vectors(base, models) -> list[np.ndarray]:
+    base = f64(base)
+    return [f64(x) - base for x in models]
+
+
+def keep_count(density: float, n: int) -> int:
+    return max(1, int(density * n))
+
+
+def top_k_mask(magnitudes, k: int, prefer_low_index: bool = True) -> np.ndarray:
+    """The k largest entries; equal values taken in index order (lowest first, or highest first)."""
+    flat = f64(magnitudes).reshape(-1)
+    n = flat.size
+    mask = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return mask.reshape(np.shape(magnitudes))
+    if prefer_low_index:
+        order = np.argsort(-flat, kind="stable")  # descending, equal values by ascending index
+    else:
+        # ascending stable sort puts equal values in ascending index; read it from the end: descending value,
+        # equal values by descending index
+        order = np.argsort(flat, kind="stable")[::-1]
+    mask[order[:min(k, n)]] = True
+    return mask.reshape(np.shape(magnitudes))
+
+
+def trim_mask(d, density: float) -> np.ndarray:
+    """TIES trim: the top-density entries of |d|."""
+    if density >= 1:
+        return np.ones(np.shape(d), dtype=bool)
+    return top_k_mask(np.abs(d), keep_count(density, np.size(d)))
+
+
+def ascending_ranks(values) -> np.ndarray:
+    """Rank of every entry of a 1-D array in a stable ascending sort (ties: lower index, lower rank)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(len(values))
+    return ranks
+
+
+def breadcrumbs_mask(d, density: float, gamma: float) -> np.ndarray:
+    flat = np.abs(f64(d)).reshape(-1)
+    n = flat.size
+    if density >= 1:
+        return np.ones(np.shape(d), dtype=bool)
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - keep - n_top)
+    ranks = ascending_ranks(flat)
+    return ((ranks >= n_bot) & (ranks < n_bot + keep)).reshape(np.shape(d))
+
+
+def della_probability(d, density: float, epsilon: float) -> np.ndarray:
+    mags = np.abs(f64(d))
+    rows = mags.reshape(1, -1) if mags.ndim < 2 else mags.reshape(mags.shape[0], -1)
+    n_cols = rows.shape[1]
+    out = np.empty_like(rows)
+    for i, row in enumerate(rows):
+        out[i] = density - epsilon + 2 * epsilon * ascending_ranks(row) / max(1, n_cols - 1)
+    return out.reshape(mags.shape)
+
+
+def rescale(d, kept, how: str, keep_probability=None) -> np.ndarray:
+    """Dropped entries zeroed; survivors: inverse -> / keep probability; l1 -> L1 norm of the unmasked d; none."""
+    d = f64(d)
+    out = d * kept
+    if how == "inverse":
+        out = out / keep_probability
+    elif how == "l1":
+        before, after = np.abs(d).sum(), np.abs(out).sum()
+        if before > 0 and after > 0:
+            out = out * (before / after)
+    elif how != "none":
+        raise ValueError(how)
+    return out
+
+
+def weighted_combine(deltas, weights, aggregate: str) -> np.ndarray:
+    """sum_t w_t d_t, divided by sum_t w_t for `mean`."""
+    merged = sum(w * d for w, d in zip(weights, deltas))
+    if aggregate == "mean":
+        merged = merged / sum(weights)
+    return merged
+
+
+def elect_and_merge(deltas, weights, aggregate: str) -> np.ndarray:
+    """TIES: s = sign(sum_t w_t d_t) with 0 -> +; m_t = [sign(w_t d_t) == s];
+    mean: sum_t w_t m_t d_t / sum_t w_t m_t (0/0 -> 0); sum: the numerator alone."""
+    weighted = [w * f64(d) for w, d in zip(weights, deltas)]
+    elected = np.where(sum(weighted) >= 0, 1.0, -1.0)
+    masks = [np.sign(wd) == elected for wd in weighted]
+    numerator = sum(wd * m for wd, m in zip(weighted, masks))
+    if aggregate == "sum":
+        return numerator
+    denominator = sum(w * m for w, m in zip(weights, masks))
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+
+
+def per_model(value, n):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+# ---- the methods -------------------------------------------------------------------------------------------------
+
+
+def linear(models, weights=None, normalize=True):
+    n = len(models)
+    weights = per_model(1.0 if weights is None else weights, n)
+    merged = sum(w * f64(x) for w, x in zip(weights, models))
+    return merged / sum(weights) if normalize else merged
+
+
+def task_arithmetic(base, models, weights=1.0, lam=1.0, aggregate="sum"):
+    deltas = task_vectors(base, models)
+    return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def ties(base, models, weights=1.0, density=1.0, lam=1.0, aggregate="mean", rescale_how="none",
+         thresholds=None):
+    """trim_scope tensor (or, with `thresholds`, keep |d_t| >= thresholds[t] as a first pass would give)."""
+    deltas = task_vectors(base, models)
+    n = len(deltas)
+    densities, weights = per_model(density, n), per_model(weights, n)
+    trimmed = []
+    for t, (d, dens) in enumerate(zip(deltas, densities)):
+        kept = np.abs(d) >= thresholds[t] if thresholds is not None else trim_mask(d, dens)
+        trimmed.append(rescale(d, kept, rescale_how) if (thresholds is not None or dens < 1) else d)
+    return f64(base) + lam * elect_and_merge(trimmed, weights, aggregate)
+
+
+def _dare_deltas(base, models, density, keep_masks, rescale_how):
+    deltas = task_vectors(base, models)
+    densities = per_model(density, len(deltas))
+    out = []
+    for d, dens, kept in zip(deltas, densities, keep_masks):
+        out.append(d if dens >= 1 else rescale(d, kept, rescale_how, keep_probability=dens))
+    return out
+
+
+def dare_linear(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="inverse",
+                aggregate="sum"):
+    deltas = _dare_deltas(base, models, density, keep_masks, rescale_how)
+    return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def dare_ties(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="inverse",
+              aggregate="mean"):
+    deltas = _dare_deltas(base, models, density, keep_masks, rescale_how)
+    return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def _breadcrumbs_deltas(base, models, density, gamma, rescale_how):
+    deltas = task_vectors(base, models)
+    n = len(deltas)
+    return [rescale(d, breadcrumbs_mask(d, dens, g), rescale_how)
+            for d, dens, g in zip(deltas, per_model(density, n), per_model(gamma, n))]
+
+
+def breadcrumbs(base, models, weights=1.0, density=1.0, gamma=0.01, lam=1.0, rescale_how="none",
+                aggregate="sum"):
+    deltas = _breadcrumbs_deltas(base, models, density, gamma, rescale_how)
+    return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def breadcrumbs_ties(base, models, weights=1.0, density=1.0, gamma=0.01, lam=1.0, rescale_how="none",
+                     aggregate="mean"):
+    deltas = _breadcrumbs_deltas(base, models, density, gamma, rescale_how)
+    return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def della_deltas(base, models, draws, density=1.0, epsilon=0.15, rescale_how="inverse"):
+    deltas = task_vectors(base, models)
+    n = len(deltas)
+    out = []
+    for d, u, dens, eps in zip(deltas, draws, per_model(density, n), per_model(epsilon, n)):
+        if dens >= 1:
+            out.append(d)
+            continue
+        p = della_probability(d, dens, eps)
+        out.append(rescale(d, f64(u) < p, rescale_how, keep_probability=p))
+    return out
+
+
+def della(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="inverse",
+          aggregate="mean"):
+    deltas = della_deltas(base, models, draws, density, epsilon, rescale_how)
+    return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def della_linear(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="inverse",
+                 aggregate="sum"):
+    deltas = della_deltas(base, models, draws, density, epsilon, rescale_how)
+    return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
+
+
+def consensus_mask(deltas, multi_task, mask_lambda, k) -> np.ndarray:
+    """TALL masks m_t = |d_t| > lam_t |D - d_t|; entries claimed by at least k tasks."""
+    lams = per_model(mask_lambda, len(deltas))
+    votes = sum((np.abs(d) > lam_t * np.abs(multi_task - d)).astype(np.int64) for d, lam_t in zip(deltas, lams))
+    return votes >= k
+
+
+def consensus_ta(base, models, weights=1.0, lam=1.0, mask_lambda=0.6, k=2, aggregate="sum"):
+    """D = sum_t w_t d_t (the task-arithmetic multi-task vector); b + lam * (mask * D)."""
+    deltas = task_vectors(base, models)
+    multi_task = weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
+    mask = consensus_mask(deltas, multi_task, mask_lambda, k)
+    return f64(base) + lam * (mask * multi_task), mask.mean()
+
+
+def consensus_ties(base, models, weights=1.0, density=1.0, lam=1.0, mask_lambda=0.6, k=2, aggregate="mean",
+                   rescale_how="none"):
+    """D = the TIES merged task vector; masks from the untrimmed d_t; b + lam * (mask * D)."""
+    deltas = task_vectors(base, models)
+    multi_task = ties(np.zeros_like(f64(base)), deltas, weights, density, 1.0, aggregate, rescale_how)
+    mask = consensus_mask(deltas, multi_task, mask_lambda, k)
+    return f64(base) + lam * (mask * multi_task), mask.mean()
+
+
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def slerp(v0, v1, t):
+    """Spherical interpolation of the flattened tensors (t=0: v0, t=1: v1); lerp when |cos| > 0.9995.
+
+    The |.| (also falling back for nearly opposite vectors, where sin(theta) -> 0) is mergekit's reading of the
+    spec's "the normalised dot product exceeds 0.9995"; the tests stay away from dot < -0.9995."""
+    a, b = f64(v0), f64(v1)
+    dot = float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return (1 - t) * a + t * b, dot
+    theta = np.arccos(dot)
+    return (np.sin((1 - t) * theta) * a + np.sin(t * theta) * b) / np.sin(theta), dot
+
+
+def model_stock(base, models, filter_wise=False):
+    """cos = mean pairwise cosine of the d_t; r = T cos / (1 + (T-1) cos); r mean_t x_t + (1 - r) b.
+    filter_wise: one r per row (first axis)."""
+    base = f64(base)
+    deltas = task_vectors(base, models)
+    n = len(deltas)
+    rows = base.shape[0] if filter_wise and base.ndim >= 2 else 1
+    flat = [d.reshape(rows, -1) for d in deltas]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            num = (flat[i] * flat[j]).sum(-1)
+            den = np.linalg.norm(flat[i], axis=-1) * np.linalg.norm(flat[j], axis=-1)
+            cosines.append(num / den)
+    cos = np.mean(cosines, axis=0)
+    r = n * cos / (1 + (n - 1) * cos)
+    mean_x = np.mean([f64(x) for x in models], axis=0).reshape(rows, -1)
+    out = r[:, None] * mean_x + (1 - r[:, None]) * base.reshape(rows, -1)
+    return out.reshape(base.shape), r
+
+
+# ---- counter-based uniforms (pure Python integers, no torch) -----------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's Weyl increment
+MIX1 = 0xBF58476D1CE4E5B9  # SplitMix64 finaliser multipliers
+MIX2 = 0x94D049BB133111EB
+
+
+def stream_key(seed: int, tensor_name: str, model_index: int) -> int:
+    """First 8 bytes (little endian) of sha256("seed\\0name\\0index")."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def splitmix64_finalise(z: int) -> int:
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def uniform_draw(key: int, i: int) -> float:
+    """Draw i of the stream keyed `key`: the finaliser of key + i * golden (mod 2^64), top 24 bits / 2^24."""
+    return (splitmix64_finalise(key + i * GOLDEN) >> 40) / float(1 << 24)
