@@ -144,11 +144,11 @@ class MergePlan:
         rows, cols = job.shape
         n_tasks, rank = len(self.models), min(rows, cols)
         per_task = rank // n_tasks
-        oversample = job.params.get("oversample", 10)
+        oversample = job.params.get("oversample", 20)
         backend = resolve_backend(job.params.get("svd", "exact"), per_task, oversample, rank,
                                   torch.device(self.device.split(":")[0]))
         if backend == "randomized":
-            one = (2 + 4 * job.params.get("power_iters", 2)) * rows * cols * (per_task + oversample)
+            one = (2 + 4 * job.params.get("power_iters", 6)) * rows * cols * (per_task + oversample)
         elif backend == "gram":
             one = 2.0 * max(rows, cols) * rank**2 * 2 + 9.0 * rank**3  # float64 Gram, eigh, U = A V / S
         else:

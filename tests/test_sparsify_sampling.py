@@ -9,8 +9,7 @@ import torch
 
 import reference as ref
 
-from distmerge.methods import TensorContext
-from distmerge.methods import sampling
+from distmerge.methods import TensorContext, sampling
 from distmerge.methods.sparsify import (
     breadcrumbs_mask,
     della_keep_probability,
