@@ -63,7 +63,7 @@ def package_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
             "    try: out[name] = m.version(name)\n"
             "    except m.PackageNotFoundError: pass\n"
             "print(json.dumps(out))")
-    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True)
+    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=False)
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
@@ -81,7 +81,7 @@ def ensure_peer_venv(venv: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     log(f"installing {' '.join(PEER_REQUIREMENTS)} into {venv} (a minute or two)")
     result = subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"pip install into {venv} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return python
@@ -127,31 +127,31 @@ WEIGHTS = (1.0, 0.7, 0.4)  # 0.7 and 0.4 are not binary fractions: rounding show
 
 # method -> models: per-model parameters (None: slerp's base + one model); top: top-level parameters;
 #           differing_defaults: keys set only because the two tools' defaults differ; base: needs base_model
+BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
+                      for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
+DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
+
 METHODS: dict[str, dict] = {
-    "linear": dict(models=[{"weight": w} for w in WEIGHTS], top={"normalize": True}, base=False),
-    "task_arithmetic": dict(models=[{"weight": w} for w in WEIGHTS], top={"lambda": 0.9}),
-    "ties": dict(models=[{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": [0.2, 0.5]},
-                         {"weight": 0.4, "density": 0.7}],
-                 top={"normalize": True, "int8_mask": True, "lambda": 1.1}),
-    "breadcrumbs": dict(models=[{"weight": w, "density": d, "gamma": g}
-                                for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))],
-                        top={"lambda": 0.9}),
-    "breadcrumbs_ties": dict(models=[{"weight": w, "density": d, "gamma": g}
-                                     for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))],
-                             top={"int8_mask": True}, differing_defaults={"normalize": False}),
-    "dare_linear": dict(models=[{"weight": w, "density": 1.0} for w in WEIGHTS], top={"int8_mask": True},
-                        differing_defaults={"rescale": True}),
-    "dare_ties": dict(models=[{"weight": w, "density": 1.0} for w in WEIGHTS], top={"int8_mask": True},
-                      differing_defaults={"rescale": True, "normalize": False}),
-    "della": dict(models=[{"weight": w, "density": 1.0, "epsilon": 0.1} for w in WEIGHTS],
-                  top={"normalize": True, "lambda": 1.0}, differing_defaults={"rescale": True}),
-    "della_linear": dict(models=[{"weight": w, "density": 1.0, "epsilon": 0.1} for w in WEIGHTS],
-                         top={"lambda": 0.9}, differing_defaults={"rescale": True}),
+    "linear": {"models": [{"weight": w} for w in WEIGHTS], "top": {"normalize": True}, "base": False},
+    "task_arithmetic": {"models": [{"weight": w} for w in WEIGHTS], "top": {"lambda": 0.9}},
+    "ties": {"models": [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": [0.2, 0.5]},
+                        {"weight": 0.4, "density": 0.7}],
+             "top": {"normalize": True, "int8_mask": True, "lambda": 1.1}},
+    "breadcrumbs": {"models": BREADCRUMBS_MODELS, "top": {"lambda": 0.9}},
+    "breadcrumbs_ties": {"models": BREADCRUMBS_MODELS, "top": {"int8_mask": True},
+                         "differing_defaults": {"normalize": False}},
+    "dare_linear": {"models": DENSITY_1, "top": {"int8_mask": True}, "differing_defaults": {"rescale": True}},
+    "dare_ties": {"models": DENSITY_1, "top": {"int8_mask": True},
+                  "differing_defaults": {"rescale": True, "normalize": False}},
+    "della": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"normalize": True, "lambda": 1.0},
+              "differing_defaults": {"rescale": True}},
+    "della_linear": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"lambda": 0.9},
+                     "differing_defaults": {"rescale": True}},
     # the classic mergekit SLERP recipe: per-module gradients over the layers, 0.5 elsewhere
-    "slerp": dict(models=None, top={"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                          {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                                          {"value": 0.5}]}),
-    "model_stock": dict(models=[{} for _ in WEIGHTS], top={}),
+    "slerp": {"models": None, "top": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                            {"value": 0.5}]}},
+    "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
 }
 
 
@@ -275,7 +275,7 @@ def run_tool(tool: str, python: Path, jobs: list[tuple[Path, Path]], work: Path,
     if one_process_each:
         failures = {}
         for cfg, out in jobs:
-            result = subprocess.run(console_command(tool, peer_python, cfg, out), capture_output=True, text=True)
+            result = subprocess.run(console_command(tool, peer_python, cfg, out), capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 failures[str(cfg)] = result.stderr[-2000:]
     else:
@@ -283,7 +283,7 @@ def run_tool(tool: str, python: Path, jobs: list[tuple[Path, Path]], work: Path,
         job_file.write_text(json.dumps([[str(cfg), str(out)] for cfg, out in jobs]))
         driver = MERGEKIT_DRIVER if tool == "mergekit" else DISTMERGE_DRIVER
         result = subprocess.run([str(python), "-c", driver, str(job_file), str(failure_file)],
-                                capture_output=True, text=True, cwd=work)
+                                capture_output=True, text=True, cwd=work, check=False)
         if result.returncode != 0 or not failure_file.exists():
             raise SystemExit(f"{tool} driver crashed:\n{result.stderr[-4000:]}")
         failures = json.loads(failure_file.read_text())
@@ -452,7 +452,7 @@ def machine() -> str:
 
 
 def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     return result.stdout.strip() or "unknown"
 
 
@@ -523,7 +523,7 @@ def render(results: list[CaseResult], probes: list[TieProbe], context: dict) -> 
                 if m in methods and spec.get("differing_defaults")]
     for method, keys in explicit:
         text = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in keys.items())
-        lines.append(f"- `{method}`: {text} (the `f32, mergekit defaults` column leaves them out)")
+        lines.append(f"- `{method}`: {text}: mergekit's defaults (the `f32, mergekit defaults` column leaves them out)")
     if not explicit:
         lines.append("- none among the methods of this run")
     lines += [
@@ -531,8 +531,9 @@ def render(results: list[CaseResult], probes: list[TieProbe], context: dict) -> 
         "Known differences by design: distmerge never computes in 16 bits (`dtype: bfloat16` means float32 compute "
         "and bfloat16 output; mergekit computes in bfloat16), so the `dtype bf16` column differs by bfloat16 "
         "rounding; `rescale: true` is mergekit's L1 rescale (distmerge's own default is `inverse`); at the top-k "
-        "boundary distmerge breaks exact ties by index, mergekit takes whatever order torch's unstable CPU "
-        "sort gives, which matters only where magnitudes tie exactly (bfloat16 inputs).",
+        "boundary distmerge breaks exact ties by index, mergekit takes whatever order torch's default (unstable) "
+        "sort gives, which matters only where magnitudes tie exactly: often with bfloat16 inputs, rarely but "
+        "possibly with float32 ones (see the probe below).",
         "",
     ]
     lines += [

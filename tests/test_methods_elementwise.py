@@ -601,7 +601,8 @@ def test_param_check_rejects_with_key_and_range(method, key, value, fragments):
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: registry.Param.check lets NaN through every range test (NaN compares "
-                                       "false both ways), so `density: .nan` is accepted and crashes later")
+                                       "false both ways): `density: .nan` is accepted and TIES then silently skips "
+                                       "the trim (nan < 1 is false); `t: .nan` gives an all-NaN tensor")
 @pytest.mark.parametrize("method,key", [("ties", "density"), ("breadcrumbs", "gamma"), ("della", "epsilon"),
                                         ("slerp", "t"), ("consensus_ta", "mask_lambda")])
 def test_param_check_rejects_nan_in_a_ranged_parameter(method, key):

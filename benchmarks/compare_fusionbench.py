@@ -1,0 +1,687 @@
+"""Parity with FusionBench 0.2.33: TSV-M, Iso-C and Iso-CTS on the same checkpoints, every tensor compared.
+
+    python benchmarks/compare_fusionbench.py [--venv ~/.cache/distmerge/peers/fusion-bench-0.2.33] [--work DIR]
+                                             [--sizes 64x176x4x2x256,...] [--tasks 2,3,4] [--tol 1e-5]
+
+1. Creates (if missing) a scratch virtual environment outside the repository and installs `torch==2.13.0
+   fusion-bench==0.2.33` into it (torch pinned exactly: the CPU wheel on disk, not a multi-GB CUDA build). If
+   that install fails, it falls back to `fusion-bench --no-deps` plus the packages that importing the two modules
+   used here needs (MINIMAL_DEPS, found by trying).
+2. Writes float32 Llama-shaped families (`distmerge.synthetic.make_family`, a base and 4 experts, 2 layers) in a
+   few sizes; every size has non-square matrices (k/v projections, MLP, embeddings, lm_head). T = 2, 3, 4 use the
+   first T experts.
+3. FusionBench side: a driver, written to the work directory and run by the scratch venv's python, loads the
+   safetensors, builds task vectors (expert - base), calls FusionBench's own functions by import on CPU
+   (`TSVM_utils.compute_and_sum_svd_mem_reduction`, `iso_utils.iso_c`, `iso_utils.iso_cts`), and saves
+   base + alpha * merged, as FusionBench's TSVM / IsoC / IsoCTS algorithms do with a single alpha. It runs once in
+   float32 (the reference) and once in float64 (an "exact" yardstick that shows float32 round-off on both sides).
+   distmerge side: `distmerge merge CFG -o OUT --quiet --threads N` with `svd: exact` and `polar: gram`, then
+   `polar: svd` (by default all configs in one process through the click entry point of the console script,
+   start-up costs several seconds a process here; `--one-process-per-merge` runs the console script itself).
+4. Compares every tensor: max abs difference, and ||distmerge - FusionBench||_F / ||FusionBench - base||_F (the
+   difference relative to the size of the merged task vector, the meaningful scale). A case passes when every
+   tensor's relative difference is within --tol (default 1e-5, float32 round-off).
+5. Writes benchmarks/results/fusionbench_parity.md and exits 1 on a mismatch beyond tolerance (or a failed merge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "fusionbench_parity.md"
+DEFAULT_VENV = Path.home() / ".cache" / "distmerge" / "peers" / "fusion-bench-0.2.33"
+DEFAULT_WORK = Path.home() / ".cache" / "distmerge" / "fusionbench-parity"
+PEER_REQUIREMENTS = ("torch==2.13.0", "fusion-bench==0.2.33")
+# What importing TSVM_utils and iso_utils needs when fusion-bench is installed with --no-deps (found by trying:
+# fusion_bench/__init__ pulls in hydra/omegaconf, lightning, transformers, datasets, peft, ...).
+MINIMAL_DEPS = ("packaging", "omegaconf", "bidict", "hydra-core", "lightning-utilities", "rich", "lightning",
+                "transformers", "accelerate", "datasets", "peft", "safetensors")
+PEER_IMPORTS = ("from fusion_bench.method.task_singular_vector.utils.TSVM_utils import "
+                "compute_and_sum_svd_mem_reduction\n"
+                "from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts\n"
+                "import safetensors.torch\n")
+
+METHODS = ("tsvm", "iso_c", "iso_cts")
+POLARS = ("gram", "svd")
+DEFAULT_SIZES = "64x176x4x2x256,132x344x4x2x200,192x512x6x2x320"
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def log(message: str) -> None:
+    print(f"[compare_fusionbench] {message}", file=sys.stderr, flush=True)
+
+
+# ---- the scratch environment -------------------------------------------------------------------------------
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def package_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions in the environment of `python` (missing packages are left out)."""
+    code = ("import json, importlib.metadata as m, sys\n"
+            "out = {}\n"
+            "for name in sys.argv[1:]:\n"
+            "    try: out[name] = m.version(name)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True)
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def peer_imports_ok(python: Path) -> str | None:
+    """None when the FusionBench functions import in the scratch venv, else the error's last line."""
+    result = subprocess.run([str(python), "-c", PEER_IMPORTS], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {result.returncode}"
+
+
+def pip_install(python: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
+
+
+def ensure_peer_venv(venv: Path, mode: str) -> tuple[Path, str]:
+    """The scratch venv's python and how its packages got there; creates and installs what is missing.
+
+    mode `auto` installs the pinned requirements with their dependencies and falls back to `minimal` (fusion-bench
+    with --no-deps plus MINIMAL_DEPS) when that fails; `full` and `minimal` force one route.
+    """
+    if venv.resolve().is_relative_to(REPO):
+        raise SystemExit(f"--venv {venv} is inside the repository; give a path outside it")
+    python = venv_python(venv)
+    marker = venv / "distmerge-peer.json"
+    wanted = dict(req.split("==") for req in PEER_REQUIREMENTS)
+    if python.exists():
+        have = package_versions(python, tuple(wanted))
+        if all(have.get(n, "").split("+")[0] == v for n, v in wanted.items()) and peer_imports_ok(python) is None:
+            route = json.loads(marker.read_text()).get("route", "?") if marker.exists() else "found installed"
+            return python, route
+    else:
+        log(f"creating the scratch venv {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    route, errors = None, []
+    if mode in ("auto", "full"):
+        log(f"installing {' '.join(PEER_REQUIREMENTS)} with dependencies into {venv} (about 3 minutes)")
+        result = pip_install(python, *PEER_REQUIREMENTS)
+        error = (result.stderr.strip().splitlines() or ["?"])[-1] if result.returncode else peer_imports_ok(python)
+        if error is None:
+            route = f"pip install {' '.join(PEER_REQUIREMENTS)}"
+        else:
+            errors.append(f"full install: {error}")
+    if route is None and mode in ("auto", "minimal"):
+        log("installing fusion-bench with --no-deps plus the packages its imports need")
+        first = pip_install(python, PEER_REQUIREMENTS[0], *MINIMAL_DEPS)
+        second = pip_install(python, "--no-deps", PEER_REQUIREMENTS[1])
+        failed = next((r for r in (first, second) if r.returncode), None)
+        error = (failed.stderr.strip().splitlines() or ["?"])[-1] if failed else peer_imports_ok(python)
+        if error is None:
+            route = (f"pip install {PEER_REQUIREMENTS[0]} {' '.join(MINIMAL_DEPS)}; "
+                     f"pip install --no-deps {PEER_REQUIREMENTS[1]}")
+        else:
+            errors.append(f"minimal install: {error}")
+    if route is None:
+        raise SystemExit(f"could not set up FusionBench in {venv}:\n" + "\n".join(errors))
+    marker.write_text(json.dumps({"route": route}))
+    return python, route
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """A Llama shape: hidden x intermediate x heads x kv_heads x vocab (2 layers)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Size":
+        parts = [int(p) for p in text.lower().split("x")]
+        if len(parts) != 5:
+            raise SystemExit(f"--sizes entry {text!r}: want HIDDENxINTERMEDIATExHEADSxKV_HEADSxVOCAB")
+        return cls(*parts)
+
+    @property
+    def label(self) -> str:
+        return f"h{self.hidden}"
+
+    def config(self, layers: int) -> dict:
+        from distmerge.architecture import llama_config
+
+        return llama_config(hidden=self.hidden, intermediate=self.intermediate, layers=layers, heads=self.heads,
+                            kv_heads=self.kv_heads, vocab=self.vocab)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One merge: a method on the first `tasks` experts of a size's family."""
+
+    size: Size
+    method: str
+    tasks: int
+
+    @property
+    def slug(self) -> str:
+        return f"{self.size.label}-{self.method}-T{self.tasks}"
+
+
+def make_families(work: Path, sizes: list[Size], n_experts: int, layers: int) -> dict[Size, dict]:
+    """One float32 family per size under work/inputs (reused when its files are already there)."""
+    from distmerge.synthetic import make_family
+
+    families = {}
+    for size in sizes:
+        root = work / "inputs" / size.label
+        stamp = root / "size.json"
+        wanted = json.dumps({"size": size.__dict__, "experts": n_experts, "layers": layers})
+        if not (stamp.exists() and stamp.read_text() == wanted):
+            shutil.rmtree(root, ignore_errors=True)
+            make_family(root, n_experts=n_experts, config=size.config(layers), dtype=torch.float32,
+                        shard_size=None, seed=0)
+            stamp.write_text(wanted)
+        families[size] = {"base": root / "base", "experts": [root / f"expert{i + 1}" for i in range(n_experts)]}
+    return families
+
+
+def load_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+# ---- the FusionBench side ----------------------------------------------------------------------------------------
+
+# Runs in the scratch venv. Each job: load the checkpoints, task vectors in job["dtype"], FusionBench's function on
+# CPU, base + alpha * merged (FusionBench's algorithms apply a single alpha after the merge), save.
+FUSIONBENCH_DRIVER = '''
+"""FusionBench side of distmerge's benchmarks/compare_fusionbench.py (generated; safe to delete)."""
+import contextlib, io, json, sys, traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+
+_cache = {}
+
+
+def load(directory, dtype):
+    key = (directory, dtype)
+    if key not in _cache:
+        tensors = {}
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+        _cache[key] = {name: t.to(getattr(torch, dtype)) for name, t in tensors.items()}
+    return _cache[key]
+
+
+def merged_task_vector(job, task_vectors):
+    if job["method"] == "tsvm":
+        return compute_and_sum_svd_mem_reduction(task_vectors, accelerator="cpu")
+    if job["method"] == "iso_c":
+        return iso_c(task_vectors, accelerator="cpu")
+    if job["method"] == "iso_cts":
+        return iso_cts(task_vectors, common_space_fraction=job["common_fraction"], accelerator="cpu")
+    raise ValueError(job["method"])
+
+
+def run(job):
+    base = load(job["base"], job["dtype"])
+    experts = [load(path, job["dtype"]) for path in job["experts"]]
+    task_vectors = [{name: expert[name] - base[name] for name in base} for expert in experts]
+    with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints a line per tensor
+        merged = merged_task_vector(job, task_vectors)
+    out = {name: (base[name] + job["alpha"] * merged[name]).contiguous() for name in base}
+    Path(job["out"]).mkdir(parents=True, exist_ok=True)
+    save_file(out, str(Path(job["out"]) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def main():
+    jobs, failure_file, threads = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)
+    failures = {}
+    for job in jobs:
+        try:
+            run(job)
+        except BaseException:
+            failures[job["out"]] = traceback.format_exc(limit=4)
+    json.dump(failures, open(failure_file, "w"))
+
+
+main()
+'''
+
+# Runs in this venv: every (config, out) through distmerge's click command, in one process.
+DISTMERGE_DRIVER = """
+import json, sys, traceback
+from distmerge.cli import cli
+failures = {}
+jobs, failure_file, threads = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+for cfg, out in jobs:
+    try:
+        cli.main(["merge", cfg, "-o", out, "--quiet", "--force", "--threads", threads], standalone_mode=False)
+    except BaseException:
+        failures[out] = traceback.format_exc(limit=4)
+json.dump(failures, open(failure_file, "w"))
+"""
+
+
+def fusionbench_jobs(cases: list[Case], families: dict, outputs: dict, alpha: float, common_fraction: float):
+    jobs = []
+    for case in cases:
+        family = families[case.size]
+        for precision in ("float32", "float64"):
+            jobs.append({"method": case.method, "base": str(family["base"]),
+                         "experts": [str(p) for p in family["experts"][:case.tasks]], "alpha": alpha,
+                         "common_fraction": common_fraction, "dtype": precision,
+                         "out": str(outputs[f"fusionbench-{precision}"][case])})
+    return jobs
+
+
+def distmerge_config(case: Case, family: dict, polar: str, alpha: float, common_fraction: float) -> dict:
+    parameters = {"alpha": alpha, "svd": "exact", "polar": polar}
+    if case.method == "iso_cts":
+        parameters["common_fraction"] = common_fraction
+    return {"merge_method": case.method, "base_model": str(family["base"]),
+            "models": [{"model": str(p)} for p in family["experts"][:case.tasks]],
+            "parameters": parameters, "dtype": "float32"}
+
+
+def distmerge_jobs(cases, families, outputs, work: Path, alpha: float, common_fraction: float):
+    jobs = []
+    for polar in POLARS:
+        for case in cases:
+            cfg = work / "configs" / f"{case.slug}-polar-{polar}.yaml"
+            cfg.parent.mkdir(parents=True, exist_ok=True)
+            cfg.write_text(yaml.safe_dump(distmerge_config(case, families[case.size], polar, alpha, common_fraction),
+                                          sort_keys=False))
+            jobs.append((cfg, outputs[f"distmerge-{polar}"][case]))
+    return jobs
+
+
+def start_driver(python: Path, driver: str, jobs: list, work: Path, tool: str, threads: int):
+    """Launch one driver process over a job list; returns (process, failure file, log file)."""
+    job_file, failure_file, log_file = (work / f"{tool}_{kind}" for kind in ("jobs.json", "failures.json", "log.txt"))
+    job_file.write_text(json.dumps(jobs, default=str))
+    failure_file.unlink(missing_ok=True)
+    script = work / f"{tool}_driver.py"
+    script.write_text(driver)
+    with open(log_file, "w") as log_stream:
+        process = subprocess.Popen([str(python), str(script), str(job_file), str(failure_file), str(threads)],
+                                   stdout=log_stream, stderr=subprocess.STDOUT, cwd=work)
+    return process, failure_file, log_file
+
+
+def run_one_process_each(jobs, threads: int) -> dict[str, str]:
+    failures = {}
+    for cfg, out in jobs:
+        command = [str(Path(sys.executable).parent / "distmerge"), "merge", str(cfg), "-o", str(out), "--quiet",
+                   "--force", "--threads", str(threads)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            failures[str(out)] = result.stderr[-2000:]
+    return failures
+
+
+def finish_driver(tool: str, process, failure_file: Path, log_file: Path) -> dict[str, str]:
+    process.wait()
+    if process.returncode != 0 or not failure_file.exists():
+        raise SystemExit(f"{tool} driver crashed (exit {process.returncode}):\n{log_file.read_text()[-4000:]}")
+    return json.loads(failure_file.read_text())
+
+
+def run_both(peer_python, cases, families, outputs, work, args) -> dict[str, str]:
+    """Both tools at once (one process each; --threads each); returns {output dir: error} for failed merges."""
+    start = time.perf_counter()
+    for by_case in outputs.values():
+        for out in by_case.values():
+            shutil.rmtree(out, ignore_errors=True)
+    fb = start_driver(peer_python, FUSIONBENCH_DRIVER,
+                      fusionbench_jobs(cases, families, outputs, args.alpha, args.common_fraction), work,
+                      "fusionbench", args.threads)
+    dm_jobs = distmerge_jobs(cases, families, outputs, work, args.alpha, args.common_fraction)
+    if args.one_process_per_merge:
+        failures = run_one_process_each(dm_jobs, args.threads)
+    else:
+        dm = start_driver(Path(sys.executable), DISTMERGE_DRIVER, [[str(c), str(o)] for c, o in dm_jobs], work,
+                          "distmerge", args.threads)
+        failures = finish_driver("distmerge", *dm)
+    log(f"distmerge: {len(dm_jobs)} merges done ({time.perf_counter() - start:.0f} s)")
+    failures.update(finish_driver("fusionbench", *fb))
+    log(f"FusionBench: {2 * len(cases)} merges done ({time.perf_counter() - start:.0f} s)")
+    return failures
+
+
+# ---- comparing outputs -----------------------------------------------------------------------------------------
+
+
+def relative(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """||a - b||_F / scale (0 when both are equal, inf when the scale is 0 and they are not)."""
+    diff = float(torch.linalg.vector_norm(a - b))
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+@dataclass
+class TensorResult:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float  # max |distmerge - FusionBench|
+    rel: float  # ||distmerge - FusionBench|| / ||FusionBench - base||
+    rel_exact: float  # ||distmerge - FusionBench float64|| / ||FusionBench float64 - base||
+    fb_rel_exact: float  # ||FusionBench - FusionBench float64|| / ||FusionBench float64 - base||
+    from_average: float  # ||FusionBench - (b + alpha mean d)|| / ||FusionBench - base||: 0 when averaged
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    polar: str
+    error: str | None = None
+    tensors: list[TensorResult] = field(default_factory=list)
+
+    def worst(self, key: str = "rel") -> TensorResult | None:
+        return max(self.tensors, key=lambda t: getattr(t, key), default=None)
+
+    def top(self, key: str) -> float:
+        worst = self.worst(key)
+        return getattr(worst, key) if worst else float("nan")
+
+    def passes(self, tol: float) -> bool:
+        return self.error is None and bool(self.tensors) and all(t.rel <= tol for t in self.tensors)
+
+
+def compare_case(case: Case, polar: str, family: dict, dirs: dict[str, Path], alpha: float) -> CaseResult:
+    """distmerge's output for `polar` against FusionBench's float32 output, tensor by tensor, in float64."""
+    ours, theirs, exact = (load_checkpoint(dirs[k]) for k in (f"distmerge-{polar}", "fusionbench-float32",
+                                                              "fusionbench-float64"))
+    base = load_checkpoint(family["base"])
+    experts = [load_checkpoint(p) for p in family["experts"][:case.tasks]]
+    if set(ours) != set(theirs):
+        only = sorted(set(ours) ^ set(theirs))
+        return CaseResult(case, polar, error=f"tensor names differ, e.g. {only[0]}")
+    result = CaseResult(case, polar)
+    for name in sorted(theirs):
+        if ours[name].dtype != torch.float32 or ours[name].shape != theirs[name].shape:
+            return CaseResult(case, polar, error=f"{name}: distmerge wrote {ours[name].dtype} "
+                                                 f"{tuple(ours[name].shape)}, FusionBench {tuple(theirs[name].shape)}")
+        b, a, t, x = (d[name].double() for d in (base, ours, theirs, exact))
+        average = b + alpha * torch.stack([e[name].double() - b for e in experts]).mean(0)
+        scale, exact_scale = float(torch.linalg.vector_norm(t - b)), float(torch.linalg.vector_norm(x - b))
+        result.tensors.append(TensorResult(
+            name, tuple(theirs[name].shape), float((a - t).abs().max()), relative(a, t, scale),
+            relative(a, x, exact_scale), relative(t, x, exact_scale), relative(t, average, scale)))
+    return result
+
+
+def rank_corner_cases(families: dict, tasks: list[int]) -> list[str]:
+    """(shape, T) where FusionBench's k = int(r * (1 / T)) differs from distmerge's r // T."""
+    hits = []
+    for family in families.values():
+        for name, tensor in load_checkpoint(family["base"]).items():
+            if tensor.dim() == 2:
+                r = min(tensor.shape)
+                hits += [f"{name} {tuple(tensor.shape)} T={T}" for T in tasks if int(r * (1 / T)) != r // T]
+    return hits
+
+
+def tensor_kind(name: str) -> str:
+    return re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def git_revision() -> str:
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "distmerge"],
+                           capture_output=True, text=True).stdout.strip()
+    return (result.stdout.strip() or "unknown") + (" + uncommitted changes under distmerge/" if dirty else "")
+
+
+def verdict(result: CaseResult, tol: float) -> str:
+    return "error" if result.error else ("ok" if result.passes(tol) else "MISMATCH")
+
+
+def summary_table(results: list[CaseResult], tol: float) -> list[str]:
+    lines = ["| method | T | polar | size | tensors | max abs diff | max rel diff | worst tensor | "
+             "distmerge vs float64 | FusionBench vs float64 | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.case
+        if r.error:
+            lines.append(f"| {c.method} | {c.tasks} | {r.polar} | {c.size.label} | | | | {r.error[:100]} | | | error |")
+            continue
+        worst = r.worst("rel")
+        lines.append(f"| {c.method} | {c.tasks} | {r.polar} | {c.size.label} | {len(r.tensors)} | "
+                     f"{r.top('max_abs'):.2e} | {r.top('rel'):.2e} | {worst.name} {worst.shape} | "
+                     f"{r.top('rel_exact'):.2e} | {r.top('fb_rel_exact'):.2e} | {verdict(r, tol)} |")
+    return lines
+
+
+def compact_table(results: list[CaseResult], tol: float) -> list[str]:
+    """method x T rows, one column per polar: the largest relative difference over sizes and tensors."""
+    lines = ["| method | T | " + " | ".join(f"polar: {p}" for p in POLARS) + " |", "|---|---|" + "---|" * len(POLARS)]
+    keys = list(dict.fromkeys((r.case.method, r.case.tasks) for r in results))
+    for method, tasks in keys:
+        cells = []
+        for polar in POLARS:
+            group = [r for r in results if (r.case.method, r.case.tasks, r.polar) == (method, tasks, polar)]
+            if any(r.error for r in group):
+                cells.append("error")
+                continue
+            rel = max(r.top("rel") for r in group)
+            max_abs = max(r.top("max_abs") for r in group)
+            ok = all(r.passes(tol) for r in group)
+            cells.append(f"{rel:.1e} rel, {max_abs:.1e} abs ({'ok' if ok else 'MISMATCH'})")
+        lines.append(f"| {method} | {tasks} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def kind_table(results: list[CaseResult]) -> list[str]:
+    """Per tensor kind: shapes, whether FusionBench SVD-merged it, and the worst difference per polar."""
+    kinds: dict[str, dict] = {}
+    for r in results:
+        for t in r.tensors:
+            entry = kinds.setdefault(tensor_kind(t.name), {"shapes": set(), "from_average": float("inf")})
+            entry["shapes"].add(t.shape)
+            entry["from_average"] = min(entry["from_average"], t.from_average)
+            entry[r.polar] = max(entry.get(r.polar, 0.0), t.rel)
+    lines = ["| tensor | shapes | FusionBench's result vs plain averaging (min) | "
+             + " | ".join(f"max rel diff, polar: {p}" for p in POLARS) + " |", "|---|---|---|" + "---|" * len(POLARS)]
+    for kind, e in kinds.items():
+        shapes = ", ".join("x".join(map(str, s)) for s in sorted(e["shapes"]))
+        lines.append(f"| {kind} | {shapes} | {e['from_average']:.2g} | "
+                     + " | ".join(f"{e.get(p, float('nan')):.1e}" for p in POLARS) + " |")
+    return lines
+
+
+def render(results: list[CaseResult], context: dict) -> str:
+    tol = context["tol"]
+    failed = [r for r in results if not r.passes(tol)]
+    lines = [
+        "# distmerge vs FusionBench 0.2.33: TSV-M, Iso-C, Iso-CTS",
+        "",
+        f"Generated by `benchmarks/compare_fusionbench.py` on {context['date']} "
+        f"({context['seconds']:.0f} s for {len(results)} comparisons).",
+        "",
+        f"- command: `{context['command']}`",
+        f"- machine: {context['machine']}",
+        f"- distmerge {context['distmerge']} (git {context['git']}), torch {context['torch']}, "
+        f"{context['threads']} thread(s) per process",
+        f"- peer venv `{context['venv']}`: " + ", ".join(f"{k} {v}" for k, v in context["peer_versions"].items())
+        + f"; installed by `{context['route']}`",
+        f"- inputs: float32 synthetic Llama families (`distmerge.synthetic.make_family`, seed 0, base + "
+        f"{context['experts']} experts, {context['layers']} layers; T = {context['tasks']} take the first T experts). "
+        "Sizes (hidden x intermediate x heads x kv heads x vocab): "
+        + ", ".join(f"{s.label} = {s.hidden}x{s.intermediate}x{s.heads}x{s.kv_heads}x{s.vocab}"
+                    for s in context["sizes"]) + ".",
+        f"- FusionBench: `compute_and_sum_svd_mem_reduction(task_vectors, accelerator=\"cpu\")` (TSV-M), "
+        f"`iso_c(task_vectors, accelerator=\"cpu\")`, `iso_cts(task_vectors, common_space_fraction="
+        f"{context['common_fraction']}, accelerator=\"cpu\")`, default `exclude_keys` (every 2-D tensor goes through "
+        f"the SVD, embeddings and lm_head included); result `base + alpha * merged` with alpha = {context['alpha']}, "
+        "as its TSVM / IsoC / IsoCTS algorithms apply a single alpha. Run in float32 (the reference) and in float64 "
+        "(the `float64` columns: how far each float32 result is from exact arithmetic).",
+        f"- distmerge: `distmerge merge CFG -o OUT --quiet --force --threads {context['threads']}` "
+        f"({context['mode']}), `parameters: {{alpha: {context['alpha']}, svd: exact, polar: gram | svd"
+        + (f", common_fraction: {context['common_fraction']} (iso_cts)" if "iso_cts" in context["methods"] else "")
+        + "}`, `dtype: float32`; YAMLs under `" + f"{context['work']}/configs/`.",
+        "- rel diff = ||distmerge - FusionBench||_F / ||FusionBench - base||_F per tensor (the difference on the "
+        "scale of the merged task vector); the tables give the largest over tensors. "
+        f"Tolerance: every tensor's rel diff <= {tol:g} (float32 round-off; float32 eps = {FLOAT32_EPS:.2e}).",
+        "- rank per task: FusionBench computes k = int(r * (1/T)), distmerge r // T; for the shapes and T here "
+        + (f"they differ for {len(context['rank_hits'])}: " + "; ".join(context["rank_hits"][:8])
+           if context["rank_hits"] else "they agree everywhere (the two first differ at T = 49).")
+        + " Iso-CTS sizes follow the same rounding rule on both sides.",
+        "",
+        f"**Verdict: {'all ' + str(len(results)) + ' comparisons within tolerance' if not failed else str(len(failed)) + ' of ' + str(len(results)) + ' comparisons beyond tolerance'}.**",
+        "",
+        "## method x T x polar (worst over sizes and tensors)",
+        "",
+        *compact_table(results, tol),
+        "",
+        "## Per tensor kind (all runs)",
+        "",
+        "The third column is ||FusionBench - (base + alpha mean_t d_t)|| / ||FusionBench - base||: 0 for the 1-D "
+        "tensors that both tools average, far from 0 for the 2-D ones (embeddings and lm_head included) that go "
+        "through the SVD, so a tool that averaged them instead would fail the comparison.",
+        "",
+        *kind_table(results),
+        "",
+        "## Every comparison",
+        "",
+        *summary_table(results, tol),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"scratch venv (default {DEFAULT_VENV})")
+    parser.add_argument("--install", choices=("auto", "full", "minimal"), default="auto",
+                        help="how to install fusion-bench into a new venv: with its dependencies (full), with "
+                             "--no-deps plus what its imports need (minimal), or full falling back to minimal (auto)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help=f"inputs, configs, drivers and outputs go here (default {DEFAULT_WORK})")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                        help="comma-separated HIDDENxINTERMEDIATExHEADSxKV_HEADSxVOCAB (default %(default)s)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default %(default)s)")
+    parser.add_argument("--tasks", default="2,3,4", help="numbers of experts merged (default %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of %(default)s")
+    parser.add_argument("--alpha", type=float, default=0.8, help="scaling of the merged task vector (%(default)s)")
+    parser.add_argument("--common-fraction", type=float, default=0.8, help="iso_cts common subspace share "
+                                                                           "(%(default)s, both tools' default)")
+    parser.add_argument("--tol", type=float, default=1e-5, help="largest relative difference that passes "
+                                                                "(%(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (%(default)s)")
+    parser.add_argument("--one-process-per-merge", action="store_true",
+                        help="run distmerge's console script once per merge instead of all merges in one process")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    sizes = [Size.parse(s) for s in args.sizes.split(",") if s.strip()]
+    tasks = sorted({int(t) for t in args.tasks.split(",")})
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
+    if min(tasks) < 2:
+        raise SystemExit("--tasks: merge at least 2 experts")
+    work = args.work.expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    venv = args.venv.expanduser()
+    peer_python, route = ensure_peer_venv(venv, args.install)
+    families = make_families(work, sizes, max(tasks), args.layers)
+    cases = [Case(size, method, t) for method in methods for t in tasks for size in sizes]
+    tools = [f"fusionbench-{p}" for p in ("float32", "float64")] + [f"distmerge-{p}" for p in POLARS]
+    outputs = {tool: {case: work / "out" / tool / case.slug for case in cases} for tool in tools}
+    failures = run_both(peer_python, cases, families, outputs, work, args)
+
+    results = []
+    for case in cases:
+        for polar in POLARS:
+            dirs = {tool: outputs[tool][case] for tool in tools}
+            errors = [f"{tool}: {failures[str(d)].strip().splitlines()[-1]}" for tool, d in dirs.items()
+                      if str(d) in failures and (tool.startswith("fusionbench") or tool.endswith(polar))]
+            result = (CaseResult(case, polar, error="; ".join(errors)) if errors
+                      else compare_case(case, polar, families[case.size], dirs, args.alpha))
+            results.append(result)
+            log(f"{case.slug:22s} polar={polar:4s} {verdict(result, args.tol):8s} "
+                + (result.error or f"max rel {result.top('rel'):.2e}  max abs {result.top('max_abs'):.2e}"))
+    results.sort(key=lambda r: (methods.index(r.case.method), r.case.tasks, POLARS.index(r.polar),
+                                sizes.index(r.case.size)))
+
+    import distmerge
+
+    context = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/compare_fusionbench.py"
+                   + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": machine(), "distmerge": distmerge.__version__, "git": git_revision(), "torch": torch.__version__,
+        "venv": str(args.venv), "route": route,
+        "peer_versions": package_versions(peer_python, ("fusion-bench", "torch", "safetensors")),
+        "sizes": sizes, "layers": args.layers, "experts": max(tasks), "tasks": ", ".join(map(str, tasks)),
+        "methods": methods, "alpha": args.alpha, "common_fraction": args.common_fraction, "tol": args.tol,
+        "threads": args.threads, "work": work, "rank_hits": rank_corner_cases(families, tasks),
+        "mode": "one process per merge" if args.one_process_per_merge
+        else "all configs in one process through the console script's click entry point",
+    }
+    context["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(results, context))
+    log(f"wrote {args.out}")
+    bad = [r for r in results if not r.passes(args.tol)]
+    for r in bad:
+        worst = r.worst("rel")
+        log(f"FAIL {r.case.slug} polar={r.polar}: "
+            + (r.error or f"rel diff {worst.rel:.2e} > {args.tol:g} in {worst.name}"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
