@@ -42,7 +42,7 @@ def _load_all_yaml(path: Path) -> list:
         return [doc for doc in yaml.load_all(f, Loader=_Loader) if doc is not None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ray_pin() -> str:
     """The Ray version pyproject.toml pins in its `ray` extra (ray[default]==X)."""
     text = (REPO / "pyproject.toml").read_text()
@@ -51,7 +51,7 @@ def ray_pin() -> str:
 
         extra = tomllib.loads(text)["project"]["optional-dependencies"]["ray"]
     except ImportError:  # Python 3.10
-        extra = re.findall(r'"([^"]+)"', re.search(r"^ray\s*=\s*\[(.*?)\]", text, re.M | re.S).group(1))
+        extra = re.findall(r'"([^"]+)"', re.search(r"^ray\s*=\s*\[(.*?)\]", text, re.MULTILINE | re.DOTALL).group(1))
     pins = [m.group(1) for req in extra if (m := re.fullmatch(r"ray\[[^\]]*\]==([0-9][0-9.]*)", req.strip()))]
     assert len(pins) == 1, f"pyproject.toml's ray extra should pin ray exactly once, found {extra}"
     return pins[0]
@@ -201,7 +201,7 @@ def crd_json_schema(crd: dict, version: str) -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rayjob_validator():
     import jsonschema
 
@@ -407,8 +407,8 @@ def _run_submit(tmp_path, args, env_extra=None, token_file=False):
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS + ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(home), FAKE_RAY_LOG=str(log))
     env.update(env_extra or {})
-    result = subprocess.run(["bash", str(SUBMIT), *args], env=env, capture_output=True, text=True,
-                            cwd=tmp_path, timeout=30)
+    result = subprocess.run(["bash", str(SUBMIT), *args], check=False, env=env, capture_output=True,
+                            text=True, cwd=tmp_path, timeout=30)
     calls = log.read_text().splitlines() if log.exists() else []
     return result, calls
 
@@ -453,7 +453,8 @@ def test_submit_script_rejects_bad_arguments(tmp_path, args):
 
 def test_runtime_env():
     env = _load_yaml(CLUSTER / "runtime-env.yaml")
-    assert isinstance(env, dict) and set(env) <= RUNTIME_ENV_KEYS, f"unknown runtime env keys: {set(env) - RUNTIME_ENV_KEYS}"
+    assert isinstance(env, dict)
+    assert set(env) <= RUNTIME_ENV_KEYS, f"unknown runtime env keys: {set(env) - RUNTIME_ENV_KEYS}"
     assert env["working_dir"] == "."
     assert "/.*" in env["excludes"] and "*.safetensors" in env["excludes"], "keep .git, .venv and checkpoints out"
     env_vars = env["env_vars"]

@@ -114,9 +114,6 @@ def test_top_k_mask_keeps_shape_and_reads_views_in_logical_order():
             np.testing.assert_array_equal(mask.numpy(), ref.top_k_mask(x.T, k, low))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: top_k_mask on float64 magnitudes compares them with kth_largest's "
-                                       "float32-rounded threshold; the mask holds k-1 entries when the rounding "
-                                       "goes up (or extra ones when float64 values share a float32)")
 def test_top_k_mask_float64_keeps_exactly_k():
     gen = np.random.default_rng(0)
     for _ in range(10):

@@ -133,11 +133,14 @@ def split(examples: list, n_val: int, test_cap: int, train_cap: int, seed: int) 
             "train": uniq[n_val + n_test:n_val + n_test + train_cap]}
 
 
+def data_key(n_val: int, test_cap: int, train_cap: int, seed: int) -> str:
+    return f"v{SPLIT_VERSION}_val{n_val}_test{test_cap}_train{train_cap}_seed{seed}"
+
+
 def load_tasks(cache: Path, n_val: int = 300, test_cap: int = 1500, train_cap: int = 3000, seed: int = 0,
                tasks: list[str] | None = None, download: bool = True) -> dict[str, dict]:
     """The split tasks, built once per setting and cached as json under cache/data."""
-    key = f"v{SPLIT_VERSION}_val{n_val}_test{test_cap}_train{train_cap}_seed{seed}"
-    path = cache / "data" / f"tasks_{key}.json"
+    path = cache / "data" / f"tasks_{data_key(n_val, test_cap, train_cap, seed)}.json"
     if not path.exists():
         out = {}
         for name, t in raw_tasks(cache, download).items():

@@ -302,8 +302,10 @@ def model_stock(base, models, p, ctx):
     rows = base.shape[0] if p["filter_wise"] and base.dim() >= 2 else 1
     flat = deltas.reshape(n_models, rows, -1)
     norms = torch.linalg.vector_norm(flat, dim=-1)
+    # A cosine is scale-free: divide by the norms themselves (mergekit clamps their product at 1e-6, which
+    # shrinks the cosine of small task vectors); a zero task vector has cosine 0.
     cosines = [
-        ((flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        torch.where(norms[i] * norms[j] > 0, (flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]), 0.0).clamp(-1, 1)
         for i in range(n_models) for j in range(i + 1, n_models)
     ]
     cos = torch.stack(cosines).mean(0)

@@ -12,6 +12,7 @@ validated from their declarations before any tensor is read.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,8 +77,8 @@ class Param:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: `{self.name}` must be a list of tensor-name patterns, got {value!r}")
             return tuple(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: `{self.name}: {value!r}` must be a number; {allowed}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: `{self.name}: {value!r}` must be a finite number; {allowed}")
         if self.kind == "int":
             if float(value) != int(value):
                 raise ConfigError(f"{where}: `{self.name}: {value!r}` must be an integer; {allowed}")

@@ -1,9 +1,10 @@
 """Sparsification: which task-vector entries survive, and how survivors are rescaled.
 
-Selection never sorts a whole tensor. The k-th largest magnitude comes from a two-level radix select on the
-float32 bit patterns (for non-negative floats the bit pattern orders like the value): one histogram of the top
-16 bits finds the bucket, one of the low 16 bits inside that bucket finds the exact value. The same 16-bit
-histogram, summed over a whole model, gives TIES its global thresholds.
+Selection never sorts a whole tensor. The k-th largest magnitude comes from a radix select on the bit patterns
+(for non-negative floats the bit pattern orders like the value): a histogram of the top 16 bits finds the bucket,
+then one histogram per further 16 bits inside it, down to the exact value (two levels for float32, four for
+float64). The top-16-bit histogram of float32 magnitudes, summed over a whole model, gives TIES its global
+thresholds.
 
 Ties at the boundary are broken by position, as a stable sort would break them, so masks hold exactly the
 requested number of entries and match mergekit's.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32: sign bit 0, so 2^15 buckets
+SMALL = 1 << 16  # tensors up to this size select with torch.kthvalue: cheaper than 2^16-bucket histograms
 
 
 def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -34,13 +36,23 @@ def _bucket_holding_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]
 
 
 def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
-    """The exact k-th largest of non-negative `magnitudes` (1 <= k <= numel), as float32."""
-    bits = _bits(magnitudes)
-    high = bits >> 16
-    bucket, rank = _bucket_holding_kth_largest(torch.bincount(high, minlength=HIGH_BINS), k)
-    low = bits[high == bucket] & 0xFFFF
-    low_bucket, _ = _bucket_holding_kth_largest(torch.bincount(low, minlength=1 << 16), rank)
-    return bucket_value((bucket << 16) | low_bucket)
+    """The exact k-th largest of non-negative `magnitudes` (1 <= k <= numel), in their own precision
+    (float64 stays float64; narrower floats are selected as float32, which holds them exactly)."""
+    float_type, int_type = (torch.float64, torch.int64) if magnitudes.dtype == torch.float64 else (
+        torch.float32, torch.int32)
+    if magnitudes.numel() <= SMALL:  # below the histograms' fixed cost: a plain selection, same exact value
+        flat = magnitudes.to(float_type).reshape(-1)
+        return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    width = 64 if float_type == torch.float64 else 32
+    candidates = magnitudes.to(float_type).contiguous().view(int_type).reshape(-1)
+    prefix, rank = 0, k
+    for shift in range(width - 16, -1, -16):
+        digit = (candidates >> shift) & 0xFFFF
+        bucket, rank = _bucket_holding_kth_largest(torch.bincount(digit, minlength=1 << 16), rank)
+        prefix |= bucket << shift
+        if shift:
+            candidates = candidates[digit == bucket]
+    return torch.tensor([prefix], dtype=int_type).view(float_type).item()
 
 
 def bucket_value(bits: int) -> float:
@@ -101,9 +113,10 @@ def della_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: fl
     row-wise sort (rows are short); 1-D tensors are one row."""
     rows = magnitudes.reshape(1, -1) if magnitudes.dim() < 2 else magnitudes.reshape(magnitudes.shape[0], -1)
     n_cols = rows.shape[1]
-    probability = torch.empty_like(rows, dtype=torch.float32)
+    dtype = torch.promote_types(rows.dtype, torch.float32)  # float64 compute keeps float64 probabilities
+    probability = torch.empty_like(rows, dtype=dtype)
     step = max(1, (1 << 24) // max(1, n_cols))  # bound the sort's int64 scratch
-    ramp = torch.arange(n_cols, dtype=torch.float32, device=rows.device)
+    ramp = torch.arange(n_cols, dtype=dtype, device=rows.device)
     ramp = ramp / max(1, n_cols - 1) * (2 * epsilon) + (density - epsilon)
     for lo in range(0, rows.shape[0], step):
         order = torch.sort(rows[lo:lo + step], dim=1, stable=True).indices

@@ -1,0 +1,168 @@
+"""Which merge methods exist (asked from `distmerge methods`), each one's knob grid, and running one merge.
+
+Adding a method to the benchmark is one line in GRIDS. A method that `distmerge methods` lists but GRIDS does
+not know still runs, once, at its defaults (and the report says so); a method GRIDS knows but distmerge does
+not list is skipped. Knobs are chosen on the validation split only; when the best value sits on the edge of the
+grid the grid is extended outwards (EXTEND_STEPS times at most), so an edge optimum is not reported as chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Task arithmetic-style methods add the T task vectors (aggregate: sum), so their lambda is about 1/T..1;
+# TIES-style methods take a disjoint mean (aggregate: mean), so theirs is about 1..T.
+LAM_SUM = (0.2, 0.35, 0.5, 0.75, 1.0)
+LAM_MEAN = (0.75, 1.0, 1.5, 2.0, 3.0)
+LAM_SPARSE_SUM = (0.2, 0.35, 0.5, 0.75)
+LAM_SPARSE_MEAN = (1.0, 1.5, 2.0, 3.0)
+DENSITY = (0.2, 0.5)
+ALPHA = (0.25, 0.5, 0.75, 1.0, 1.5)
+EXTEND_STEPS = 2
+
+# method: ({knob: grid, ...}, {fixed parameter: value}); the grid is the product of the knobs' values.
+GRIDS: dict[str, tuple[dict, dict]] = {
+    "linear": ({}, {}),
+    "task_arithmetic": ({"lambda": LAM_SUM}, {}),
+    "ties": ({"lambda": LAM_SPARSE_MEAN, "density": DENSITY}, {}),
+    "dare_linear": ({"lambda": LAM_SPARSE_SUM, "density": DENSITY}, {}),
+    "dare_ties": ({"lambda": LAM_SPARSE_MEAN, "density": DENSITY}, {}),
+    "breadcrumbs": ({"lambda": LAM_SPARSE_SUM, "density": DENSITY}, {}),
+    "breadcrumbs_ties": ({"lambda": LAM_SPARSE_MEAN, "density": DENSITY}, {}),
+    "della": ({"lambda": LAM_SPARSE_MEAN, "density": (0.3, 0.5)}, {}),  # density - epsilon(0.15) must stay > 0
+    "della_linear": ({"lambda": LAM_SPARSE_SUM, "density": (0.3, 0.5)}, {}),
+    "consensus_ta": ({"lambda": LAM_SUM}, {}),
+    "consensus_ties": ({"lambda": LAM_SPARSE_MEAN}, {"density": 0.5}),
+    "model_stock": ({}, {}),
+    "slerp": ({"t": (0.25, 0.5, 0.75)}, {}),
+    "tsvm": ({"alpha": ALPHA}, {}),
+    "rtsvm": ({"alpha": ALPHA}, {}),
+    "iso_c": ({"alpha": ALPHA}, {}),
+    "iso_cts": ({"alpha": ALPHA}, {}),
+}
+
+# Extra rows: a method run with some parameters fixed (each gets its own knob search).
+VARIANTS: dict[str, list[dict]] = {
+    "rtsvm": [{"outlier_weighting": ow, "adaptive_rank": ar} for ow in (True, False) for ar in (True, False)
+              if (ow, ar) != (True, True)],
+}
+
+
+@dataclass
+class Method:
+    name: str
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+    knobs: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    known: bool = True
+
+    @property
+    def label(self) -> str:
+        return row_label(self.name, self.fixed) if self.name in VARIANTS else self.name
+
+
+def row_label(name: str, fixed: dict) -> str:
+    if name == "rtsvm" and "outlier_weighting" in fixed:
+        on = lambda k: "on" if fixed[k] else "off"  # noqa: E731
+        return f"rtsvm [OW {on('outlier_weighting')}, AR {on('adaptive_rank')}]"
+    return name + "".join(f" [{k}={v}]" for k, v in fixed.items())
+
+
+def list_methods() -> dict[str, dict]:
+    """Parse `distmerge methods`: {name: {needs_base, min_models, max_models}}."""
+    text = subprocess.run([sys.executable, "-m", "distmerge.cli", "methods"], check=True, capture_output=True,
+                          text=True).stdout
+    found, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^([a-z0-9_]+): ", line)
+        if head:
+            current = head.group(1)
+            found[current] = {"needs_base": True, "min_models": 1, "max_models": None}
+            continue
+        info = re.match(r"^\s+(base model required|no base model needed); models: (\d+)(\+?)", line)
+        if current and info:
+            n = int(info.group(2))
+            found[current] = {"needs_base": info.group(1) == "base model required", "min_models": n,
+                              "max_models": None if info.group(3) else n}
+    return found
+
+
+def plan(n_models: int, only: list[str] | None = None, ablation: bool = True,
+         log=print) -> list[Method]:
+    """The rows to run: every listed method (that takes n_models models), plus the variants."""
+    rows = []
+    for name, info in list_methods().items():
+        if only and name not in only:
+            continue
+        if n_models < info["min_models"] or (info["max_models"] is not None and n_models > info["max_models"]):
+            log(f"skip {name}: merges {info['min_models']}..{info['max_models'] or 'any'} models, not {n_models}")
+            continue
+        knobs, fixed = GRIDS.get(name, ({}, {}))
+        rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
+                           dict(fixed), known=name in GRIDS))
+        if ablation:
+            for extra in VARIANTS.get(name, []):
+                rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
+                                   {**fixed, **extra}))
+    return rows
+
+
+def grid_points(method: Method) -> list[dict]:
+    keys = list(method.knobs)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(method.knobs[k] for k in keys))]
+
+
+def extend(method: Method, scores: dict[str, float], points: list[dict]) -> list[dict]:
+    """New points one step beyond the grid's edge when the best point lies on that edge (per 1-D knob only)."""
+    if not scores:
+        return []
+    best = max(points, key=lambda p: scores.get(point_key(p), float("-inf")))
+    new = []
+    for knob in ("lambda", "alpha"):
+        if knob not in best:
+            continue
+        values = sorted({p[knob] for p in points})
+        if len(values) < 2:
+            continue
+        if best[knob] == values[-1]:
+            step = values[-1] / values[-2]
+            new.append({**best, knob: round(values[-1] * step, 4)})
+        elif best[knob] == values[0] and values[0] / (values[1] / values[0]) > 0.01:
+            new.append({**best, knob: round(values[0] / (values[1] / values[0]), 4)})
+    return [p for p in new if point_key(p) not in scores]
+
+
+def point_key(point: dict) -> str:
+    return ",".join(f"{k}={point[k]}" for k in sorted(point)) or "default"
+
+
+def write_config(path: Path, method: Method, point: dict, base: Path, models: list[Path]) -> Path:
+    doc = {"merge_method": method.name}
+    if method.needs_base:
+        doc["base_model"] = str(base)
+    doc["models"] = [{"model": str(m)} for m in models]
+    params = {**method.fixed, **point}
+    if params:
+        doc["parameters"] = params
+    doc["dtype"] = "float32"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_merge(config: Path, out: Path, threads: int, seed: int = 0, timeout: int = 1800) -> None:
+    """`distmerge merge` as users run it; a failure is raised with the exact command and distmerge's stderr."""
+    cmd = [sys.executable, "-m", "distmerge.cli", "merge", str(config), "-o", str(out), "--quiet", "--force",
+           "--threads", str(threads), "--seed", str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distmerge failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")

@@ -1,0 +1,155 @@
+"""Merge the experts with every method through the CLI, choose each method's knob on validation, score test.
+
+One unit of work = (row, grid point, split): write the YAML, run `distmerge merge`, evaluate the merged encoder
+on every task with that task's own head, store the 0/1 vectors as json, delete the merged checkpoint (merges are
+deterministic, so the test pass merges again instead of keeping ~90 MB per grid point). Units run in `jobs`
+processes; stored scores are reused on the next run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import methods as M
+from .common import read_json, set_threads, write_json
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a worker needs to score one merge (plain paths, so it pickles across processes)."""
+    root: Path            # cache/merges/<key>: configs, scores, scratch outputs
+    base: Path
+    experts: tuple        # expert encoder dirs, in task order
+    heads: tuple          # head files, in task order
+    task_names: tuple
+    tasks_file: Path
+    task_subset: tuple    # tasks_file keys to use (same order as task_names)
+    threads: int
+    evaluate: str = "encoder"   # which evaluator: encoder (track 1) or lm (track 2)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text).strip("_")
+
+
+def score_path(ctx: Context, row: M.Method, point: dict, split: str) -> Path:
+    return ctx.root / "scores" / slug(row.label) / f"{slug(M.point_key(point))}.{split}.json"
+
+
+_WORKER: dict = {}
+
+
+def _evaluate(ctx: Context, model_dir: Path, split: str) -> dict[str, list[int]]:
+    if ctx.evaluate == "lm":
+        from . import lm
+
+        return lm.evaluate_dir(ctx, model_dir, split, _WORKER)
+    from . import encoder as E
+
+    if "tok" not in _WORKER:
+        data = read_json(ctx.tasks_file)
+        _WORKER["tasks"] = {n: data[n] for n in ctx.task_subset}
+        _WORKER["tok"] = E.load_tokenizer(ctx.base)
+        _WORKER["heads"] = {n: E.load_head(Path(h)) for n, h in zip(ctx.task_names, ctx.heads)}
+    res = E.evaluate_encoder(model_dir, _WORKER["tok"], _WORKER["tasks"], _WORKER["heads"], split)
+    return {n: v.astype(int).tolist() for n, v in res.items()}
+
+
+def run_unit(args) -> tuple[str, str, dict | None, str | None]:
+    """Merge + evaluate one (row, point, split); returns (label, point key, result, error)."""
+    ctx, row, point, split = args
+    set_threads(ctx.threads)
+    path = score_path(ctx, row, point, split)
+    if path.exists():
+        return row.label, M.point_key(point), read_json(path), None
+    work = ctx.root / "work" / slug(row.label) / slug(M.point_key(point))
+    cfg = M.write_config(work / "merge.yaml", row, point, ctx.base, [Path(p) for p in ctx.experts])
+    out = work / "merged"
+    try:
+        t0 = time.time()
+        M.run_merge(cfg, out, ctx.threads)
+        t_merge = time.time() - t0
+        correct = _evaluate(ctx, out, split)
+        result = {"row": row.label, "method": row.name, "point": point, "fixed": row.fixed, "split": split,
+                  "merge_seconds": round(t_merge, 1), "eval_seconds": round(time.time() - t0 - t_merge, 1),
+                  "correct": correct, "config": cfg.read_text()}
+        write_json(path, result)
+        return row.label, M.point_key(point), result, None
+    except Exception as exc:  # reported in the results, never silently dropped
+        msg = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
+        write_json(path.with_suffix(".error.json"), {"row": row.label, "point": point, "error": msg})
+        return row.label, M.point_key(point), None, msg
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def mean_acc(result: dict) -> float:
+    return float(np.mean([np.mean(v) for v in result["correct"].values()]))
+
+
+def _map(units: list, jobs: int):
+    if jobs > 1 and len(units) > 1:
+        with mp.get_context("spawn").Pool(min(jobs, len(units))) as pool:
+            yield from pool.imap_unordered(run_unit, units)
+    else:
+        for u in units:
+            yield run_unit(u)
+
+
+def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, log=print) -> dict:
+    """Validation grid (extended at edges) per row, then test at each row's chosen point."""
+    val: dict[str, dict[str, dict]] = {r.label: {} for r in rows}
+    errors: dict[str, str] = {}
+    points = {r.label: M.grid_points(r) for r in rows}
+    pending = [(ctx, r, p, "val") for r in rows for p in points[r.label]]
+    rounds = 0
+    while pending:
+        log(f"validation: {len(pending)} merge(s)")
+        for label, key, res, err in _map(pending, jobs):
+            if err:
+                errors[label] = err
+                log(f"  {label} {key}: FAILED\n{err}")
+            else:
+                val[label][key] = res
+                log(f"  {label:34s} {key:28s} val avg {mean_acc(res):.4f}")
+        pending = []
+        rounds += 1
+        if extend and rounds <= M.EXTEND_STEPS:
+            for r in rows:
+                scores = {k: mean_acc(v) for k, v in val[r.label].items()}
+                new = M.extend(r, scores, points[r.label])
+                points[r.label] += new
+                pending += [(ctx, r, p, "val") for p in new]
+    chosen = {}
+    for r in rows:
+        if not val[r.label]:
+            continue
+        best_key = max(val[r.label], key=lambda k: mean_acc(val[r.label][k]))
+        chosen[r.label] = (r, val[r.label][best_key]["point"])
+    log(f"test: {len(chosen)} merge(s)")
+    test = {}
+    for label, key, res, err in _map([(ctx, r, p, "test") for r, p in chosen.values()], jobs):
+        if err:
+            errors[label] = err
+            log(f"  {label} {key}: FAILED\n{err}")
+        else:
+            test[label] = res
+            log(f"  {label:34s} {key:28s} test avg {mean_acc(res):.4f}")
+    return {"rows": [r.label for r in rows], "methods": {r.label: r.name for r in rows},
+            "known": {r.label: r.known for r in rows},
+            "grid": {label: {k: mean_acc(v) for k, v in pts.items()} for label, pts in val.items()},
+            "chosen": {label: M.point_key(p) for label, (r, p) in chosen.items()},
+            "val": {label: val[label][M.point_key(p)]["correct"] for label, (r, p) in chosen.items()},
+            "test": {label: res["correct"] for label, res in test.items()},
+            "configs": {label: res["config"] for label, res in test.items()},
+            "seconds": {label: {"merge": res["merge_seconds"], "eval": res["eval_seconds"]}
+                        for label, res in test.items()},
+            "errors": errors}
