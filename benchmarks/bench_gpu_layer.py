@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="layers timed per method (median)")
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--out", default="gpu_layer")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     args = parser.parse_args()
     resolve_device("cuda")  # the engine's CUDA set-up: IEEE float32 matrix products
     run_method("ties", "warmup", (1024, 1024), args.experts, {})
@@ -100,8 +101,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "experts": args.experts}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.out}.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
     lines = [f"# One Llama-3-70B-shaped layer on {machine['gpu']} (T = {args.experts} experts, torch "
              f"{machine['torch']}, {machine['date']})", "",
              f"Command: `python benchmarks/bench_gpu_layer.py --methods {args.methods} --experts {args.experts} "
@@ -113,7 +114,7 @@ def main() -> None:
                      f"{r['seconds_per_layer']:.2f} | {r['seconds_embedding']:.2f} | "
                      f"{r['projected_70b_one_gpu_s'] / 60:.1f} min | {r['projected_70b_8_gpus_s'] / 60:.1f} min | "
                      f"{r['peak_gib_layer']:.1f} / {r['peak_gib_embedding']:.1f} |")
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"{args.out}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

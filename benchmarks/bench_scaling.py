@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTMERGE_BENCH_CACHE",
                                                                           Path.home() / ".cache/distmerge-bench")))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     args = parser.parse_args()
     paths = family(args.cache, args.hidden, args.layers, args.experts)
     work = Path(tempfile.mkdtemp(prefix="distmerge-scaling-"))
@@ -92,8 +93,8 @@ def main() -> None:
     machine = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
                "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     name = args.out or f"scaling_{args.method}_{args.device}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "args": vars(args) | {"cache": None},
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.json").write_text(json.dumps({"machine": machine, "args": vars(args) | {"cache": None},
                                                       "results": rows}, indent=2, default=str))
     lines = [f"# Scaling: {args.method} on {args.device} ({machine['device']}, {machine['cores']} cores, "
              f"{machine['date']})", "",
@@ -104,7 +105,7 @@ def main() -> None:
              "| run | median s | speedup vs ray x1 | same bytes as local |", "|---|---:|---:|---|"]
     lines += [f"| {r['run']} | {r['median_s']:.1f} | {r['speedup_vs_ray_x1']:.2f} | {r['same_bytes_as_local']} |"
               for r in rows]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results name (default: svd_<device>)")
     parser.add_argument("--single-above", type=float, default=60.0,
                         help="a case whose first run takes longer than this many seconds is timed once")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     machine = {
@@ -94,15 +95,15 @@ def main() -> None:
             rows_out.append({"size": size, "case": label, "seconds": seconds, "runs": runs})
             print(f"{size:>12} {label:<22} {seconds:9.3f} s ({runs} run(s))", flush=True)
     name = args.out or f"svd_{args.device}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "results": rows_out}, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.json").write_text(json.dumps({"machine": machine, "results": rows_out}, indent=2))
     lines = [f"# SVD backends and polar step ({machine['device']}, torch {machine['torch']}, "
              f"{machine['cpu_threads']} CPU threads, {machine['date']})", "",
              f"Median of {args.repeats} runs after a warm-up run (1 run where the first took over "
              f"{args.single_above:g} s). Command: `python benchmarks/bench_svd.py --device {args.device}"
              f" --sizes {args.sizes} --repeats {args.repeats}`", "", "| matrix | case | seconds | runs |", "|---|---|---:|---:|"]
     lines += [f"| {r['size']} | {r['case']} | {r['seconds']:.3f} | {r['runs']} |" for r in rows_out]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
