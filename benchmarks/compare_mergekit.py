@@ -6,7 +6,8 @@
 1. Creates (if missing) a scratch virtual environment outside the repository and installs `torch==2.13.0
    mergekit==0.1.5` into it (torch pinned exactly: the CPU wheel on disk, not a multi-GB CUDA build).
 2. Writes a small Llama-shaped family (a base and three experts) four times: float32 and bfloat16, each as
-   one model.safetensors and as shards with an index.
+   one model.safetensors and as shards with an index; and once more in float32 with the task vectors scaled
+   down 500 times (gentle fine-tunes, where guards on tiny norms start to matter).
 3. For every method both tools have, writes one mergekit YAML per input variant and merges it with
    `mergekit-yaml CFG OUT` (scratch venv) and `distmerge merge CFG -o OUT --quiet` (this venv). By default each
    tool runs all its configs in one Python process, through the same click entry point its console script
@@ -118,7 +119,29 @@ def make_families(work: Path, hidden: int, layers: int) -> dict[str, Family]:
                             shard_size=shard_size, seed=0)
             families[label] = Family(label, dtype, sharded, str(directory / "base"),
                                      tuple(str(directory / f"expert{i}") for i in (1, 2, 3)))
+    families["f32-small"] = make_small_family(families["f32-single"], directory.parent)
     return families
+
+
+SMALL_SCALE = 0.002  # task vectors of ~1e-4 (norms) in the vectors and ~1e-3 in the matrices: gentle fine-tunes
+
+
+def make_small_family(family: Family, directory: Path) -> Family:
+    """The float32 family with every task vector scaled by SMALL_SCALE, so that per-tensor statistics come near
+    the epsilons that guard them (model_stock clamps the product of two task-vector norms at 1e-6)."""
+    from distmerge.synthetic import save_checkpoint
+
+    directory = directory / "f32-small"
+    experts = tuple(str(directory / Path(path).name) for path in family.experts)
+    if not (directory / "base" / "config.json").exists():
+        config = json.loads((Path(family.base) / "config.json").read_text())
+        base = load_checkpoint(Path(family.base))
+        save_checkpoint(directory / "base", base, config, dtype=torch.float32)
+        for source, target in zip(family.experts, experts):
+            expert = load_checkpoint(Path(source))
+            small = {name: base[name] + SMALL_SCALE * (expert[name] - base[name]) for name in base}
+            save_checkpoint(target, small, config, dtype=torch.float32)
+    return Family("f32-small", "float32", False, str(directory / "base"), experts)
 
 
 # ---- the configs -----------------------------------------------------------------------------------------------
@@ -173,6 +196,7 @@ class Variant:
 VARIANTS = (
     Variant("f32", "f32-single", "float32"),
     Variant("f32 sharded", "f32-sharded", "float32"),
+    Variant(f"f32, task vectors x{SMALL_SCALE}", "f32-small", "float32"),
     Variant("bf16 in, f32 compute", "bf16-single", "float32"),
     Variant("bf16 sharded in, f32 compute, bf16 out", "bf16-sharded", "float32", out_dtype="bfloat16"),
     Variant("bf16 in, dtype bf16", "bf16-single", "bfloat16"),
@@ -417,15 +441,17 @@ def probe_boundary(probe: TieProbe, magnitudes: torch.Tensor, k: int, descending
 
 
 def tie_probes(families: dict[str, Family], densities=tuple(i / 20 for i in range(1, 20))) -> list[TieProbe]:
-    """For float32 task vectors from the float32 and the bfloat16 inputs, on CPU (and CUDA when present)."""
+    """For float32 task vectors from the float32, small float32 and bfloat16 inputs, on CPU (and CUDA if any)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     probes = []
-    for label in ("f32-single", "bf16-single"):
+    names = {"f32-single": "float32 inputs", "f32-small": f"float32 inputs, task vectors x{SMALL_SCALE}",
+             "bf16-single": "bfloat16 inputs"}
+    for label, name in names.items():
         family = families[label]
         base = load_checkpoint(Path(family.base))
         experts = [load_checkpoint(Path(path)) for path in family.experts]
         for device in devices:
-            probe = TieProbe(f"{family.dtype} inputs, {device}")
+            probe = TieProbe(f"{name}, {device}")
             for name, b in base.items():
                 for expert in experts:
                     magnitudes = (expert[name].float() - b.float()).abs().reshape(-1).to(device)
@@ -491,7 +517,9 @@ def header(context: dict, n_cases: int) -> list[str]:
          f"peer venv `{context['venv']}`: {peers}"),
         (f"- inputs: synthetic Llama family (`distmerge.synthetic.make_family`, base + 3 experts, hidden "
          f"{context['hidden']}, {context['layers']} layers, {context['numel']} parameters), written in float32 and "
-         "bfloat16, as one file and as shards."),
+         f"bfloat16, as one file and as shards; `task vectors x{SMALL_SCALE}` is the float32 family with every "
+         "expert moved "
+         f"to base + {SMALL_SCALE} (expert - base)."),
         (f"- mergekit ran as `mergekit-yaml CFG OUT --no-lazy-unpickle --quiet --no-write-model-card`; distmerge "
          f"as `distmerge merge CFG -o OUT --quiet --force` ({context['mode']}). The YAMLs are under "
          f"`{context['work']}/configs/`."),
@@ -547,7 +575,8 @@ def defaults_section(methods: list[str]) -> list[str]:
          "bfloat16 rounding; `rescale: true` is mergekit's L1 rescale (distmerge's own default is `inverse`); at "
          "the top-k boundary distmerge breaks exact ties by index, mergekit takes whatever order torch's default "
          "(unstable) sort gives, which matters only where magnitudes tie exactly: often with bfloat16 inputs, "
-         "rarely but possibly with float32 ones (see the probe below)."),
+         "rarely with float32 ones unless the task vectors are a few ulps of the weights (the `task vectors` "
+         "column; see the probe below)."),
     ]
     return lines
 
