@@ -15,7 +15,11 @@ import torch
 # not depend on convergence settings, and it is what "exact" promises.
 CUDA_SVD_DRIVER = "gesvd"
 ROW_CHUNK = 1 << 14  # rows per step of chunked products: bounds their scratch
-POLAR_RCOND = 1e-6  # singular values below this fraction of the largest are treated as zero by the polar factor
+# Singular values below this fraction of the largest are treated as zero by the Gram polar factor: far enough
+# below float32's resolution that every direction the float32 input can resolve is kept (as an SVD would), and
+# above the float64 Gram's noise floor (~1e-8), where exactly repeated directions (a task merged with its copy) land.
+POLAR_RCOND = 1e-7
+WHITENING_BLOCK_BYTES = 1 << 28  # float64 scratch per step of the polar factor's product
 
 
 @dataclass
@@ -167,16 +171,20 @@ def polar_via_gram(matrix: torch.Tensor) -> torch.Tensor:
     """The polar factor of a tall matrix A: A (A^T A)^{-1/2}, from the eigen-decomposition of the small Gram
     matrix, in place.
 
-    The Gram matrix squares A's condition number, so it is formed and decomposed in float64; the result is
-    then as accurate as A's own rounding allows. Directions with singular values below POLAR_RCOND of the
+    The Gram matrix squares A's condition number, so it is formed, decomposed and applied in float64; the result
+    is then as accurate as A's own rounding allows (more accurate than a float32 SVD). Directions with singular values below POLAR_RCOND of the
     largest are dropped (a pseudo-inverse): merging a task with a copy of itself then returns that task,
     where an SVD would pick an arbitrary completion.
     """
     eigenvalues, vectors = torch.linalg.eigh(gram64(matrix))
     keep = eigenvalues > (POLAR_RCOND**2) * eigenvalues[-1].clamp(min=torch.finfo(torch.float64).tiny)
     inverse_root = torch.where(keep, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-    whitening = ((vectors * inverse_root) @ vectors.mT).to(matrix.dtype)
-    return multiply_rows_(matrix, whitening)
+    whitening = (vectors * inverse_root) @ vectors.mT
+    rows = max(1, WHITENING_BLOCK_BYTES // (8 * matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        block = matrix[start:start + rows]
+        block.copy_(block.double() @ whitening)
+    return matrix
 
 
 def singular_values_via_gram(matrix: torch.Tensor) -> torch.Tensor:
@@ -222,14 +230,6 @@ class StackedFactors:
             S = torch.full_like(S, float(S.mean()))
         U, V = polar(U, polar_method), polar(V, polar_method)
         return add_low_rank_(target, U, S, V, scale)
-
-
-def multiply_rows_(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """matrix @ right, written into `matrix` a block of rows at a time (right is square)."""
-    for start in range(0, matrix.shape[0], ROW_CHUNK):
-        block = matrix[start:start + ROW_CHUNK]
-        block.copy_(block @ right)
-    return matrix
 
 
 def add_low_rank_(target: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
