@@ -137,10 +137,11 @@ class MergePlan:
     def svd_count(self) -> int:
         return sum(len(self.models) for t in self.tensors if t.svd)
 
-    def compute_flops(self, job: TensorJob) -> float:
-        """Floating-point operations for one tensor (SVDs dominate; elementwise work is negligible)."""
+    def compute_flops(self, job: TensorJob) -> dict[str, float]:
+        """Floating-point operations for one tensor, by the route that runs them (SVD backend, `polar`, or
+        `elementwise`): the routes run at very different rates (float64 Gram products vs LAPACK vs sketches)."""
         if not job.svd:
-            return 20.0 * job.numel * len(self.models)
+            return {"elementwise": 20.0 * job.numel * len(self.models)}
         rows, cols = job.shape
         n_tasks, rank = len(self.models), min(rows, cols)
         per_task = rank // n_tasks
@@ -154,7 +155,7 @@ class MergePlan:
         else:
             one = 14.0 * max(rows, cols) * rank**2 + 8.0 * rank**3  # thin SVD with both factors
         polar = 2 * (4.0 * (rows + cols) * rank**2 + 9.0 * rank**3)  # Gram, eigh and product, for U and for V
-        return n_tasks * one + polar
+        return {backend: n_tasks * one, "polar": polar}
 
 
 def natural_key(name: str) -> list:
@@ -387,8 +388,13 @@ def _fingerprint(plan: MergePlan) -> str:
 
 # Sustained rates of one worker, measured by benchmarks/bench_svd.py (see benchmarks/results/): float32
 # SVD-heavy work in flop/s, and elementwise merging in bytes of input per second.
-WORKER_FLOPS = {"cpu": 8e10, "cuda": 2e12}
-WORKER_ELEMENTWISE_BYTES = {"cpu": 1.5e9, "cuda": 5e11}
+# Sustained rates of one worker per route, from benchmarks/results/svd_cuda.md and gpu_layer.md (H100) and the
+# CPU SVD benchmark (2 cores); the flop counts of compute_flops divided by measured seconds.
+WORKER_FLOPS = {
+    "cpu": {"exact": 8.6e10, "gram": 6e10, "randomized": 8e10, "polar": 6e10},
+    "cuda": {"exact": 3.8e12, "gram": 1.5e13, "randomized": 7.8e12, "polar": 1.5e13},
+}
+WORKER_ELEMENTWISE_BYTES = {"cpu": 1.5e9, "cuda": 5e11}  # bytes read per second by elementwise methods
 
 
 @dataclass(frozen=True)
@@ -408,8 +414,8 @@ def estimate_seconds(plan: MergePlan, cluster: Cluster) -> dict[str, float]:
     kind = cluster.device.split(":")[0]
 
     def unit_seconds(unit: WorkUnit) -> float:
-        return sum(plan.compute_flops(t) / WORKER_FLOPS[kind] if t.svd
-                   else plan.read_bytes(t) / WORKER_ELEMENTWISE_BYTES[kind] for t in unit.tensors)
+        return sum(sum(flops / WORKER_FLOPS[kind][route] for route, flops in plan.compute_flops(t).items())
+                   if t.svd else plan.read_bytes(t) / WORKER_ELEMENTWISE_BYTES[kind] for t in unit.tensors)
 
     compute = sum(unit_seconds(u) for u in plan.units)
     return {
