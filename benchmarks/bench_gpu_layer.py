@@ -1,6 +1,7 @@
 """Spectral merges of one Llama-3-70B-shaped decoder layer on a GPU, and the projection to a whole 70B model.
 
     python benchmarks/bench_gpu_layer.py [--methods tsvm,tsvm@svd=exact,rtsvm,iso_c,iso_cts,ties] [--experts 3]
+    python benchmarks/bench_gpu_layer.py --device cpu --scale 64 --methods tsvm,ties   # smoke test, no GPU
 
 A method entry may carry parameters after `@` (`tsvm@svd=exact`).
 
@@ -35,34 +36,43 @@ LAYER = {
 }
 
 
-def inputs(shape, n_experts: int, seed: int):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    base = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)
-    models = torch.empty((n_experts, *shape), device="cuda", dtype=torch.float32)
+def inputs(shape, n_experts: int, seed: int, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    base = (0.02 * torch.randn(shape, device=device, generator=gen)).to(torch.bfloat16)
+    models = torch.empty((n_experts, *shape), device=device, dtype=torch.float32)
     for t in range(n_experts):
-        rank = 64
-        update = torch.randn(shape[0], rank, device="cuda", generator=gen) @ torch.randn(
-            rank, shape[1], device="cuda", generator=gen) * (0.002 / rank**0.5)
-        spikes = (torch.rand(shape, device="cuda", generator=gen) < 0.001) * 0.02 * torch.randn(
-            shape, device="cuda", generator=gen)
-        noise = 0.0005 * torch.randn(shape, device="cuda", generator=gen)
+        rank = min(64, *shape)
+        update = torch.randn(shape[0], rank, device=device, generator=gen) @ torch.randn(
+            rank, shape[1], device=device, generator=gen) * (0.002 / rank**0.5)
+        spikes = (torch.rand(shape, device=device, generator=gen) < 0.001) * 0.02 * torch.randn(
+            shape, device=device, generator=gen)
+        noise = 0.0005 * torch.randn(shape, device=device, generator=gen)
         models[t] = (base.float() + update + spikes + noise).to(torch.bfloat16).float()
     return base.float(), models
 
 
-def run_method(method: str, name: str, shape, n_experts: int, params: dict) -> tuple[float, int]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_method(method: str, name: str, shape, n_experts: int, params: dict,
+               device: torch.device) -> tuple[float, int]:
+    """Seconds of the method's compute, and its peak device memory (0 on CPUs, where it is not tracked)."""
     spec = get_method(method)
-    base, models = inputs(shape, n_experts, seed=hash(name) % 2**31)
+    base, models = inputs(shape, n_experts, seed=hash(name) % 2**31, device=device)
     p = spec.defaults(n_experts, **params)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     spec.fn(base, models, p, TensorContext(name, model_ids=tuple(range(n_experts))))
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     del base, models
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return seconds, peak
 
 
@@ -74,9 +84,14 @@ def main() -> None:
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--out", default="gpu_layer")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="divide every dimension by this (a smoke test; the 70B projection then means nothing)")
     args = parser.parse_args()
-    resolve_device("cuda")  # the engine's CUDA set-up: IEEE float32 matrix products
-    run_method("ties", "warmup", (1024, 1024), args.experts, {})
+    device = resolve_device(args.device)  # the engine's set-up (on CUDA: IEEE float32 matrix products)
+    layer = {name: (rows // args.scale, cols // args.scale) for name, (rows, cols) in LAYER.items()}
+    embedding = (VOCAB // args.scale, HIDDEN // args.scale)
+    run_method("ties", "warmup", (1024 // args.scale, 1024 // args.scale), args.experts, {}, device)
     rows = []
     for entry in args.methods.split(","):
         method, _, settings = entry.partition("@")
@@ -84,14 +99,15 @@ def main() -> None:
         layer_seconds, peaks = [], []
         for repeat in range(args.repeats):
             total = 0.0
-            for name, shape in LAYER.items():
-                seconds, peak = run_method(method, f"model.layers.{repeat}.{name}", shape, args.experts, params)
+            for name, shape in layer.items():
+                seconds, peak = run_method(method, f"model.layers.{repeat}.{name}", shape, args.experts, params,
+                                           device)
                 total += seconds
                 peaks.append(peak)
             layer_seconds.append(total)
         per_layer = statistics.median(layer_seconds)
         embed_seconds, embed_peak = (float("nan"), 0) if args.skip_embedding else run_method(
-            method, "model.embed_tokens.weight", (VOCAB, HIDDEN), args.experts, params)
+            method, "model.embed_tokens.weight", embedding, args.experts, params, device)
         whole = LAYERS * per_layer + (0 if args.skip_embedding else 2 * embed_seconds)
         row = {"method": method, "params": params, "seconds_per_layer": per_layer,
                "seconds_embedding": embed_seconds, "projected_70b_one_gpu_s": whole,
@@ -99,14 +115,15 @@ def main() -> None:
                "peak_gib_embedding": embed_peak / 2**30}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    machine = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "CPU", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "experts": args.experts}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.out}.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    lines = [f"# One Llama-3-70B-shaped layer on {machine['gpu']} (T = {args.experts} experts, torch "
+    shaped = "Llama-3-70B-shaped" if args.scale == 1 else f"Llama-3-70B-shaped (every dimension / {args.scale})"
+    lines = [f"# One {shaped} layer on {machine['gpu']} (T = {args.experts} experts, torch "
              f"{machine['torch']}, {machine['date']})", "",
              f"Command: `python benchmarks/bench_gpu_layer.py --methods {args.methods} --experts {args.experts} "
-             f"--repeats {args.repeats}`. Compute only (inputs already on the GPU in float32).", "",
+             f"--repeats {args.repeats} --device {args.device} --scale {args.scale}`. Compute only (inputs already on the device in float32).", "",
              "| method | params | s / layer | s / embedding | 70B on 1 GPU | 70B on 8 GPUs | peak GiB (layer / emb.) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

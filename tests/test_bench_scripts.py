@@ -1,0 +1,63 @@
+"""Every benchmark script runs end to end on a tiny setting, so none of them rots between benchmark runs.
+
+These check that the scripts run and write their results, not the numbers (speed is never asserted in tests).
+The comparisons with mergekit and FusionBench install the peers into scratch venvs outside the repository on
+first use (PyPI only, torch pinned to the local CPU wheel), and fail if the two tools disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run_script(script: str, *args: str, timeout: int = 900, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_bench_svd(tmp_path):
+    run_script("bench_svd.py", "--sizes", "96x64", "--repeats", "1", "--results", str(tmp_path))
+    rows = json.loads((tmp_path / "svd_cpu.json").read_text())
+    assert rows and (tmp_path / "svd_cpu.md").read_text().count("| 96x64 |") >= 3
+
+
+def test_bench_gpu_layer_on_a_scaled_down_layer(tmp_path):
+    run_script("bench_gpu_layer.py", "--device", "cpu", "--scale", "128", "--methods", "tsvm,rtsvm,ties",
+               "--results", str(tmp_path))
+    rows = json.loads((tmp_path / "gpu_layer.json").read_text())["results"]
+    assert [row["method"] for row in rows] == ["tsvm", "rtsvm", "ties"]
+    assert all(row["seconds_per_layer"] > 0 for row in rows)
+
+
+def test_bench_scaling_with_one_ray_worker(tmp_path):
+    run_script("bench_scaling.py", "--method", "ties", "--workers", "1", "--hidden", "64", "--layers", "2",
+               "--experts", "2", "--repeats", "1", "--shard-size", "100KB", "--cache", str(tmp_path / "cache"),
+               "--results", str(tmp_path), "--out", "scaling")
+    rows = json.loads((tmp_path / "scaling.json").read_text())["results"]
+    assert [row["run"] for row in rows] == ["local", "ray x1"] and all(row["same_bytes_as_local"] for row in rows)
+
+
+@pytest.mark.peers
+def test_compare_mergekit_agrees_on_a_small_family(tmp_path):
+    run_script("compare_mergekit.py", "--methods", "linear,ties", "--hidden", "32", "--layers", "1",
+               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "parity.md"), timeout=1800)
+    assert "| linear |" in (tmp_path / "parity.md").read_text()
+
+
+@pytest.mark.peers
+def test_compare_fusionbench_agrees_on_a_small_family(tmp_path):
+    run_script("compare_fusionbench.py", "--methods", "tsvm", "--sizes", "64x176x4x2x256", "--tasks", "2",
+               "--layers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "parity.md"),
+               timeout=1800)
+    assert "| tsvm |" in (tmp_path / "parity.md").read_text()
