@@ -3,7 +3,8 @@
     python benchmarks/bench_svd.py [--device cuda] [--sizes 4096x4096,8192x8192,28672x8192] [--repeats 3]
 
 For each matrix (a random low-rank-plus-noise "task vector"): the exact SVD (on CUDA, each cuSOLVER driver),
-the float64-Gram route (`svd: gram`), randomized SVDs at TSV-M's rank for T = 3 (r/3) and at a small adaptive rank (r/16), and the polar step that
+the float64-Gram route (`svd: gram`), randomized SVDs (distmerge's default oversampling and subspace iterations) at TSV-M's rank for T = 3 (r/3)
+and at a small adaptive rank (r/16), and the polar step that
 orthogonalises T = 3 stacked blocks of singular vectors, by distmerge's Gram route and by the SVD route the
 reference uses. Medians of --repeats runs; results as JSON and a markdown table under benchmarks/results/.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from distmerge.methods import linalg
+from distmerge.methods.spectral import OVERSAMPLE, POWER_ITERS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,7 +64,8 @@ def cases(rows: int, cols: int, device: str):
         yield label, lambda d=driver: torch.linalg.svd(matrix, full_matrices=False, driver=d)
     yield "gram (float64 Gram)", lambda: linalg.gram_svd(matrix)
     for share, label in ((3, "randomized r/3"), (16, "randomized r/16")):
-        yield label, lambda k=rank // share: linalg.randomized_svd(matrix, k + 10, 2, sketch)
+        yield label, lambda k=rank // share: linalg.randomized_svd(matrix, k + OVERSAMPLE.default,
+                                                                   POWER_ITERS.default, sketch)
     stacked = stacked_blocks(rows, rank, device)
     yield "polar gram (U)", lambda: linalg.polar(stacked.clone(), "gram")
     yield "polar svd (U)", lambda: linalg.polar(stacked.clone(), "svd")
@@ -82,6 +86,7 @@ def main() -> None:
     machine = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "load_average_before": os.getloadavg(),
     }
     rows_out = []
     for size in args.sizes.split(","):
@@ -94,6 +99,7 @@ def main() -> None:
             seconds = first if runs == 1 else timed(fn, args.device, runs)
             rows_out.append({"size": size, "case": label, "seconds": seconds, "runs": runs})
             print(f"{size:>12} {label:<22} {seconds:9.3f} s ({runs} run(s))", flush=True)
+    machine["load_average_after"] = os.getloadavg()
     name = args.out or f"svd_{args.device}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{name}.json").write_text(json.dumps({"machine": machine, "results": rows_out}, indent=2))
@@ -101,7 +107,10 @@ def main() -> None:
              f"{machine['cpu_threads']} CPU threads, {machine['date']})", "",
              f"Median of {args.repeats} runs after a warm-up run (1 run where the first took over "
              f"{args.single_above:g} s). Command: `python benchmarks/bench_svd.py --device {args.device}"
-             f" --sizes {args.sizes} --repeats {args.repeats}`", "", "| matrix | case | seconds | runs |", "|---|---|---:|---:|"]
+             f" --sizes {args.sizes} --repeats {args.repeats}`. Load average (1, 5, 15 min) before "
+             f"{' / '.join(f'{x:.1f}' for x in machine['load_average_before'])}, after "
+             f"{' / '.join(f'{x:.1f}' for x in machine['load_average_after'])} ({os.cpu_count()} cores).", "",
+             "| matrix | case | seconds | runs |", "|---|---|---:|---:|"]
     lines += [f"| {r['size']} | {r['case']} | {r['seconds']:.3f} | {r['runs']} |" for r in rows_out]
     (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
