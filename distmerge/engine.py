@@ -35,9 +35,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity, in one reduction pass and no tensor-sized temporary: NaN propagates through
+    min and max, and an infinity is an extreme."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def read_checked(ckpt: Checkpoint, name: str) -> torch.Tensor:
     tensor = ckpt.read(name)
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise CheckpointError(f"model {ckpt.ref}: tensor {name} contains NaN or Inf values; this checkpoint is "
                               "corrupt or diverged in training. Fix or drop the model before merging")
     return tensor
@@ -61,7 +70,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple
     ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, plan.global_thresholds)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise ConfigError(f"merged tensor {job.name} has values outside the range of "
                           f"{CODE_TO_NAME.get(job.out_dtype, job.out_dtype)}; "
                           "save in bfloat16 or float32 (out_dtype), or lower lambda/weights")

@@ -91,6 +91,20 @@ def test_tsvm_on_orthogonal_task_subspaces_is_the_sum_of_truncations():
     close(run("tsvm", base, deltas, svd="exact"), np.sum(truncations, 0), 1e-5)
 
 
+@pytest.mark.parametrize("method", ["tsvm", "rtsvm", "iso_cts"])
+def test_a_matrix_narrower_than_the_task_count_keeps_no_triplets(method):
+    """floor(r/T) = 0 for a 2 x 16 matrix and 3 tasks (BERT's token-type embeddings with many experts):
+    tsvm and rtsvm add nothing to the base (METHODS.md's k = 0); iso_cts still has its common subspace."""
+    gen = np.random.default_rng(5)
+    base = gen.standard_normal((2, 16))
+    deltas = [gen.standard_normal((2, 16)) for _ in range(3)]
+    out = run(method, base, deltas)
+    if method == "iso_cts":
+        assert np.all(np.isfinite(out)) and not np.allclose(out, base)
+    else:
+        np.testing.assert_array_equal(out, base.astype(np.float32))
+
+
 def test_tsvm_of_a_task_and_its_copy_is_that_task(problem):
     base, deltas = problem
     half = min(base.shape) // 2

@@ -107,14 +107,14 @@ def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bo
             total = sum(weights)
             merged.div_(total if abs(total) >= 1e-8 else 1.0)
         return merged
-    positive = deltas.sum(0) >= 0
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     divisor = torch.zeros_like(deltas[0]) if how == "mean" else None
     for t, w in enumerate(weights):
-        agrees = torch.where(positive, deltas[t] > 0, deltas[t] < 0)
+        agrees = torch.sign(deltas[t]) == elected  # zeros agree with neither sign
         deltas[t].mul_(agrees)
         if divisor is not None:
-            divisor.add_(agrees.to(divisor.dtype), alpha=w)
-    del positive
+            divisor.add_(agrees, alpha=w)
+    del elected
     merged = deltas.sum(0)
     if divisor is not None:
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))

@@ -223,7 +223,10 @@ class StackedFactors:
 
     def add_to_(self, target: torch.Tensor, scale: float, polar_method: str,
                 flatten: bool = False) -> torch.Tensor:
-        """target += scale * U_o diag(S) V_o^T; `flatten` replaces every singular value by their mean."""
+        """target += scale * U_o diag(S) V_o^T; `flatten` replaces every singular value by their mean.
+        With no triplets (a matrix narrower than the number of tasks: floor(r/T) = 0) nothing is added."""
+        if self.used == 0:
+            return target
         U, V = self.U[:, :self.used], self.V[:, :self.used]
         S = torch.cat(self.S)
         if flatten:

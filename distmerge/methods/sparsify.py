@@ -79,12 +79,14 @@ def top_k_mask(magnitudes: torch.Tensor, k: int, prefer_low_index: bool = True) 
         return torch.zeros_like(magnitudes, dtype=torch.bool)
     tau = kth_largest(magnitudes, k)
     mask = magnitudes > tau
-    need = k - int(mask.sum())
-    equal = (magnitudes == tau).reshape(-1)
-    if int(equal.sum()) > need:
-        order = equal.cumsum(0) if prefer_low_index else equal.flip(0).cumsum(0).flip(0)
-        equal &= order <= need
-    return mask | equal.reshape(magnitudes.shape)
+    need = k - int(torch.count_nonzero(mask))
+    equal = magnitudes == tau
+    n_equal = int(torch.count_nonzero(equal))
+    if n_equal > need:
+        positions = equal.reshape(-1).nonzero().squeeze(1)  # ascending; only the tied entries
+        dropped = positions[need:] if prefer_low_index else positions[:n_equal - need]
+        equal.reshape(-1)[dropped] = False
+    return mask.logical_or_(equal)
 
 
 def magnitude_keep_count(density: float, n: int) -> int:
