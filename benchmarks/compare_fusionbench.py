@@ -6,7 +6,7 @@
 1. Creates (if missing) a scratch virtual environment outside the repository and installs `torch==2.13.0
    fusion-bench==0.2.33` into it (torch pinned exactly: the CPU wheel on disk, not a multi-GB CUDA build). If
    that install fails, it falls back to `fusion-bench --no-deps` plus the packages that importing the two modules
-   used here needs (MINIMAL_DEPS, found by trying).
+   used here needs (peers.FUSIONBENCH.minimal_deps, found by trying).
 2. Writes float32 Llama-shaped families (`distmerge.synthetic.make_family`, a base and 4 experts, 2 layers) in a
    few sizes; every size has non-square matrices (k/v projections, MLP, embeddings, lm_head). T = 2, 3, 4 use the
    first T experts.
@@ -47,20 +47,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import FUSIONBENCH, ensure_peer_venv, package_versions
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "fusionbench_parity.md"
-DEFAULT_VENV = Path.home() / ".cache" / "distmerge" / "peers" / "fusion-bench-0.2.33"
+DEFAULT_VENV = FUSIONBENCH.default_venv
 DEFAULT_WORK = Path.home() / ".cache" / "distmerge" / "fusionbench-parity"
-PEER_REQUIREMENTS = ("torch==2.13.0", "fusion-bench==0.2.33")
-# What importing TSVM_utils and iso_utils needs when fusion-bench is installed with --no-deps (found by trying:
-# fusion_bench/__init__ pulls in hydra/omegaconf, lightning, transformers, datasets, peft, ...).
-MINIMAL_DEPS = ("packaging", "omegaconf", "bidict", "hydra-core", "lightning-utilities", "rich", "lightning",
-                "transformers", "accelerate", "datasets", "peft", "safetensors")
-PEER_IMPORTS = ("from fusion_bench.method.task_singular_vector.utils.TSVM_utils import "
-                "compute_and_sum_svd_mem_reduction\n"
-                "from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts\n"
-                "import safetensors.torch\n")
-
 METHODS = ("tsvm", "iso_c", "iso_cts")
 POLARS = ("gram", "svd")
 DEFAULT_SIZES = "64x176x4x2x256,132x344x4x2x200,192x512x6x2x320"
@@ -69,83 +62,6 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 def log(message: str) -> None:
     print(f"[compare_fusionbench] {message}", file=sys.stderr, flush=True)
-
-
-# ---- the scratch environment -------------------------------------------------------------------------------
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def package_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
-    """Installed versions in the environment of `python` (missing packages are left out)."""
-    code = ("import json, importlib.metadata as m, sys\n"
-            "out = {}\n"
-            "for name in sys.argv[1:]:\n"
-            "    try: out[name] = m.version(name)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
-    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
-
-
-def peer_imports_ok(python: Path) -> str | None:
-    """None when the FusionBench functions import in the scratch venv, else the error's last line."""
-    result = subprocess.run([str(python), "-c", PEER_IMPORTS], capture_output=True, text=True)
-    if result.returncode == 0:
-        return None
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit {result.returncode}"
-
-
-def pip_install(python: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
-
-
-def ensure_peer_venv(venv: Path, mode: str) -> tuple[Path, str]:
-    """The scratch venv's python and how its packages got there; creates and installs what is missing.
-
-    mode `auto` installs the pinned requirements with their dependencies and falls back to `minimal` (fusion-bench
-    with --no-deps plus MINIMAL_DEPS) when that fails; `full` and `minimal` force one route.
-    """
-    if venv.resolve().is_relative_to(REPO):
-        raise SystemExit(f"--venv {venv} is inside the repository; give a path outside it")
-    python = venv_python(venv)
-    marker = venv / "distmerge-peer.json"
-    wanted = dict(req.split("==") for req in PEER_REQUIREMENTS)
-    if python.exists():
-        have = package_versions(python, tuple(wanted))
-        if all(have.get(n, "").split("+")[0] == v for n, v in wanted.items()) and peer_imports_ok(python) is None:
-            route = json.loads(marker.read_text()).get("route", "?") if marker.exists() else "found installed"
-            return python, route
-    else:
-        log(f"creating the scratch venv {venv}")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    route, errors = None, []
-    if mode in ("auto", "full"):
-        log(f"installing {' '.join(PEER_REQUIREMENTS)} with dependencies into {venv} (about 3 minutes)")
-        result = pip_install(python, *PEER_REQUIREMENTS)
-        error = (result.stderr.strip().splitlines() or ["?"])[-1] if result.returncode else peer_imports_ok(python)
-        if error is None:
-            route = f"pip install {' '.join(PEER_REQUIREMENTS)}"
-        else:
-            errors.append(f"full install: {error}")
-    if route is None and mode in ("auto", "minimal"):
-        log("installing fusion-bench with --no-deps plus the packages its imports need")
-        first = pip_install(python, PEER_REQUIREMENTS[0], *MINIMAL_DEPS)
-        second = pip_install(python, "--no-deps", PEER_REQUIREMENTS[1])
-        failed = next((r for r in (first, second) if r.returncode), None)
-        error = (failed.stderr.strip().splitlines() or ["?"])[-1] if failed else peer_imports_ok(python)
-        if error is None:
-            route = (f"pip install {PEER_REQUIREMENTS[0]} {' '.join(MINIMAL_DEPS)}; "
-                     f"pip install --no-deps {PEER_REQUIREMENTS[1]}")
-        else:
-            errors.append(f"minimal install: {error}")
-    if route is None:
-        raise SystemExit(f"could not set up FusionBench in {venv}:\n" + "\n".join(errors))
-    marker.write_text(json.dumps({"route": route}))
-    return python, route
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -162,7 +78,7 @@ class Size:
     vocab: int
 
     @classmethod
-    def parse(cls, text: str) -> "Size":
+    def parse(cls, text: str) -> Size:
         parts = [int(p) for p in text.lower().split("x")]
         if len(parts) != 5:
             raise SystemExit(f"--sizes entry {text!r}: want HIDDENxINTERMEDIATExHEADSxKV_HEADSxVOCAB")
@@ -348,7 +264,7 @@ def run_one_process_each(jobs, threads: int) -> dict[str, str]:
     for cfg, out in jobs:
         command = [str(Path(sys.executable).parent / "distmerge"), "merge", str(cfg), "-o", str(out), "--quiet",
                    "--force", "--threads", str(threads)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:
             failures[str(out)] = result.stderr[-2000:]
     return failures
@@ -402,7 +318,7 @@ class TensorResult:
     fb_rel_exact: float  # ||FusionBench - FusionBench float64|| / ||FusionBench float64 - base||
     from_average: float  # ||FusionBench - (b + alpha mean d)|| / ||FusionBench - base||: 0 when averaged
 
-    def verdict(self, tol: "Tolerance") -> str:
+    def verdict(self, tol: Tolerance) -> str:
         if self.rel <= tol.rel:
             return "equal"
         return "round-off" if self.rel_exact <= tol.ratio * self.fb_rel_exact else "MISMATCH"
@@ -537,15 +453,16 @@ def machine() -> str:
 
 
 def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False)
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "distmerge"],
-                           capture_output=True, text=True).stdout.strip()
+                           capture_output=True, text=True, check=False).stdout.strip()
     return (result.stdout.strip() or "unknown") + (" + uncommitted changes under distmerge/" if dirty else "")
 
 
 def summary_table(results: list[CaseResult], tol: Tolerance) -> list[str]:
-    lines = ["| method | T | polar | size | tensors | max abs diff | max rel diff | worst tensor | "
-             f"tensors > {tol.rel:g} | distmerge vs float64 | FusionBench vs float64 | cond | verdict |",
+    lines = [("| method | T | polar | size | tensors | max abs diff | max rel diff | worst tensor | "
+             f"tensors > {tol.rel:g} | distmerge vs float64 | FusionBench vs float64 | cond | verdict |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.case
@@ -611,13 +528,13 @@ def render(results: list[CaseResult], context: dict) -> str:
     lines = [
         "# distmerge vs FusionBench 0.2.33: TSV-M, Iso-C, Iso-CTS",
         "",
-        f"Generated by `benchmarks/compare_fusionbench.py` on {context['date']} "
-        f"({context['seconds']:.0f} s for {len(results)} comparisons).",
+        (f"Generated by `benchmarks/compare_fusionbench.py` on {context['date']} "
+        f"({context['seconds']:.0f} s for {len(results)} comparisons)."),
         "",
         f"- command: `{context['command']}`",
         f"- machine: {context['machine']}",
-        f"- distmerge {context['distmerge']} (git {context['git']}), torch {context['torch']}, "
-        f"{context['threads']} thread(s) per process",
+        (f"- distmerge {context['distmerge']} (git {context['git']}), torch {context['torch']}, "
+        f"{context['threads']} thread(s) per process"),
         f"- peer venv `{context['venv']}`: " + ", ".join(f"{k} {v}" for k, v in context["peer_versions"].items())
         + f"; installed by `{context['route']}`",
         f"- inputs: float32 synthetic Llama families (`distmerge.synthetic.make_family`, seed 0, base + "
@@ -625,25 +542,25 @@ def render(results: list[CaseResult], context: dict) -> str:
         "Sizes (hidden x intermediate x heads x kv heads x vocab): "
         + ", ".join(f"{s.label} = {s.hidden}x{s.intermediate}x{s.heads}x{s.kv_heads}x{s.vocab}"
                     for s in context["sizes"]) + ".",
-        f"- FusionBench: `compute_and_sum_svd_mem_reduction(task_vectors, accelerator=\"cpu\")` (TSV-M), "
+        (f"- FusionBench: `compute_and_sum_svd_mem_reduction(task_vectors, accelerator=\"cpu\")` (TSV-M), "
         f"`iso_c(task_vectors, accelerator=\"cpu\")`, `iso_cts(task_vectors, common_space_fraction="
         f"{context['common_fraction']}, accelerator=\"cpu\")`, default `exclude_keys` (every 2-D tensor goes through "
         f"the SVD, embeddings and lm_head included); result `base + alpha * merged` with alpha = {context['alpha']}, "
         "as its TSVM / IsoC / IsoCTS algorithms apply a single alpha. Run in float32 (the reference) and in float64 "
-        "(the `float64` columns: how far each float32 result is from exact arithmetic).",
+        "(the `float64` columns: how far each float32 result is from exact arithmetic)."),
         f"- distmerge: `distmerge merge CFG -o OUT --quiet --force --threads {context['threads']}` "
         f"({context['mode']}), `parameters: {{alpha: {context['alpha']}, svd: exact, polar: gram | svd"
         + (f", common_fraction: {context['common_fraction']} (iso_cts)" if "iso_cts" in context["methods"] else "")
         + "}`, `dtype: float32`; YAMLs under `" + f"{context['work']}/configs/`.",
-        "- rel diff = ||distmerge - FusionBench||_F / ||FusionBench - base||_F per tensor (the difference on the "
+        ("- rel diff = ||distmerge - FusionBench||_F / ||FusionBench - base||_F per tensor (the difference on the "
         "scale of the merged task vector); the tables give the largest over tensors. `distmerge vs float64` and "
-        "`FusionBench vs float64` are the same measure against FusionBench's float64 run.",
-        f"- tolerance, per tensor: `equal` when rel diff <= {tol.rel:g} (float32 round-off, float32 eps = "
+        "`FusionBench vs float64` are the same measure against FusionBench's float64 run."),
+        (f"- tolerance, per tensor: `equal` when rel diff <= {tol.rel:g} (float32 round-off, float32 eps = "
         f"{FLOAT32_EPS:.2e}); else `round-off` when distmerge is no farther from the float64 result than "
         f"{tol.ratio:g}x FusionBench's own float32 result is (two float32 computations of the truncated SVDs differ "
         "by their round-off, which here reaches a few 1e-5 for FusionBench itself); else `MISMATCH`, which fails "
         "the run. `cond` is the largest condition number (sigma_max / sigma_min) of the matrices that are "
-        "orthogonalised, at the worst tensor (tsvm, iso_cts: the stacked U and V; iso_c: the summed task vector).",
+        "orthogonalised, at the worst tensor (tsvm, iso_cts: the stacked U and V; iso_c: the summed task vector)."),
         "- rank per task: FusionBench computes k = int(r * (1/T)), distmerge r // T; for the shapes and T here "
         + (f"they differ for {len(context['rank_hits'])}: " + "; ".join(context["rank_hits"][:8])
            if context["rank_hits"] else "they agree everywhere (the two first differ at T = 49).")
@@ -657,9 +574,9 @@ def render(results: list[CaseResult], context: dict) -> str:
         "",
         "## Per tensor kind (all runs)",
         "",
-        "The third column is ||FusionBench - (base + alpha mean_t d_t)|| / ||FusionBench - base||: 0 for the 1-D "
+        ("The third column is ||FusionBench - (base + alpha mean_t d_t)|| / ||FusionBench - base||: 0 for the 1-D "
         "tensors that both tools average, far from 0 for the 2-D ones (embeddings and lm_head included) that go "
-        "through the SVD, so a tool that averaged them instead would fail the comparison.",
+        "through the SVD, so a tool that averaged them instead would fail the comparison."),
         "",
         *kind_table(results),
         "",
@@ -717,7 +634,7 @@ def main(argv=None) -> int:
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     venv = args.venv.expanduser()
-    peer_python, route = ensure_peer_venv(venv, args.install)
+    peer_python, route = ensure_peer_venv(FUSIONBENCH, venv, args.install, log=log)
     families = make_families(work, sizes, max(tasks), args.layers)
     cases = [Case(size, method, t) for method in methods for t in tasks for size in sizes]
     tools = [f"fusionbench-{p}" for p in ("float32", "float64")] + [f"distmerge-{p}" for p in POLARS]

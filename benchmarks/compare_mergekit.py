@@ -39,53 +39,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import MERGEKIT, ensure_peer_venv, package_versions
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "mergekit_parity.md"
-DEFAULT_VENV = Path.home() / ".cache" / "distmerge" / "peers" / "mergekit-0.1.5"
-PEER_REQUIREMENTS = ("torch==2.13.0", "mergekit==0.1.5")
+DEFAULT_VENV = MERGEKIT.default_venv
 
 # float32 round-off: differences up to this many float32 epsilons of the tensor's largest magnitude pass.
 ROUNDOFF_EPS = 16
 FLOAT32_EPS = torch.finfo(torch.float32).eps
-
-
-# ---- the scratch environment -------------------------------------------------------------------------------
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def package_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
-    """Installed versions in the environment of `python` (missing packages are left out)."""
-    code = ("import json, importlib.metadata as m, sys\n"
-            "out = {}\n"
-            "for name in sys.argv[1:]:\n"
-            "    try: out[name] = m.version(name)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
-    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
-
-
-def ensure_peer_venv(venv: Path) -> Path:
-    """The scratch venv's python, creating the venv and installing the pinned peers when they are missing."""
-    if venv.resolve().is_relative_to(REPO):
-        raise SystemExit(f"--venv {venv} is inside the repository; give a path outside it")
-    python = venv_python(venv)
-    wanted = dict(req.split("==") for req in PEER_REQUIREMENTS)
-    have = package_versions(python, tuple(wanted)) if python.exists() else {}
-    if all(have.get(name, "").split("+")[0] == version for name, version in wanted.items()):
-        return python
-    if not python.exists():
-        log(f"creating the scratch venv {venv}")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log(f"installing {' '.join(PEER_REQUIREMENTS)} into {venv} (a minute or two)")
-    result = subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"pip install into {venv} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return python
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -640,7 +603,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     work = args.work.resolve()
-    peer_python = ensure_peer_venv(args.venv.expanduser())
+    peer_python, _ = ensure_peer_venv(MERGEKIT, args.venv, log=log)
     families = make_families(work, args.hidden, args.layers)
     cases = cases_for(methods)
     configs = write_configs(cases, families, work)

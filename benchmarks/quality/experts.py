@@ -18,7 +18,7 @@ from .common import read_json, set_threads, write_json
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 300
     lr: float = 2e-4
     head_lr: float = 1e-3
     batch_size: int = 16
@@ -121,3 +121,56 @@ def expert_scores(cache: Path, data_key: str, cfg: TrainConfig, tasks: dict, log
         write_json(path, scores)
         log(f"expert {name}: val {np.mean(scores[name]['val']):.3f} test {np.mean(scores[name]['test']):.3f}")
     return {n: scores[n] for n in tasks}
+
+
+BASE_WITH_HEADS = "base encoder + expert heads"
+
+
+def base_with_expert_heads(cache: Path, data_key: str, cfg: TrainConfig, tasks: dict, log=print) -> dict:
+    """The unmerged base encoder read by each expert's own head: what every merge starts from (lambda = 0)."""
+    path = expert_paths(cache, data_key, cfg, "x")[0].parent / "base_with_heads.json"
+    if path.exists():
+        return read_json(path)
+    tok = E.load_tokenizer(cache / "encoder" / "base")
+    heads = {n: E.load_head(expert_paths(cache, data_key, cfg, n)[1]) for n in tasks}
+    out = {s: {n: v.astype(int).tolist() for n, v in E.evaluate_encoder(cache / "encoder" / "base", tok, tasks, heads,
+                                                                          s).items()} for s in ("val", "test")}
+    write_json(path, out)
+    log(f"{BASE_WITH_HEADS}: val {np.mean([np.mean(v) for v in out['val'].values()]):.3f} "
+        f"test {np.mean([np.mean(v) for v in out['test'].values()]):.3f}")
+    return out
+
+
+def prepare(args, prof: dict, cache: Path, log=print) -> dict:
+    """Track 1 up to the merges: splits, frozen-base probes, experts (trained once, cached) and their scores."""
+    from . import methods as M
+    from .data import data_key, load_tasks
+    from .search import Context
+
+    base_dir = cache / "encoder" / "base"
+    key = data_key(prof["n_val"], prof["test_cap"], prof["train_cap"], 0)
+    tasks = load_tasks(cache, prof["n_val"], prof["test_cap"], prof["train_cap"], tasks=prof["tasks"])
+    names = list(tasks)
+    sizes = ", ".join(f"{n} ({len(t['train'])}/{len(t['val'])}/{len(t['test'])})" for n, t in tasks.items())
+    log(f"[encoder] tasks (train/val/test): {sizes}")
+    probes = base_probes(cache, key, tasks, log=log)
+    cfg = TrainConfig(steps=args.steps or prof["steps"], lr=args.lr or prof.get("lr", TrainConfig.lr))
+    infos = train_experts(cache, key, cfg, tasks, jobs=args.jobs, threads=args.threads, log=log)
+    experts = expert_scores(cache, key, cfg, tasks, log=log)
+    with_heads = base_with_expert_heads(cache, key, cfg, tasks, log=log)
+    ctx = Context(root=cache / "merges" / f"encoder_{key}_{cfg.tag}", base=cache / "encoder" / "base",
+                  experts=tuple(str(expert_paths(cache, key, cfg, n)[0]) for n in names),
+                  heads=tuple(str(expert_paths(cache, key, cfg, n)[1]) for n in names), task_names=tuple(names),
+                  tasks_file=cache / "data" / f"tasks_{key}.json", task_subset=tuple(names), threads=args.threads,
+                  small_matrices=tuple(M.small_matrices(base_dir, len(names))))
+    meta = {"data_key": key, "train": {**asdict(cfg), "per_task": infos},
+            "splits": {n: {s: len(t[s]) for s in ("train", "val", "test")} for n, t in tasks.items()},
+            "sources": {n: t["source"] for n, t in tasks.items()},
+            "probe_weight_decay": {n: p["weight_decay"] for n, p in probes.items()},
+            "expert_val": {n: float(np.mean(e["val"])) for n, e in experts.items()},
+            "base_val": {n: float(np.mean(p["val"])) for n, p in probes.items()},
+            "base_with_heads_val": {n: float(np.mean(v)) for n, v in with_heads["val"].items()}}
+    return {"names": names, "ctx": ctx, "base": {n: p["test"] for n, p in probes.items()},
+            "experts": {n: e["test"] for n, e in experts.items()}, "meta": meta,
+            "extra_refs": {f"{BASE_WITH_HEADS} (λ=0)": with_heads["test"]},
+            "title": f"Track 1: all-MiniLM-L6-v2, {len(names)} tasks, test accuracy / expert's (95% CI)"}

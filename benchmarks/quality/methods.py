@@ -19,12 +19,12 @@ import yaml
 
 # Task arithmetic-style methods add the T task vectors (aggregate: sum), so their lambda is about 1/T..1;
 # TIES-style methods take a disjoint mean (aggregate: mean), so theirs is about 1..T.
-LAM_SUM = (0.2, 0.35, 0.5, 0.75, 1.0)
-LAM_MEAN = (0.75, 1.0, 1.5, 2.0, 3.0)
-LAM_SPARSE_SUM = (0.2, 0.35, 0.5, 0.75)
-LAM_SPARSE_MEAN = (1.0, 1.5, 2.0, 3.0)
+# Three points per knob (a CPU budget); a best value on the grid's edge extends the grid outwards.
+LAM_SUM = (0.3, 0.5, 0.75)
+LAM_SPARSE_SUM = (0.3, 0.5, 0.75)
+LAM_SPARSE_MEAN = (1.0, 1.5, 2.0)
 DENSITY = (0.2, 0.5)
-ALPHA = (0.25, 0.5, 0.75, 1.0, 1.5)
+ALPHA = (0.5, 0.75, 1.0)
 EXTEND_STEPS = 2
 
 # method: ({knob: grid, ...}, {fixed parameter: value}); the grid is the product of the knobs' values.
@@ -41,7 +41,7 @@ GRIDS: dict[str, tuple[dict, dict]] = {
     "consensus_ta": ({"lambda": LAM_SUM}, {}),
     "consensus_ties": ({"lambda": LAM_SPARSE_MEAN}, {"density": 0.5}),
     "model_stock": ({}, {}),
-    "slerp": ({"t": (0.25, 0.5, 0.75)}, {}),
+    "slerp": ({"t": (0.25, 0.5, 0.75)}, {}),  # two models only
     "tsvm": ({"alpha": ALPHA}, {}),
     "rtsvm": ({"alpha": ALPHA}, {}),
     "iso_c": ({"alpha": ALPHA}, {}),
@@ -49,9 +49,18 @@ GRIDS: dict[str, tuple[dict, dict]] = {
 }
 
 # Extra rows: a method run with some parameters fixed (each gets its own knob search).
+# rtsvm: each addition on and off (the plain row is both on, its defaults), each with its own alpha search; then
+# one statistic at a time moved away from its default (both additions on) at one fixed alpha (the value validation
+# chose for the defaults on track 1), next to the defaults at that alpha: one merge each (a CPU budget). The ablation table and the proposed defaults come
+# from these rows (read on validation first).
+STAT_ALPHA = 0.3333  # rtsvm's validation choice on track 1 (grid 0.5, 0.75, 1 extended to 0.3333, 0.2222)
 VARIANTS: dict[str, list[dict]] = {
     "rtsvm": [{"outlier_weighting": ow, "adaptive_rank": ar} for ow in (True, False) for ar in (True, False)
-              if (ow, ar) != (True, True)],
+              if (ow, ar) != (True, True)]
+    + [{"alpha": STAT_ALPHA}]
+    + [{**v, "alpha": STAT_ALPHA} for v in ({"outlier_m": 5.0}, {"outlier_m": 2.0}, {"outlier_statistic": "median"},
+                                            {"outlier_weight": 0.5}, {"outlier_residual": "drop"}, {"eta": 0.8},
+                                            {"eta": 0.95})],
 }
 
 
@@ -71,10 +80,12 @@ class Method:
 
 
 def row_label(name: str, fixed: dict) -> str:
+    rest = {k: v for k, v in fixed.items() if not (name == "rtsvm" and k in ("outlier_weighting", "adaptive_rank"))}
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rest.items()]
     if name == "rtsvm" and "outlier_weighting" in fixed:
-        on = lambda k: "on" if fixed[k] else "off"  # noqa: E731
-        return f"rtsvm [OW {on('outlier_weighting')}, AR {on('adaptive_rank')}]"
-    return name + "".join(f" [{k}={v}]" for k, v in fixed.items())
+        on = lambda k: "on" if fixed[k] else "off"
+        parts.insert(0, f"OW {on('outlier_weighting')}, AR {on('adaptive_rank')}")
+    return name + (f" [{', '.join(parts)}]" if parts else "")
 
 
 def list_methods() -> dict[str, dict]:
@@ -96,9 +107,9 @@ def list_methods() -> dict[str, dict]:
     return found
 
 
-def plan(n_models: int, only: list[str] | None = None, ablation: bool = True,
-         log=print) -> list[Method]:
-    """The rows to run: every listed method (that takes n_models models), plus the variants."""
+def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", log=print) -> list[Method]:
+    """The rows to run: every listed method (that takes n_models models), plus the variants
+    (ablation: "none", "switches" = only those fixing nothing but on/off switches, or "all")."""
     rows = []
     for name, info in list_methods().items():
         if only and name not in only:
@@ -109,10 +120,12 @@ def plan(n_models: int, only: list[str] | None = None, ablation: bool = True,
         knobs, fixed = GRIDS.get(name, ({}, {}))
         rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
                            dict(fixed), known=name in GRIDS))
-        if ablation:
+        if ablation != "none":
             for extra in VARIANTS.get(name, []):
-                rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
-                                   {**fixed, **extra}))
+                if ablation == "switches" and not all(isinstance(v, bool) for v in extra.values()):
+                    continue
+                rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"],
+                                   {k: v for k, v in knobs.items() if k not in extra}, {**fixed, **extra}))
     return rows
 
 
@@ -145,12 +158,35 @@ def point_key(point: dict) -> str:
     return ",".join(f"{k}={point[k]}" for k in sorted(point)) or "default"
 
 
-def write_config(path: Path, method: Method, point: dict, base: Path, models: list[Path]) -> Path:
+# Methods that give each task floor(r/T) singular triplets of a 2-D tensor: distmerge 0.x fails on a tensor with
+# min(rows, cols) < T (BERT's 2 x 384 token-type embeddings with 6 experts), so such tensors are passed as
+# `exclude` (averaged, the documented route for tensors not to SVD-merge). See small_matrices().
+PER_TASK_RANK = ("tsvm", "rtsvm")
+
+
+def small_matrices(checkpoint: Path, n_models: int) -> list[str]:
+    """Names of the checkpoint's 2-D tensors whose smaller side is below the number of merged models."""
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                if len(shape) == 2 and min(shape) < n_models:
+                    names.append(k)
+    return names
+
+
+def write_config(path: Path, method: Method, point: dict, base: Path, models: list[Path],
+                 exclude: tuple = ()) -> Path:
     doc = {"merge_method": method.name}
     if method.needs_base:
         doc["base_model"] = str(base)
     doc["models"] = [{"model": str(m)} for m in models]
     params = {**method.fixed, **point}
+    if exclude and method.name in PER_TASK_RANK:
+        params["exclude"] = list(exclude)
     if params:
         doc["parameters"] = params
     doc["dtype"] = "float32"

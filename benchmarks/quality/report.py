@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .common import write_json
+from .methods import STAT_ALPHA
 
 B = 1000
+ABLATION_REF = "rtsvm"  # the rtsvm row at its defaults: the switch ablation's reference
+ABLATION_REF_FIXED = f"rtsvm [alpha={STAT_ALPHA:g}]"  # the defaults at the fixed alpha: the statistics rows' reference
 
 
 def _resamples(n: int, seed: int) -> np.ndarray:
@@ -38,15 +41,19 @@ def ci(draws: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
-def summarise(track: str, tasks: list[str], base: dict, experts: dict, search: dict, meta: dict) -> dict:
-    """Numbers for every row: per-task test accuracy, average and normalised average with CIs."""
-    arr = lambda d: {t: np.asarray(d[t], dtype=float) for t in tasks}  # noqa: E731
+def summarise(track: str, tasks: list[str], base: dict, experts: dict, search: dict, meta: dict,
+              extra_refs: dict | None = None) -> dict:
+    """Numbers for every row: per-task test accuracy, average and normalised average with CIs.
+    extra_refs: more reference rows ({label: {task: 0/1 list}}), listed after the experts."""
+    arr = lambda d: {t: np.asarray(d[t], dtype=float) for t in tasks}
     expert = arr(experts)
     rows = {"base (zero-shot)" if track == "lm" else "frozen base + probe": arr(base), "experts (own task)": expert}
+    rows.update({label: arr(c) for label, c in (extra_refs or {}).items()})
     merged = {label: arr(c) for label, c in search["test"].items()}
     rows.update(merged)
     draws = boot_stats(rows, expert, tasks)
-    best = max(merged, key=lambda k: np.mean([merged[k][t].mean() for t in tasks])) if merged else None
+    main = [k for k in merged if search["methods"].get(k) == k]  # ablation variants are not candidates for "best"
+    best = max(main, key=lambda k: np.mean([merged[k][t].mean() for t in tasks])) if main else None
     table = []
     for name, corr in rows.items():
         accs = {t: float(corr[t].mean()) for t in tasks}
@@ -58,17 +65,36 @@ def summarise(track: str, tasks: list[str], base: dict, experts: dict, search: d
                  else None,
                  "task_acc": accs, "task_ci": {t: ci(d["task"][i]) for i, t in enumerate(tasks)},
                  "avg": float(np.mean(list(accs.values()))), "avg_ci": ci(d["acc"]),
-                 "norm": float(np.mean([accs[t] / expert[t].mean() for t in tasks])), "norm_ci": ci(d["norm"])}
+                 "norm": float(np.mean([accs[t] / max(expert[t].mean(), 1e-9) for t in tasks])), "norm_ci": ci(d["norm"])}
         if best is not None and name in merged:
             diff = d["acc"] - draws[best]["acc"]
             entry["diff_to_best"] = float(entry["avg"] - np.mean([merged[best][t].mean() for t in tasks]))
             entry["diff_to_best_ci"] = ci(diff)
+        fixed = search.get("fixed", {}).get(name, {})
+        ref = ABLATION_REF_FIXED if "alpha" in fixed else ABLATION_REF
+        if ref in merged and name in merged and search["methods"].get(name) in ("rtsvm", "tsvm"):
+            entry["ablation_ref"] = ref
+            entry["diff_to_ref"] = float(entry["avg"] - np.mean([merged[ref][t].mean() for t in tasks]))
+            entry["diff_to_ref_ci"] = ci(d["acc"] - draws[ref]["acc"])
+            ref_val = np.mean([np.mean(v) for v in search["val"][ref].values()])
+            entry["val_diff_to_ref"] = float(entry["val_avg"] - ref_val)
+            entry["fixed"] = fixed
         table.append(entry)
-    refs = [e for e in table if e["kind"] == "reference"]
+    refs = [e for e in table if e["kind"] == "reference"]  # base, experts, then any extra references
     merges = sorted((e for e in table if e["kind"] == "merge"), key=lambda e: -e["avg"])
     summary = {"track": track, "tasks": tasks, "rows": refs + merges, "best_merge": best, **meta,
                "grid": search["grid"], "configs": search["configs"], "errors": search["errors"],
                "seconds": search["seconds"]}
+    base_row = next(iter(rows))
+    gain = {}
+    for i, t in enumerate(tasks):
+        g = draws["experts (own task)"]["task"][i] - draws[base_row]["task"][i]
+        gain[t] = {"base": float(rows[base_row][t].mean()), "expert": float(expert[t].mean()),
+                   "gain": float(expert[t].mean() - rows[base_row][t].mean()), "gain_ci": ci(g), "n_test": len(expert[t])}
+    g = draws["experts (own task)"]["acc"] - draws[base_row]["acc"]
+    gain["average"] = {"base": refs[0]["avg"], "expert": refs[1]["avg"], "gain": refs[1]["avg"] - refs[0]["avg"],
+                       "gain_ci": ci(g), "n_test": sum(len(expert[t]) for t in tasks)}
+    summary["expert_gain"] = gain
     if best is not None:
         gap = draws["experts (own task)"]["acc"] - draws[best]["acc"]
         summary["interference"] = {"experts_avg": refs[1]["avg"], "best_merge": best,
@@ -90,6 +116,8 @@ def markdown(summary: dict) -> str:
     head = ["row", "knob (val)"] + tasks + ["avg", "avg 95% CI", "norm. avg", "norm. 95% CI", "Δ best [CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in summary["rows"]:
+        if e["kind"] == "merge" and e["method"] != e["row"]:
+            continue  # ablation variants: in their own table
         knob = e["knob"] or ("—" if e["kind"] == "reference" else "default")
         if e.get("grid_searched") is False:
             knob += " (no grid)"
@@ -99,6 +127,63 @@ def markdown(summary: dict) -> str:
         cells += [f"**{_pct(e['avg'])}**", _pci(e["avg_ci"]), _pct(e["norm"]), _pci(e["norm_ci"]), diff]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gain_markdown(summary: dict) -> str:
+    base_name = summary["rows"][0]["row"]
+    lines = [f"| task | n test | {base_name} | expert | expert - base [95% CI] |", "|---|---|---|---|---|"]
+    for t, g in summary["expert_gain"].items():
+        lines.append(f"| {t} | {g['n_test']} | {_pct(g['base'])} | {_pct(g['expert'])} | "
+                     f"{100 * g['gain']:+.1f} {_pci(g['gain_ci'])} |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(summary: dict) -> str:
+    rows = [e for e in summary["rows"] if "diff_to_ref" in e]
+    if len(rows) < 2:
+        return ""
+    head = ["| row | knob (val) | val avg | val Δ | test avg [95% CI] | norm. avg | test Δ [95% CI] |",
+            "|---|---|---|---|---|---|---|"]
+    out = []
+    for ref, what in ((ABLATION_REF, "each addition on/off, each with alpha chosen on validation; Δ against the "
+                                     "defaults (`rtsvm`, both on)"),
+                      (ABLATION_REF_FIXED, f"one statistic at a time away from its default (both additions on), "
+                                           f"alpha fixed at {STAT_ALPHA:g}; Δ against the defaults at that alpha")):
+        sel = [e for e in rows if e["ablation_ref"] == ref]
+        if len(sel) < 2:
+            continue
+        sel.sort(key=lambda e: (e["row"] != ref, e["row"] != "tsvm", e["row"]))
+        out += ["", f"{what}:", ""] + head
+        for e in sel:
+            out.append(f"| {e['row']} | {e['knob'] or '—'} | {_pct(e['val_avg'])} | {100 * e['val_diff_to_ref']:+.1f} | "
+                       f"{_pct(e['avg'])} {_pci(e['avg_ci'])} | {_pct(e['norm'])} | "
+                       f"{100 * e['diff_to_ref']:+.1f} {_pci(e['diff_to_ref_ci'])} |")
+    return "\n".join(out[1:])
+
+
+def document(summary: dict, title: str) -> str:
+    """The committed markdown: main table, expert gains over the base, interference, rtsvm ablation."""
+    parts = [f"## {title}", "", "All rows: test accuracy (%) per task, their unweighted average with a 95% bootstrap "
+             "interval (test examples resampled per task), and the average of accuracy / expert's accuracy "
+             "(norm.). Each merge's knob was chosen on the validation split (val avg = its validation average); "
+             "Δ best = difference to the best merge on the same resamples.", "", markdown(summary), "",
+             "### Experts against the base (each task's own head / prompt)", "", gain_markdown(summary)]
+    if "interference" in summary:
+        i = summary["interference"]
+        parts += ["", "### Interference", "",
+                  f"Experts (each on its own task) average {_pct(i['experts_avg'])}; the best merge "
+                  f"({i['best_merge']}) averages {_pct(i['best_merge_avg'])}: a gap of {100 * i['gap']:.1f} points "
+                  f"{_pci(i['gap_ci'])}."]
+    abl = ablation_markdown(summary)
+    if abl:
+        parts += ["", "### R-TSVM ablation", "",
+                  "OW = outlier-aware weighting, AR = sparsity-adaptive rank. The plain `rtsvm` row runs the defaults "
+                  "(both on, outlier_m 3, mean statistic, outlier_weight 0, residual add, eta 0.9). `tsvm` and "
+                  "`rtsvm [OW off, AR off]` compute the same merge. val Δ / test Δ: difference to the reference row "
+                  "on validation / test (test interval paired over the same resamples).", "", abl]
+    if summary.get("errors"):
+        parts += ["", "### Failed rows", ""] + [f"- {k}: {v.splitlines()[0] if v else ''}" for k, v in summary["errors"].items()]
+    return "\n".join(parts)
 
 
 def write_csv(summary: dict, path: Path) -> None:
@@ -120,7 +205,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
+    rows = [e for e in summary["rows"] if e["kind"] == "reference" or e["method"] == e["row"]]
     tasks = summary["tasks"]
     expert = next(e for e in rows if e["row"] == "experts (own task)")
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(rows) + 3), 4.8))
@@ -131,13 +216,13 @@ def plot(summary: dict, path: Path, title: str) -> None:
     ax.bar(x, norm, yerr=err, color=colors, capsize=3, zorder=2)
     markers = "osD^v<>p*h"
     for i, t in enumerate(tasks):
-        ys = [100 * e["task_acc"][t] / expert["task_acc"][t] for e in rows]
+        ys = [100 * e["task_acc"][t] / max(expert["task_acc"][t], 1e-9) for e in rows]
         ax.scatter(x + (i - len(tasks) / 2) * 0.06, ys, s=12, marker=markers[i % len(markers)], zorder=3,
                    label=t, alpha=0.8)
     ax.axhline(100, color="k", lw=0.8, ls="--")
     ax.set_xticks(x, [e["row"] for e in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("accuracy / expert's accuracy (%)")
-    lo = min(min(norm), *(100 * e["task_acc"][t] / expert["task_acc"][t] for e in rows for t in tasks))
+    lo = min(min(norm), *(100 * e["task_acc"][t] / max(expert["task_acc"][t], 1e-9) for e in rows for t in tasks))
     ax.set_ylim(max(0, lo - 5), 105)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3, zorder=0)
@@ -151,7 +236,7 @@ def write_all(summary: dict, out_dir: Path, name: str, title: str) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{name}.json", summary)
     write_csv(summary, out_dir / f"{name}.csv")
-    md = markdown(summary)
+    md = document(summary, title)
     (out_dir / f"{name}.md").write_text(md + "\n")
     plot(summary, out_dir / f"{name}.png", title)
     return md

@@ -34,6 +34,7 @@ class Context:
     task_subset: tuple    # tasks_file keys to use (same order as task_names)
     threads: int
     evaluate: str = "encoder"   # which evaluator: encoder (track 1) or lm (track 2)
+    small_matrices: tuple = ()  # 2-D tensors with a side < T: `exclude`d for tsvm/rtsvm (methods.PER_TASK_RANK)
 
 
 def slug(text: str) -> str:
@@ -64,28 +65,35 @@ def _evaluate(ctx: Context, model_dir: Path, split: str) -> dict[str, list[int]]
 
 
 def run_unit(args) -> tuple[str, str, dict | None, str | None]:
-    """Merge + evaluate one (row, point, split); returns (label, point key, result, error)."""
-    ctx, row, point, split = args
+    """Merge + evaluate one (row, point) on one or more splits; returns (label, point key, {split: result}, error)."""
+    ctx, row, point, splits = args
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
     set_threads(ctx.threads)
-    path = score_path(ctx, row, point, split)
-    if path.exists():
-        return row.label, M.point_key(point), read_json(path), None
+    paths = {s: score_path(ctx, row, point, s) for s in splits}
+    done = {s: read_json(p) for s, p in paths.items() if p.exists()}
+    if len(done) == len(splits):
+        return row.label, M.point_key(point), done, None
     work = ctx.root / "work" / slug(row.label) / slug(M.point_key(point))
-    cfg = M.write_config(work / "merge.yaml", row, point, ctx.base, [Path(p) for p in ctx.experts])
+    cfg = M.write_config(work / "merge.yaml", row, point, ctx.base, [Path(p) for p in ctx.experts],
+                         exclude=ctx.small_matrices)
     out = work / "merged"
     try:
         t0 = time.time()
         M.run_merge(cfg, out, ctx.threads)
         t_merge = time.time() - t0
-        correct = _evaluate(ctx, out, split)
-        result = {"row": row.label, "method": row.name, "point": point, "fixed": row.fixed, "split": split,
-                  "merge_seconds": round(t_merge, 1), "eval_seconds": round(time.time() - t0 - t_merge, 1),
-                  "correct": correct, "config": cfg.read_text()}
-        write_json(path, result)
-        return row.label, M.point_key(point), result, None
+        for split in splits:
+            if split in done:
+                continue
+            t1 = time.time()
+            correct = _evaluate(ctx, out, split)
+            done[split] = {"row": row.label, "method": row.name, "point": point, "fixed": row.fixed, "split": split,
+                           "merge_seconds": round(t_merge, 1), "eval_seconds": round(time.time() - t1, 1),
+                           "correct": correct, "config": cfg.read_text()}
+            write_json(paths[split], done[split])
+        return row.label, M.point_key(point), done, None
     except Exception as exc:  # reported in the results, never silently dropped
         msg = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
-        write_json(path.with_suffix(".error.json"), {"row": row.label, "point": point, "error": msg})
+        write_json(paths[splits[0]].with_suffix(".error.json"), {"row": row.label, "point": point, "error": msg})
         return row.label, M.point_key(point), None, msg
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -105,11 +113,15 @@ def _map(units: list, jobs: int):
 
 
 def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, log=print) -> dict:
-    """Validation grid (extended at edges) per row, then test at each row's chosen point."""
+    """Validation grid (extended at edges) per row, then test at each row's chosen point.
+
+    A row with a single point and no extension is scored on validation and test in one merge."""
     val: dict[str, dict[str, dict]] = {r.label: {} for r in rows}
+    test: dict[str, dict] = {}
     errors: dict[str, str] = {}
     points = {r.label: M.grid_points(r) for r in rows}
-    pending = [(ctx, r, p, "val") for r in rows for p in points[r.label]]
+    single = {r.label for r in rows if len(points[r.label]) == 1 and not (extend and r.knobs)}
+    pending = [(ctx, r, p, ("val", "test") if r.label in single else "val") for r in rows for p in points[r.label]]
     rounds = 0
     while pending:
         log(f"validation: {len(pending)} merge(s)")
@@ -117,9 +129,11 @@ def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, l
             if err:
                 errors[label] = err
                 log(f"  {label} {key}: FAILED\n{err}")
-            else:
-                val[label][key] = res
-                log(f"  {label:34s} {key:28s} val avg {mean_acc(res):.4f}")
+                continue
+            val[label][key] = res["val"]
+            if "test" in res:
+                test[label] = res["test"]
+            log(f"  {label:34s} {key:28s} val avg {mean_acc(res['val']):.4f}")
         pending = []
         rounds += 1
         if extend and rounds <= M.EXTEND_STEPS:
@@ -130,21 +144,21 @@ def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, l
                 pending += [(ctx, r, p, "val") for p in new]
     chosen = {}
     for r in rows:
-        if not val[r.label]:
-            continue
-        best_key = max(val[r.label], key=lambda k: mean_acc(val[r.label][k]))
-        chosen[r.label] = (r, val[r.label][best_key]["point"])
-    log(f"test: {len(chosen)} merge(s)")
-    test = {}
-    for label, key, res, err in _map([(ctx, r, p, "test") for r, p in chosen.values()], jobs):
+        if val[r.label]:
+            best_key = max(val[r.label], key=lambda k: mean_acc(val[r.label][k]))
+            chosen[r.label] = (r, val[r.label][best_key]["point"])
+    todo = [(ctx, r, p, "test") for label, (r, p) in chosen.items() if label not in test]
+    log(f"test: {len(todo)} merge(s)")
+    for label, key, res, err in _map(todo, jobs):
         if err:
             errors[label] = err
             log(f"  {label} {key}: FAILED\n{err}")
         else:
-            test[label] = res
-            log(f"  {label:34s} {key:28s} test avg {mean_acc(res):.4f}")
+            test[label] = res["test"]
+    for label in test:
+        log(f"  {label:34s} {M.point_key(chosen[label][1]):28s} test avg {mean_acc(test[label]):.4f}")
     return {"rows": [r.label for r in rows], "methods": {r.label: r.name for r in rows},
-            "known": {r.label: r.known for r in rows},
+            "known": {r.label: r.known for r in rows}, "fixed": {r.label: r.fixed for r in rows},
             "grid": {label: {k: mean_acc(v) for k, v in pts.items()} for label, pts in val.items()},
             "chosen": {label: M.point_key(p) for label, (r, p) in chosen.items()},
             "val": {label: val[label][M.point_key(p)]["correct"] for label, (r, p) in chosen.items()},
