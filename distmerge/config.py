@@ -328,9 +328,12 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 def layer_position(tensor_name: str, num_layers: int | None) -> float:
     """Where a tensor sits in the layer stack, 0 for the first layer and 1 for the last.
 
-    Tensors outside the layers (embeddings, final norm, head) get 0, as in mergekit.
+    Tensors outside the layers (embeddings, final norm, head) get 0, and the only layer of a one-layer model
+    gets 1, as in mergekit.
     """
     match = _LAYER_INDEX.search(tensor_name)
-    if not match or not num_layers or num_layers < 2:
+    if not match or not num_layers:
         return 0.0
+    if num_layers < 2:
+        return 1.0
     return min(1.0, int(match.group(1)) / (num_layers - 1))

@@ -50,7 +50,7 @@ def test_bench_scaling_with_one_ray_worker(tmp_path):
 
 @pytest.mark.peers
 def test_compare_mergekit_agrees_on_a_small_family(tmp_path):
-    run_script("compare_mergekit.py", "--methods", "linear,ties", "--hidden", "32", "--layers", "1",
+    run_script("compare_mergekit.py", "--methods", "linear,ties,dare_ties", "--hidden", "32", "--layers", "1",
                "--work", str(tmp_path / "work"), "--out", str(tmp_path / "parity.md"), timeout=1800)
     assert "| linear |" in (tmp_path / "parity.md").read_text()
 
