@@ -138,10 +138,8 @@ class MergePlan:
         return sum(len(self.models) for t in self.tensors if t.svd)
 
     def compute_flops(self, job: TensorJob) -> dict[str, float]:
-        """Floating-point operations for one tensor, by the route that runs them (SVD backend, `polar`, or
-        `elementwise`): the routes run at very different rates (float64 Gram products vs LAPACK vs sketches)."""
-        if not job.svd:
-            return {"elementwise": 20.0 * job.numel * len(self.models)}
+        """Floating-point operations for one SVD-merged tensor, by the route that runs them (SVD backend or
+        `polar`): the routes run at very different rates (float64 Gram products vs LAPACK vs sketches)."""
         rows, cols = job.shape
         n_tasks, rank = len(self.models), min(rows, cols)
         per_task = rank // n_tasks
@@ -386,8 +384,6 @@ def _fingerprint(plan: MergePlan) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-# Sustained rates of one worker, measured by benchmarks/bench_svd.py (see benchmarks/results/): float32
-# SVD-heavy work in flop/s, and elementwise merging in bytes of input per second.
 # Sustained rates of one worker per route, from benchmarks/results/svd_cuda.md and gpu_layer.md (H100) and the
 # CPU SVD benchmark (2 cores); the flop counts of compute_flops divided by measured seconds.
 WORKER_FLOPS = {
