@@ -49,6 +49,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from provenance import cpu_model, git_revision  # noqa: E402
 DEFAULT_CACHE = Path.home() / ".cache" / "distmerge" / "bench-speed"
 
 SIZES = {  # name -> llama_config arguments, input shard size in bytes
@@ -273,14 +275,6 @@ save_file(out, str(Path(job["out"]) / "model.safetensors"), metadata={"format": 
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     memory = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -288,16 +282,11 @@ def machine() -> dict:
                 memory = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_bytes": memory,
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
-def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "distmerge"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" + uncommitted changes under distmerge/" if dirty else "")
+
 
 
 def measure(command: list[str], work: Path, label: str) -> dict:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import re
 import shlex
 import shutil
@@ -49,6 +47,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import FUSIONBENCH, ensure_peer_venv, package_versions
+from provenance import git_revision, machine_summary
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "fusionbench_parity.md"
@@ -440,24 +439,7 @@ def tensor_kind(name: str) -> str:
 # ---- the report --------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
-
-def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "distmerge"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" + uncommitted changes under distmerge/" if dirty else "")
 
 
 def summary_table(results: list[CaseResult], tol: Tolerance) -> list[str]:
@@ -664,7 +646,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/compare_fusionbench.py"
                    + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
-        "machine": machine(), "distmerge": distmerge.__version__, "git": git_revision(), "torch": torch.__version__,
+        "machine": machine_summary(), "distmerge": distmerge.__version__, "git": git_revision(), "torch": torch.__version__,
         "venv": str(args.venv), "route": route,
         "peer_versions": package_versions(peer_python, ("fusion-bench", "torch", "safetensors")),
         "sizes": sizes, "layers": args.layers, "experts": max(tasks), "tasks": ", ".join(map(str, tasks)),

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -41,6 +39,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import MERGEKIT, ensure_peer_venv, package_versions
+from provenance import git_revision, machine_summary
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "mergekit_parity.md"
@@ -429,23 +428,7 @@ def tie_probes(families: dict[str, Family], densities=tuple(i / 20 for i in rang
 # ---- the report --------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
-
-def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False)
-    return result.stdout.strip() or "unknown"
 
 
 def cell(result: CaseResult) -> str:
@@ -630,7 +613,7 @@ def main(argv=None) -> int:
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "benchmarks/compare_mergekit.py", *(argv or sys.argv[1:])]),
-        "machine": machine(), "distmerge": distmerge.__version__, "git": git_revision(), "torch": torch.__version__,
+        "machine": machine_summary(), "distmerge": distmerge.__version__, "git": git_revision(), "torch": torch.__version__,
         "venv": str(args.venv), "peer_versions": package_versions(peer_python, ("mergekit", "torch", "transformers",
                                                                                 "safetensors")),
         "hidden": args.hidden, "layers": args.layers, "work": work,
