@@ -131,8 +131,8 @@ def resolve_model_dir(ref: str, base_dir: str = ".") -> Path:
 class Checkpoint:
     """One model in Hugging Face layout.
 
-    `tensors` maps every tensor name to where it lives; `config` is its config.json (or {}).
-    File handles are opened on first read and are not pickled, so a Checkpoint travels to Ray actors cheaply.
+    `tensors` maps every tensor name to where it lives; `config` is its config.json (or {}). It holds no open
+    files, so a Checkpoint travels to Ray actors cheaply.
     """
 
     def __init__(self, ref: str, path: Path, tensors: dict[str, TensorInfo], config: dict):
@@ -140,7 +140,6 @@ class Checkpoint:
         self.path = path
         self.tensors = tensors
         self.config = config
-        self._handles: dict[str, object] = {}
 
     @classmethod
     def open(cls, ref: str, base_dir: str = ".", config_only: bool = False) -> "Checkpoint":
@@ -156,11 +155,6 @@ class Checkpoint:
     def has_weights(self) -> bool:
         return all(info.file for info in self.tensors.values())
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
     @property
     def files(self) -> list[str]:
         return sorted({info.file for info in self.tensors.values()})
@@ -170,29 +164,20 @@ class Checkpoint:
         cfg = self.config.get("text_config", self.config)
         return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, framework="pt", device="cpu")
-            except Exception as exc:
-                raise StorageError(f"model {self.ref}: cannot open {file}: {exc}") from None
-        return self._handles[file]
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `name` as stored (CPU, stored dtype); `rows=(start, stop)` reads only those rows."""
+        """Tensor `name` as stored (CPU, stored dtype); `rows=(start, stop)` reads only those rows.
+
+        Each read opens its file anew: safetensors maps the whole file, and mapped pages count as the process's
+        resident memory while the map lives, so a handle kept open through a merge holds every tensor it read.
+        """
         info = self.tensors[name]
         try:
-            handle = self._handle(info.file)
-            if rows is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0]:rows[1]]
-        except StorageError:
-            raise
+            with safe_open(info.file, framework="pt", device="cpu") as handle:
+                if rows is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as exc:
             raise StorageError(f"model {self.ref}: reading tensor {name} from {info.file} failed: {exc}") from None
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
@@ -228,7 +213,13 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
                 continue
             if entry["dtype"] not in DTYPES:
                 raise CheckpointError(f"model {ref}: tensor {name} in {file} has unsupported dtype {entry['dtype']}")
-            tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
+            start, end = entry["data_offsets"]
+            info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
+            if end - start != info.nbytes:
+                raise StorageError(f"model {ref}: {file} has a corrupt header: tensor {name} of shape "
+                                   f"{list(info.shape)} {info.dtype} needs {info.nbytes} bytes, the header gives it "
+                                   f"{end - start}; re-download it")
+            tensors[name] = info
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:

@@ -113,7 +113,7 @@ def magnitude_histograms(plan: MergePlan, unit: WorkUnit, device: torch.device) 
         base, models = load_inputs(plan, job, device)
         deltas = task_vectors(base, models)
         for t in range(deltas.shape[0]):
-            counts[t] += magnitude_histogram(deltas[t].abs_())
+            counts[t] += magnitude_histogram(deltas[t])
     return counts.cpu()
 
 

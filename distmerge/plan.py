@@ -144,8 +144,7 @@ class MergePlan:
         n_tasks, rank = len(self.models), min(rows, cols)
         per_task = rank // n_tasks
         oversample = job.params.get("oversample", 20)
-        backend = resolve_backend(job.params.get("svd", "exact"), per_task, oversample, rank,
-                                  torch.device(self.device.split(":")[0]))
+        backend = resolve_backend(job.params.get("svd", "exact"), per_task, oversample, rank)
         if backend == "randomized":
             one = (2 + 4 * job.params.get("power_iters", 6)) * rows * cols * (per_task + oversample)
         elif backend == "gram":

@@ -81,6 +81,24 @@ def test_truncated_shard(tmp_path, family_bf16_sharded):
     assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", check=False), "model-00001", "truncated")
 
 
+def test_header_whose_offsets_disagree_with_the_shape(tmp_path, family_fp32_single):
+    """The reader trusts data_offsets only after checking them against shape and dtype."""
+    def shrink_first_entry(d: Path):
+        file = d / "model.safetensors"
+        raw = file.read_bytes()
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + header_len])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["shape"] = [header[name]["shape"][0] - 1, *header[name]["shape"][1:]]
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+        file.write_bytes(raw[:8] + text + raw[8 + header_len:])
+
+    models = first_expert_replaced(tmp_path, family_fp32_single, shrink_first_entry)
+    cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, models=models)
+    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", check=False), "bad_expert", "corrupt header")
+    assert not (tmp_path / "out").exists()
+
+
 def test_shape_mismatch(tmp_path, family_fp32_single):
     def reshape(d: Path):
         edit_single_file(d, lambda t: t.update({"model.norm.weight": torch.ones(33)}))

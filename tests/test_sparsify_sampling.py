@@ -114,6 +114,19 @@ def test_top_k_mask_keeps_shape_and_reads_views_in_logical_order():
             np.testing.assert_array_equal(mask.numpy(), ref.top_k_mask(x.T, k, low))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_mask_ranks_signed_values_by_magnitude(dtype):
+    """Magnitudes that float32 cannot tell apart (float64 neighbours) and signed ties are still ranked exactly."""
+    gen = np.random.default_rng(5)
+    x = gen.standard_normal(400).astype(dtype)
+    x[:40] = np.where(np.arange(40) % 2, 1.0, -1.0) * (1 + np.arange(40) * 1e-12)  # distinct only in float64
+    x[40:80] = np.where(np.arange(40) % 3, 0.5, -0.5)  # exact ties of both signs
+    for k in (1, 20, 41, 60, 200, 399):
+        for low in (True, False):
+            mask = top_k_mask(torch.from_numpy(x), k, prefer_low_index=low)
+            np.testing.assert_array_equal(mask.numpy(), ref.top_k_mask(np.abs(x), k, low), err_msg=f"k={k}")
+
+
 def test_top_k_mask_float64_keeps_exactly_k():
     gen = np.random.default_rng(0)
     for _ in range(10):

@@ -73,13 +73,13 @@ def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> Non
             if ctx.global_thresholds is not None:
                 kept = delta.abs() >= ctx.global_thresholds[t]
             elif density < 1:
-                kept = top_k_mask(delta.abs(), magnitude_keep_count(density, delta.numel()))
+                kept = top_k_mask(delta, magnitude_keep_count(density, delta.numel()))
             else:
                 continue
             rescale_kept(delta, kept, p["rescale"])
         elif how == "breadcrumbs":
             if density < 1:
-                rescale_kept(delta, breadcrumbs_mask(delta.abs(), density, p["gamma"][t]), p["rescale"])
+                rescale_kept(delta, breadcrumbs_mask(delta, density, p["gamma"][t]), p["rescale"])
         elif how == "random":
             if density < 1:
                 kept = ctx.uniform(t, delta.shape, delta.device) < density
@@ -96,8 +96,8 @@ def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> Non
 def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bool) -> torch.Tensor:
     """The merged task vector from sparsified task vectors (consumes `deltas`).
 
-    With `elect_sign`, the elected sign is sign(sum_t w_t d_t) (zero counts as positive) and each task keeps only
-    the entries whose weighted sign agrees; `mean` then divides by the sum of the agreeing weights (0/0 -> 0).
+    With `elect_sign`, the elected sign is e = sign(sum_t w_t d_t) (zero counts as positive) and each task keeps
+    only the entries whose weighted sign agrees; `mean` then divides by the sum of the agreeing weights (0/0 -> 0).
     """
     for t, w in enumerate(weights):
         deltas[t].mul_(w)
@@ -107,18 +107,18 @@ def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bo
             total = sum(weights)
             merged.div_(total if abs(total) >= 1e-8 else 1.0)
         return merged
-    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    divisor = torch.zeros_like(deltas[0]) if how == "mean" else None
-    for t, w in enumerate(weights):
-        agrees = torch.sign(deltas[t]) == elected  # zeros agree with neither sign
-        deltas[t].mul_(agrees)
-        if divisor is not None:
-            divisor.add_(agrees, alpha=w)
-    del elected
-    merged = deltas.sum(0)
-    if divisor is not None:
+    elected = deltas.sum(0).ge_(0).mul_(2).sub_(1)  # +1 or -1
+    # An entry agrees when x_t * e > 0. Multiplying by e = +-1 is exact, so relu(x_t * e) * e is x_t where it
+    # agrees and 0 elsewhere, and sign(relu(x_t * e)) is the agreement as 1.0/0.0: float arithmetic throughout,
+    # which runs several times faster than masking with booleans.
+    agreeing = deltas.mul_(elected).clamp_(min=0)
+    merged = agreeing.sum(0)
+    if how == "mean":
+        divisor = torch.zeros_like(merged)
+        for t, w in enumerate(weights):
+            divisor.add_(agreeing[t].sign_(), alpha=w)
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
-    return merged
+    return merged.mul_(elected)
 
 
 def apply_to_base(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Sparsification: which task-vector entries survive, and how survivors are rescaled.
 
-Selection never sorts a whole tensor. The k-th largest magnitude comes from a radix select on the bit patterns
-(for non-negative floats the bit pattern orders like the value): a histogram of the top 16 bits finds the bucket,
-then one histogram per further 16 bits inside it, down to the exact value (two levels for float32, four for
-float64). The top-16-bit histogram of float32 magnitudes, summed over a whole model, gives TIES its global
-thresholds.
+Selection never sorts a whole tensor. For non-negative floats the bit pattern orders like the value, so the top 16
+bits of |x| (sign cleared) are a bucket index that orders like the magnitude: bfloat16 precision for float32
+inputs. One histogram of those buckets finds the bucket holding the k-th largest magnitude; only that bucket's
+members (a fraction of a percent of a float32 tensor) are then sorted. The same histogram, summed over a whole
+model, gives TIES its global thresholds.
 
 Ties at the boundary are broken by position, as a stable sort would break them, so masks hold exactly the
 requested number of entries and match mergekit's.
@@ -12,19 +12,23 @@ requested number of entries and match mergekit's.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32: sign bit 0, so 2^15 buckets
-SMALL = 1 << 16  # tensors up to this size select with torch.kthvalue: cheaper than 2^16-bucket histograms
+HIGH_BINS = 1 << 15  # top 16 bits of a magnitude: sign bit 0, so 2^15 buckets
+_TOP_WORD = 1 if sys.byteorder == "little" else 0  # which 16-bit half of a float32 holds its top bits
 
 
-def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return magnitudes.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+def _high_bits(values: torch.Tensor) -> torch.Tensor:
+    """Flat int16 [numel], in logical order: the top 16 bits of |values| as float32."""
+    words = values.to(torch.float32).reshape(-1).view(torch.int16)
+    return words[_TOP_WORD::2] & 0x7FFF
 
 
-def magnitude_histogram(magnitudes: torch.Tensor) -> torch.Tensor:
+def magnitude_histogram(values: torch.Tensor) -> torch.Tensor:
     """Counts of |values| per bucket of their top 16 bits (bfloat16 precision), int64 [2^15]."""
-    return torch.bincount(_bits(magnitudes) >> 16, minlength=HIGH_BINS)
+    return torch.bincount(_high_bits(values), minlength=HIGH_BINS)
 
 
 def _bucket_holding_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -35,24 +39,20 @@ def _bucket_holding_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]
     return bucket, k - above
 
 
+def _kth_largest_members(values: torch.Tensor, k: int):
+    """Where the k-th largest |value| lies: (high bits of every entry, its bucket, its rank counted from the top of
+    the bucket, the bucket members' flat positions ascending, their magnitudes in the precision of `values`)."""
+    flat = values.reshape(-1)
+    high = _high_bits(flat)
+    bucket, rank = _bucket_holding_kth_largest(torch.bincount(high, minlength=HIGH_BINS), k)
+    positions = (high == bucket).nonzero().squeeze(1)
+    return high, bucket, rank, positions, flat[positions].abs()
+
+
 def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
-    """The exact k-th largest of non-negative `magnitudes` (1 <= k <= numel), in their own precision
-    (float64 stays float64; narrower floats are selected as float32, which holds them exactly)."""
-    float_type, int_type = (torch.float64, torch.int64) if magnitudes.dtype == torch.float64 else (
-        torch.float32, torch.int32)
-    if magnitudes.numel() <= SMALL:  # below the histograms' fixed cost: a plain selection, same exact value
-        flat = magnitudes.to(float_type).reshape(-1)
-        return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
-    width = 64 if float_type == torch.float64 else 32
-    candidates = magnitudes.to(float_type).contiguous().view(int_type).reshape(-1)
-    prefix, rank = 0, k
-    for shift in range(width - 16, -1, -16):
-        digit = (candidates >> shift) & 0xFFFF
-        bucket, rank = _bucket_holding_kth_largest(torch.bincount(digit, minlength=1 << 16), rank)
-        prefix |= bucket << shift
-        if shift:
-            candidates = candidates[digit == bucket]
-    return torch.tensor([prefix], dtype=int_type).view(float_type).item()
+    """The exact k-th largest of non-negative `magnitudes` (1 <= k <= numel), in their own precision."""
+    _, _, rank, _, members = _kth_largest_members(magnitudes, k)
+    return float(torch.topk(members, rank).values[-1])
 
 
 def bucket_value(bits: int) -> float:
@@ -69,24 +69,22 @@ def threshold_from_histogram(counts: torch.Tensor, k: int) -> float:
     return bucket_value(bucket << 16)
 
 
-def top_k_mask(magnitudes: torch.Tensor, k: int, prefer_low_index: bool = True) -> torch.Tensor:
-    """Bool mask of the k largest entries; equal values at the boundary are taken in index order
-    (lowest first, or highest first with prefer_low_index=False)."""
-    n = magnitudes.numel()
+def top_k_mask(values: torch.Tensor, k: int, prefer_low_index: bool = True) -> torch.Tensor:
+    """Bool mask of the k entries of largest magnitude |values|; equal magnitudes at the boundary are taken in
+    index order (lowest first, or highest first with prefer_low_index=False)."""
+    n = values.numel()
     if k >= n:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
+        return torch.ones_like(values, dtype=torch.bool)
     if k <= 0:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    tau = kth_largest(magnitudes, k)
-    mask = magnitudes > tau
-    need = k - int(torch.count_nonzero(mask))
-    equal = magnitudes == tau
-    n_equal = int(torch.count_nonzero(equal))
-    if n_equal > need:
-        positions = equal.reshape(-1).nonzero().squeeze(1)  # ascending; only the tied entries
-        dropped = positions[need:] if prefer_low_index else positions[:n_equal - need]
-        equal.reshape(-1)[dropped] = False
-    return mask.logical_or_(equal)
+        return torch.zeros_like(values, dtype=torch.bool)
+    high, bucket, rank, positions, members = _kth_largest_members(values, k)
+    mask = high > bucket
+    if not prefer_low_index:
+        positions, members = positions.flip(0), members.flip(0)
+    # a stable descending sort keeps equal magnitudes in the order of `positions`
+    chosen = torch.sort(members, descending=True, stable=True).indices[:rank]
+    mask[positions[chosen]] = True
+    return mask.reshape(values.shape)
 
 
 def magnitude_keep_count(density: float, n: int) -> int:
@@ -94,18 +92,18 @@ def magnitude_keep_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Drop the `gamma` fraction of largest magnitudes and the smallest ones, so that `density` remains.
+def breadcrumbs_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Drop the `gamma` fraction of largest magnitudes |values| and the smallest ones, so that `density` remains.
 
     Ranks are ascending with ties in index order; kept ranks are [n_bot, n_bot + keep). When density + gamma
     exceeds 1 fewer top entries are dropped, so that the density is still met (as in mergekit).
     """
-    n = magnitudes.numel()
+    n = values.numel()
     keep = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - keep - n_top)
-    at_least_bottom = top_k_mask(magnitudes, n - n_bot, prefer_low_index=False)
-    in_top = top_k_mask(magnitudes, n - n_bot - keep, prefer_low_index=False)
+    at_least_bottom = top_k_mask(values, n - n_bot, prefer_low_index=False)
+    in_top = top_k_mask(values, n - n_bot - keep, prefer_low_index=False)
     return at_least_bottom & ~in_top
 
 
@@ -134,7 +132,7 @@ def rescale_kept(delta: torch.Tensor, kept: torch.Tensor, how: str, keep_probabi
     none: leave survivors as they are.
     """
     l1_before = delta.abs().sum() if how == "l1" else None
-    delta.mul_(kept)
+    delta.mul_(kept.to(delta.dtype))  # a float 0/1 factor: several times faster than a boolean mask
     if how == "inverse":
         delta.div_(keep_probability)
     elif how == "l1":

@@ -32,7 +32,7 @@ EXCLUDE = Param("exclude", "globs", (), "tensor-name patterns (fnmatch) that are
 SVD = Param("svd", ("auto", "exact", "gram", "randomized"), "auto",
             "task SVDs: exact (LAPACK/cuSOLVER, float32), gram (float64 eigen-decomposition of the Gram matrix), "
             "randomized (sketch + subspace iterations), or auto: randomized when the kept rank plus oversampling is "
-            "at most a quarter of the full rank, else gram on GPUs and exact on CPUs")
+            "at most a quarter of the full rank, else gram")
 POLAR = Param("polar", ("gram", "svd"), "gram",
               "orthogonalisation: gram = A (A^T A)^-1/2 from a float64 eigen-decomposition of the small Gram matrix; "
               "svd = P Q^T from A's SVD (the reference's way)")

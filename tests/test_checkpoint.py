@@ -1,0 +1,37 @@
+"""Checkpoint.read against safetensors' own loader, for every dtype distmerge accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.checkpoint import DTYPES, Checkpoint
+
+
+@pytest.fixture
+def every_dtype(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t.{dtype}".replace("torch.", ""): (torch.randn(5, 7, generator=gen) * 50).to(dtype)
+        for dtype, _ in DTYPES.values()
+    }
+    tensors["scalar"] = torch.tensor(3.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_read_returns_what_safetensors_loads(every_dtype):
+    expected = load_file(str(every_dtype / "model.safetensors"))
+    ckpt = Checkpoint.open(str(every_dtype))
+    for name, want in expected.items():
+        got = ckpt.read(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(as_bytes(got), as_bytes(want)), name
+        if want.dim() and want.shape[0] >= 3:
+            assert torch.equal(as_bytes(ckpt.read(name, rows=(1, 3))), as_bytes(want[1:3])), name
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
