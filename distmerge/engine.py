@@ -8,6 +8,7 @@ produce the same bytes.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -52,21 +53,38 @@ def read_checked(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return tensor
 
 
-def load_inputs(plan: MergePlan, job: TensorJob, device: torch.device):
-    """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype."""
-    dtype = getattr(torch, plan.config.compute_dtype)
-    base = read_checked(plan.base, job.name).to(device=device, dtype=dtype) if plan.base else None
-    models = torch.empty((len(plan.models), *job.shape), dtype=dtype, device=device)
-    for t, ckpt in enumerate(plan.models):
-        models[t].copy_(read_checked(ckpt, job.name))
-    return base, models
+class InputStack:
+    """The memory that holds one tensor's inputs, base first, kept from one tensor to the next.
+
+    Fresh memory costs a page fault and a page of zeroing per 4 KiB on first touch: on a CPU that was a quarter
+    of a linear merge's time (benchmarks/results/speed-0.5b-linear/). The returned views are valid until the
+    next `load`; each merged tensor is written out before then.
+    """
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def load(self, plan: MergePlan, job: TensorJob, device: torch.device):
+        """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype."""
+        dtype = getattr(torch, plan.config.compute_dtype)
+        inputs = ([plan.base] if plan.base else []) + list(plan.models)
+        numel = len(inputs) * math.prod(job.shape)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            self._buffer = None  # release the old buffer before allocating its successor
+            self._buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
+        stack = buffer[:numel].view(len(inputs), *job.shape)
+        for slot, ckpt in zip(stack, inputs):
+            slot.copy_(read_checked(ckpt, job.name))
+        return (stack[0], stack[1:]) if plan.base else (None, stack)
 
 
-def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, dict]:
+def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device,
+                 inputs: InputStack) -> tuple[torch.Tensor, dict]:
     """The merged tensor (CPU, saved dtype) and the method's statistics for the report."""
     if not job.merge:
         return plan.reference.read(job.name), {}
-    base, models = load_inputs(plan, job, device)
+    base, models = inputs.load(plan, job, device)
     ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, plan.global_thresholds)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
@@ -83,10 +101,11 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
     temp = out.temp_path(unit.shard)
     writer = ShardWriter(temp, [(t.name, t.out_dtype, t.shape) for t in unit.tensors])
     record = ShardRecord(shard=unit.shard, size=writer.size)
+    inputs = InputStack()
     try:
         for job in unit.tensors:
             start = time.perf_counter()
-            tensor, stats = merge_tensor(plan, job, device)
+            tensor, stats = merge_tensor(plan, job, device, inputs)
             checksum = writer.write(job.name, tensor)
             record.tensors[job.name] = {
                 **stats, "seconds": time.perf_counter() - start, "device": str(device), "sha256": checksum,
@@ -107,10 +126,11 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
 def magnitude_histograms(plan: MergePlan, unit: WorkUnit, device: torch.device) -> torch.Tensor:
     """Per-task histograms [T, 2^15] of |d_t| over the unit's merged tensors (int64, CPU)."""
     counts = torch.zeros((len(plan.models), HIGH_BINS), dtype=torch.int64, device=device)
+    inputs = InputStack()
     for job in unit.tensors:
         if not job.merge:
             continue
-        base, models = load_inputs(plan, job, device)
+        base, models = inputs.load(plan, job, device)
         deltas = task_vectors(base, models)
         for t in range(deltas.shape[0]):
             counts[t] += magnitude_histogram(deltas[t])

@@ -93,6 +93,15 @@ def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> Non
             raise ValueError(how)
 
 
+def sum_into_first_(stack: torch.Tensor) -> torch.Tensor:
+    """sum over dim 0, accumulated in order into stack[0] (the same bits as stack.sum(0), without a new tensor
+    whose fresh pages cost more than the additions)."""
+    total = stack[0]
+    for row in stack[1:]:
+        total.add_(row)
+    return total
+
+
 def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bool) -> torch.Tensor:
     """The merged task vector from sparsified task vectors (consumes `deltas`).
 
@@ -102,7 +111,7 @@ def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bo
     for t, w in enumerate(weights):
         deltas[t].mul_(w)
     if not elect_sign:
-        merged = deltas.sum(0)
+        merged = sum_into_first_(deltas)
         if how == "mean":
             total = sum(weights)
             merged.div_(total if abs(total) >= 1e-8 else 1.0)
@@ -152,7 +161,7 @@ def linear(base, models, p, ctx):
     weights = p["weight"]
     for t, w in enumerate(weights):
         models[t].mul_(w)
-    merged = models.sum(0)
+    merged = sum_into_first_(models)
     if p["normalize"]:
         merged.div_(sum(weights))
     return merged
