@@ -86,9 +86,9 @@ def full_svd(matrix: torch.Tensor, backend: str, keep: Callable[[torch.Tensor], 
 
 def resolve_backend(backend: str, rank: int, oversample: int, full_rank: int) -> str:
     """auto: randomized when the sketch is small against the full rank; otherwise the Gram route, faster than
-    LAPACK's and cuSOLVER's SVD on every shape measured (an H100: 9x on 28672 x 8192; 2 CPU cores: 1.2-1.9x on a
-    0.5B Llama's shapes, 1.4x on a whole tsvm merge, benchmarks/results/svd_cpu.md) and equal to it up to
-    float32 round-off wherever the spectrum has a gap at the cut."""
+    LAPACK's and cuSOLVER's SVD on every shape measured (an H100: 9x on 28672 x 8192; 2 CPU cores: 1.5-1.9x on
+    a 0.5B Llama's shapes, 1.5x on a whole tsvm merge: benchmarks/results/svd_cpu_0.5b_shapes.md) and equal to
+    it up to float32 round-off wherever the spectrum has a gap at the cut."""
     if backend != "auto":
         return backend
     return "randomized" if sketch_fits(rank, oversample, full_rank) else "gram"
