@@ -69,8 +69,8 @@ class InputStack:
         dtype = getattr(torch, plan.config.compute_dtype)
         inputs = ([plan.base] if plan.base else []) + list(plan.models)
         numel = len(inputs) * math.prod(job.shape)
-        buffer = self._buffer
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+        buffer = self._buffer  # one plan and one device per unit: only the size changes
+        if buffer is None or buffer.numel() < numel:
             self._buffer = None  # release the old buffer before allocating its successor
             self._buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
         stack = buffer[:numel].view(len(inputs), *job.shape)

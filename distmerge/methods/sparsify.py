@@ -49,10 +49,18 @@ def _kth_largest_members(values: torch.Tensor, k: int):
     return high, bucket, rank, positions, flat[positions].abs()
 
 
+def _largest_members(members: torch.Tensor, rank: int) -> torch.Tensor:
+    """Indices of the `rank` largest `members`, equal values in their given order. A bucket of equal values (an
+    unchanged tensor's zeros, say) needs no sort."""
+    if rank == members.numel() or bool(members.amin() == members.amax()):
+        return torch.arange(rank, device=members.device)
+    return torch.sort(members, descending=True, stable=True).indices[:rank]
+
+
 def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
     """The exact k-th largest of non-negative `magnitudes` (1 <= k <= numel), in their own precision."""
     _, _, rank, _, members = _kth_largest_members(magnitudes, k)
-    return float(torch.topk(members, rank).values[-1])
+    return float(members[_largest_members(members, rank)].min())
 
 
 def bucket_value(bits: int) -> float:
@@ -81,9 +89,7 @@ def top_k_mask(values: torch.Tensor, k: int, prefer_low_index: bool = True) -> t
     mask = high > bucket
     if not prefer_low_index:
         positions, members = positions.flip(0), members.flip(0)
-    # a stable descending sort keeps equal magnitudes in the order of `positions`
-    chosen = torch.sort(members, descending=True, stable=True).indices[:rank]
-    mask[positions[chosen]] = True
+    mask[positions[_largest_members(members, rank)]] = True
     return mask.reshape(values.shape)
 
 
