@@ -290,7 +290,7 @@ def test_uniform_whole_equals_pieces():
 
 
 def test_uniform_across_the_internal_chunk_boundary():
-    chunk = sampling._CHUNK
+    chunk = sampling._CHUNK_CPU
     n = chunk + 600
     whole = sampling.uniform(9, "big", 1, (n,), CPU, start=3)
     piece = sampling.uniform(9, "big", 1, (1000,), CPU, start=3 + chunk - 400)
