@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-
-import torch
 from pathlib import Path
 from typing import Any
 
