@@ -21,6 +21,7 @@ import reference as ref
 
 from distmerge.errors import ConfigError
 from distmerge.methods import TensorContext, get_method
+from distmerge.methods.elementwise import sum_into_first_
 from distmerge.methods.sampling import uniform
 
 RTOL = 1e-5  # relative to the largest |expected| entry: float32 arithmetic against a float64 reference
@@ -637,3 +638,13 @@ def test_cross_parameter_checks():
     message = linear.check(linear.defaults(2, weight=[1.0, -1.0]))
     assert message and "sum to zero" in message
     assert linear.check(linear.defaults(2, weight=[1.0, -1.0], normalize=False)) is None
+
+
+def test_sum_into_first_has_the_bits_of_torch_sum():
+    """The in-place sum linear and task arithmetic use must round exactly as stack.sum(0) does."""
+    gen = torch.Generator().manual_seed(3)
+    for n_tasks in (2, 3, 5):
+        scales = torch.logspace(-4, 4, n_tasks).view(n_tasks, 1)
+        stack = torch.randn(n_tasks, 100_003, generator=gen) * scales
+        want = stack.sum(0)
+        assert torch.equal(sum_into_first_(stack.clone()), want)

@@ -173,8 +173,8 @@ def polar_via_gram(matrix: torch.Tensor) -> torch.Tensor:
 
     The Gram matrix squares A's condition number, so it is formed, decomposed and applied in float64; the result
     is then as accurate as A's own rounding allows (more accurate than a float32 SVD). Directions with singular
-    values below POLAR_RCOND of the largest are dropped (a pseudo-inverse): merging a task with a copy of itself then returns that task,
-    where an SVD would pick an arbitrary completion.
+    values below POLAR_RCOND of the largest are dropped (a pseudo-inverse): merging a task with a copy of itself
+    then returns that task, where an SVD would pick an arbitrary completion.
     """
     eigenvalues, vectors = torch.linalg.eigh(gram64(matrix))
     keep = eigenvalues > (POLAR_RCOND**2) * eigenvalues[-1].clamp(min=torch.finfo(torch.float64).tiny)
