@@ -6,7 +6,10 @@ base_model. Every task is a chat prompt ("<question> Text: <text>") answered wit
 label word whose first token gets the highest logit of the model's own (tied) LM head at the answer position, so
 the base has an honest zero-shot score and every expert and merge is read the same way, with no task head.
 An expert fine-tunes only the upper `top_blocks` decoder blocks (cross-entropy of the label word's first token over
-the whole vocabulary); embeddings, lower blocks, the final norm and the head stay the base's.
+the whole vocabulary); embeddings, lower blocks, the final norm and the head stay the base's. That is also what
+makes the track affordable on CPU: the lower blocks' output is computed once per example and cached (FrozenPart),
+and each task's shared prompt prefix is run once per batch (about 7x less time per scored example than the
+whole model on the whole prompt; tests/test_bench_lm.py checks both shortcuts against transformers' forward pass).
 
 Shared with track 1: the data and splits (data.py), the training loop (common.train_loop), the merge search and
 the report (run.py); only the prompt, the scoring and the checkpoint handling live here.
@@ -14,6 +17,8 @@ the report (run.py); only the prompt, the scoring and the checkpoint handling li
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +55,6 @@ PROMPTS: dict[str, tuple[str, list[str]]] = {
 
 def prompt_hash() -> str:
     """Scores and experts depend on the prompts: their cache paths carry this hash."""
-    import hashlib
     import json
 
     return hashlib.sha1(json.dumps([SYSTEM, MAX_CHARS, MAX_TOKENS, PROMPTS]).encode()).hexdigest()[:8]
@@ -59,7 +63,7 @@ def prompt_hash() -> str:
 @dataclass(frozen=True)
 class LMConfig:
     steps: int = 150
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
     top_blocks: int = 12
     seed: int = 0
@@ -98,7 +102,9 @@ def save_base(out: Path, log=print) -> Path:
 
 def load_model(path: Path):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
@@ -112,7 +118,13 @@ def load_tokenizer(path: Path):
     return tok
 
 
-# ---- prompts and scoring --------------------------------------------------------------------------------------
+# ---- prompts, the shared frozen part, and scoring -------------------------------------------------------------
+#
+# Every model this track scores (base, experts, merges) keeps the base's embeddings and lower blocks, and the prompts
+# of one task share a long prefix (chat template, system line, question: 40 to 80 of their 60 to 100 tokens). So the
+# residual stream entering the first tuned block is computed once per example from the base and cached, and each
+# model runs only its upper blocks: over the shared prefix once, then over each text's own tokens with the prefix's
+# keys and values. A merge whose lower part is not byte-identical to the base's is run from its own lower blocks.
 
 def prompts(tok, task_name: str, texts: list[str]) -> list[str]:
     question = PROMPTS[task_name][0]
@@ -132,84 +144,197 @@ def answer_ids(tok, task_name: str, n_labels: int) -> list[int]:
     return ids
 
 
-def _encode(tok, texts: list[str]):
-    return tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, add_special_tokens=False,
-               return_tensors="pt")
+def token_ids(tok, task_name: str, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The prompts' token ids, split into the prefix they all share and each prompt's remaining tokens."""
+    ids = [tok(p, add_special_tokens=False, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+           for p in prompts(tok, task_name, texts)]
+    shortest = min(map(len, ids)) - 1  # every remainder keeps at least the last token, the one that is scored
+    n = next((i for i in range(shortest) if len({x[i] for x in ids}) > 1), shortest)
+    return ids[0][:n], [x[n:] for x in ids]
 
 
-def answer_logits(model, enc) -> torch.Tensor:
-    """LM-head logits over the vocabulary at each prompt's last token (right padding: pads come after it)."""
-    hidden = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    last = enc["attention_mask"].sum(1) - 1
-    return model.lm_head(hidden[torch.arange(hidden.shape[0]), last])
+def blocks(model, start: int, stop: int | None = None):
+    """The causal LM reduced (in place) to decoder blocks [start, stop): it maps the residual stream entering block
+    `start` (input ids when start is 0) to the one leaving block stop - 1, final norm included only at the top."""
+    inner = model.model
+    stop = len(inner.layers) if stop is None else stop
+    if stop < len(inner.layers):
+        inner.norm = torch.nn.Identity()
+    inner.layers = inner.layers[start:stop]
+    for i, layer in enumerate(inner.layers):
+        layer.self_attn.layer_idx = i  # the key/value cache is indexed by position in the stack
+    inner.config.num_hidden_layers = stop - start
+    return model
+
+
+def _padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True), mask
+
+
+def run_prefix(stack, prefix: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The stack over the shared prefix (ids or states): its output states and its keys and values per block."""
+    inputs = {"input_ids": prefix[None]} if prefix.dtype == torch.long else {"inputs_embeds": prefix[None]}
+    out = stack.model(**inputs, use_cache=True)
+    return out.last_hidden_state[0], [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
+def run_rest(stack, prefix_kv: list, seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stack over a batch of remainders (ids or states, right-padded) that follow the prefix."""
+    from transformers import DynamicCache
+
+    x, mask = _padded(seqs)
+    b = len(seqs)
+    cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv])
+    full_mask = torch.cat([mask.new_ones(b, prefix_kv[0][0].shape[2]), mask], 1)
+    inputs = {"input_ids": x} if x.dtype == torch.long else {"inputs_embeds": x}
+    return stack.model(**inputs, attention_mask=full_mask, cache=cache, use_cache=True).last_hidden_state, mask
+
+
+def answer_logits(upper, prefix_kv: list, states: list[torch.Tensor]) -> torch.Tensor:
+    """LM-head logits over the vocabulary at each prompt's last token."""
+    hidden, mask = run_rest(upper, prefix_kv, states)
+    return upper.lm_head(hidden[torch.arange(len(states)), mask.sum(1) - 1])
+
+
+def length_batches(lengths: list[int], batch_size: int):
+    order = np.argsort(lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
+
+
+def is_frozen(name: str, split: int) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return name == "model.embed_tokens.weight" or (m is not None and int(m.group(1)) < split)
+
+
+def frozen_digest(model_dir: Path, split: int) -> str:
+    """sha256 of the embeddings and the blocks below `split` as stored (names and bytes)."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            tensors.update({k: f for k in st.keys() if is_frozen(k, split)})  # noqa: SIM118 (safe_open is not iterable)
+    for name in sorted(tensors):
+        with safe_open(str(tensors[name]), "pt") as st:
+            t = st.get_tensor(name)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FrozenPart:
+    """The base's embeddings and blocks below `split`, and their output states for every prompt (cached in `store`).
+
+    states() of a model whose lower part differs from the base's (by digest) are computed from that model and
+    not stored."""
+
+    def __init__(self, base: Path, split: int, store: Path, tasks: dict):
+        self.base, self.split, self.store, self.tasks = Path(base), split, Path(store), tasks
+        self.tok = load_tokenizer(self.base)
+        self.base_digest = frozen_digest(self.base, split)
+
+    def states(self, task_name: str, split_name: str, model_dir: Path | None = None) -> dict:
+        """{"prefix": [P, d] states, "rest": one [n_i, d] tensor per example} entering block `split`."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.store / f"{task_name}.{split_name}.safetensors"
+        if model_dir is None and path.exists():
+            st = load_file(str(path))
+        else:
+            st = self._compute(task_name, split_name, model_dir or self.base)
+            if model_dir is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(st, str(path.with_suffix(".tmp")))
+                path.with_suffix(".tmp").replace(path)
+        return {"prefix": st["prefix"], "rest": list(torch.split(st["rest"], st["lengths"].tolist()))}
+
+    @torch.inference_mode()
+    def _compute(self, task_name: str, split_name: str, model_dir: Path, batch_size: int = 32) -> dict:
+        prefix, rests = token_ids(self.tok, task_name, [t for t, _ in self.tasks[task_name][split_name]])
+        lower = blocks(load_model(model_dir), 0, self.split)
+        prefix_states, kv = run_prefix(lower, torch.tensor(prefix))
+        out = [None] * len(rests)
+        for idx in length_batches([len(r) for r in rests], batch_size):
+            hidden, _ = run_rest(lower, kv, [torch.tensor(rests[i]) for i in idx])
+            for row, i in enumerate(idx):
+                out[i] = hidden[row, :len(rests[i])]
+        return {"prefix": prefix_states.contiguous(), "rest": torch.cat(out).contiguous(),
+                "lengths": torch.tensor([len(r) for r in rests])}
 
 
 @torch.inference_mode()
-def evaluate_model(model, tok, tasks: dict, split: str, batch_size: int = 16) -> dict[str, np.ndarray]:
+def evaluate(model_dir: Path, frozen: FrozenPart, split_name: str, task_names=None,
+             batch_size: int = 32) -> dict[str, np.ndarray]:
     """Per task, a 0/1 vector: is the label word with the highest first-token logit the right one."""
-    model.eval()
+    own_lower = None if frozen_digest(model_dir, frozen.split) == frozen.base_digest else model_dir
+    upper = blocks(load_model(model_dir), frozen.split).eval()
     out = {}
-    for name, task in tasks.items():
-        texts = prompts(tok, name, [t for t, _ in task[split]])
-        y = np.array([label for _, label in task[split]])
-        ids = torch.tensor(answer_ids(tok, name, len(task["labels"])))
-        pred = np.zeros(len(texts), dtype=np.int64)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            pred[idx] = answer_logits(model, _encode(tok, [texts[j] for j in idx]))[:, ids].argmax(1).numpy()
-        out[name] = (pred == y).astype(np.int8)
+    for name in task_names or frozen.tasks:
+        task = frozen.tasks[name]
+        st = frozen.states(name, split_name, own_lower)
+        _, kv = run_prefix(upper, st["prefix"])
+        ids = answer_ids(frozen.tok, name, len(task["labels"]))
+        pred = np.zeros(len(st["rest"]), dtype=np.int64)
+        for idx in length_batches([len(r) for r in st["rest"]], batch_size):
+            pred[idx] = answer_logits(upper, kv, [st["rest"][i] for i in idx])[:, ids].argmax(1).numpy()
+        out[name] = (pred == np.array([label for _, label in task[split_name]])).astype(np.int8)
     return out
 
 
 def evaluate_dir(ctx, model_dir: Path, split: str, worker: dict) -> dict[str, list[int]]:
-    """search.py's evaluator for this track (worker: a per-process cache of the tokenizer and the tasks)."""
-    if "lm_tok" not in worker:
+    """search.py's evaluator for this track (worker: a per-process cache of the frozen part)."""
+    if "lm" not in worker:
         data = read_json(ctx.tasks_file)
-        worker["lm_tasks"] = {n: data[n] for n in ctx.task_subset}
-        worker["lm_tok"] = load_tokenizer(ctx.base)
-    res = evaluate_model(load_model(model_dir), worker["lm_tok"], worker["lm_tasks"], split)
-    return {n: v.astype(int).tolist() for n, v in res.items()}
+        worker["lm"] = FrozenPart(ctx.base, ctx.frozen_blocks, ctx.frozen_states,
+                                  {n: data[n] for n in ctx.task_subset})
+    return {n: v.astype(int).tolist() for n, v in evaluate(model_dir, worker["lm"], split).items()}
 
 
 # ---- experts ----------------------------------------------------------------------------------------------------
 
-def finetune(base: Path, name: str, task: dict, out_dir: Path, cfg: LMConfig, log=print) -> dict:
-    """The upper cfg.top_blocks decoder blocks, AdamW, cross-entropy of the answer's first token."""
+def finetune(frozen: FrozenPart, name: str, out_dir: Path, cfg: LMConfig, log=print) -> dict:
+    """The blocks above frozen.split, AdamW, cross-entropy of the answer's first token over the vocabulary."""
     seed_everything(cfg.seed)
-    tok = load_tokenizer(base)
-    model = load_model(base)
-    n_layers = len(model.model.layers)
-    for p in model.parameters():
+    upper = blocks(load_model(frozen.base), frozen.split)
+    for p in upper.parameters():
         p.requires_grad_(False)
-    params = [p for layer in model.model.layers[n_layers - cfg.top_blocks:] for p in layer.parameters()]
+    params = list(upper.model.layers.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    texts = prompts(tok, name, [t for t, _ in task["train"]])
-    ids = torch.tensor(answer_ids(tok, name, len(task["labels"])))
-    target = ids[torch.tensor([label for _, label in task["train"]])]
+    task = frozen.tasks[name]
+    st = frozen.states(name, "train")
+    target = torch.tensor(answer_ids(frozen.tok, name, len(task["labels"])))[
+        torch.tensor([label for _, label in task["train"]])]
     rng = np.random.default_rng(cfg.seed)
 
     def epoch():
-        order = rng.permutation(len(texts))
+        order = rng.permutation(len(st["rest"]))
         for i in range(0, len(order) - 1, cfg.batch_size):
             yield order[i:i + cfg.batch_size]
 
     def loss_fn(idx):
-        logits = answer_logits(model, _encode(tok, [texts[j] for j in idx]))
+        _, kv = run_prefix(upper, st["prefix"])  # with gradients: the prefix's keys depend on the tuned blocks
+        logits = answer_logits(upper, kv, [st["rest"][j] for j in idx])
         return torch.nn.functional.cross_entropy(logits, target[idx])
 
-    model.train()
+    upper.train()
     run = train_loop(params, opt, epoch, loss_fn, cfg.steps, log=log)
+    model = load_model(frozen.base)
+    for i, layer in enumerate(upper.model.layers):
+        model.model.layers[frozen.split + i].load_state_dict(layer.state_dict())
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
+    frozen.tok.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    info = {**asdict(cfg), "trained_blocks": list(range(n_layers - cfg.top_blocks, n_layers)),
-            "train_examples": len(texts), "epochs": round(cfg.steps * cfg.batch_size / len(texts), 2), **run}
+    info = {**asdict(cfg), "trained_blocks": list(range(frozen.split, len(model.model.layers))),
+            "train_examples": len(st["rest"]), "epochs": round(cfg.steps * cfg.batch_size / len(st["rest"]), 2), **run}
     write_json(out_dir.parent / f"{name}.train.json", info)
     return info
 
@@ -217,9 +342,11 @@ def finetune(base: Path, name: str, task: dict, out_dir: Path, cfg: LMConfig, lo
 def prepare(args, prof: dict, cache: Path, log=print) -> dict:
     """Track 2 up to the merges: splits, base checkpoint and zero-shot scores, experts and their scores (cached)."""
     from . import methods as M
+    from .common import set_threads
     from .data import data_key, load_tasks
     from .search import Context
 
+    set_threads(args.jobs * args.threads)  # the set-up runs in this process alone
     n_val, test_cap, train_cap = prof["lm_n_val"], prof["lm_test_cap"], prof["lm_train_cap"]
     key = data_key(n_val, test_cap, train_cap, 0)
     tasks = load_tasks(cache, n_val, test_cap, train_cap, tasks=prof.get("lm_tasks") or prof["tasks"])
@@ -228,41 +355,40 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
                                                    for n, t in tasks.items()))
     root = cache / "lm"
     base = save_base(root / "base", log)
-    tok = load_tokenizer(base)
-    for n, t in tasks.items():
-        answer_ids(tok, n, len(t["labels"]))  # refuse ambiguous answer words before any training
-    ph = prompt_hash()
-    path = root / f"base_scores_{key}_p{ph}.json"
-    scores = read_json(path) if path.exists() else {}
-    if any(n not in scores for n in names):
-        model = load_model(base)
-        for n in names:
-            if n not in scores:
-                scores[n] = {s: evaluate_model(model, tok, {n: tasks[n]}, s)[n].tolist() for s in ("val", "test")}
-                write_json(path, scores)
-                log(f"base zero-shot {n}: val {np.mean(scores[n]['val']):.3f} test {np.mean(scores[n]['test']):.3f}")
-        del model
     cfg = LMConfig(steps=args.steps or prof["lm_steps"], lr=prof.get("lm_lr", LMConfig.lr),
                    top_blocks=prof.get("lm_top_blocks", LMConfig.top_blocks))
+    split = read_json(base / "config.json")["num_hidden_layers"] - cfg.top_blocks
+    ph = prompt_hash()
+    frozen = FrozenPart(base, split, root / f"states_{key}_p{ph}_below{split}", tasks)
+    for n, t in tasks.items():
+        answer_ids(frozen.tok, n, len(t["labels"]))  # refuse ambiguous answer words before any training
+    path = root / f"base_scores_{key}_p{ph}.json"
+    scores = read_json(path) if path.exists() else {}
+    for n in names:
+        if n not in scores:
+            scores[n] = {s: evaluate(base, frozen, s, [n])[n].tolist() for s in ("val", "test")}
+            write_json(path, scores)
+            log(f"base zero-shot {n}: val {np.mean(scores[n]['val']):.3f} test {np.mean(scores[n]['test']):.3f}")
     exp_root = root / f"experts_{key}_p{ph}_{cfg.tag}"
     infos = {}
     for n in names:
         if not (exp_root / n / "config.json").exists():
             log(f"training LM expert {n} ({cfg.tag})")
-            finetune(base, n, tasks[n], exp_root / n, cfg, log=lambda m, n=n: log(f"[{n}] {m}"))
+            finetune(frozen, n, exp_root / n, cfg, log=lambda m, n=n: log(f"[{n}] {m}"))
         infos[n] = read_json(exp_root / f"{n}.train.json")
     spath = exp_root / "scores.json"
     experts = read_json(spath) if spath.exists() else {}
     for n in names:
         if n not in experts:
-            model = load_model(exp_root / n)
-            experts[n] = {s: evaluate_model(model, tok, {n: tasks[n]}, s)[n].tolist() for s in ("val", "test")}
+            experts[n] = {s: evaluate(exp_root / n, frozen, s, [n])[n].tolist() for s in ("val", "test")}
             write_json(spath, experts)
             log(f"LM expert {n}: val {np.mean(experts[n]['val']):.3f} test {np.mean(experts[n]['test']):.3f}")
+    set_threads(args.threads)
     ctx = Context(root=cache / "merges" / f"lm_{key}_p{ph}_{cfg.tag}", base=base,
                   experts=tuple(str(exp_root / n) for n in names), heads=(), task_names=tuple(names),
                   tasks_file=cache / "data" / f"tasks_{key}.json", task_subset=tuple(names), threads=args.threads,
-                  evaluate="lm", small_matrices=tuple(M.small_matrices(base, len(names))))
+                  evaluate="lm", small_matrices=tuple(M.small_matrices(base, len(names))), frozen_blocks=split,
+                  frozen_states=frozen.store)
     meta = {"data_key": key, "prompt_hash": ph, "train": {**asdict(cfg), "per_task": infos},
             "splits": {n: {s: len(t[s]) for s in ("train", "val", "test")} for n, t in tasks.items()},
             "sources": {n: t["source"] for n, t in tasks.items()},

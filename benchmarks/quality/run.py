@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py                 # both tracks, full setting (track 1 about 1.5 h on 2 shared cores)
     python benchmarks/quality/run.py --track encoder # track 1 only: all-MiniLM-L6-v2 experts
-    python benchmarks/quality/run.py --track lm      # track 2 only: SmolLM2-135M-Instruct experts (many CPU hours)
+    python benchmarks/quality/run.py --track lm      # track 2 only: SmolLM2-135M-Instruct experts (about 1.5 h on 2 cores)
     python benchmarks/quality/run.py --quick         # smaller splits, fewer steps (rougher numbers)
     python benchmarks/quality/run.py --tiny --cache DIR   # smoke test: a few examples, 1 step, 2 methods (~1-4 min)
 
@@ -37,11 +37,11 @@ PROFILES = {
     # full: sized to run on 2 shared CPU cores in about 1.5 h (track 1); test 1000 per task x 6 tasks
     "full": {"n_val": 150, "test_cap": 1000, "train_cap": 3000, "steps": 150, "lr": 3e-4, "tasks": None,
              "methods": None, "single_point": False,
-             "lm_n_val": 100, "lm_test_cap": 500, "lm_train_cap": 3000, "lm_steps": 150, "lm_lr": 1e-4, "lm_top_blocks": 12,
+             "lm_n_val": 100, "lm_test_cap": 500, "lm_train_cap": 1200, "lm_steps": 150, "lm_lr": 2e-4, "lm_top_blocks": 12,
              "lm_methods": LM_METHODS},
     "quick": {"n_val": 100, "test_cap": 500, "train_cap": 3000, "steps": 100, "lr": 3e-4, "tasks": None, "methods": None,
               "single_point": False,
-              "lm_n_val": 60, "lm_test_cap": 300, "lm_train_cap": 3000, "lm_steps": 60, "lm_lr": 1e-4, "lm_top_blocks": 10,
+              "lm_n_val": 60, "lm_test_cap": 300, "lm_train_cap": 480, "lm_steps": 60, "lm_lr": 2e-4, "lm_top_blocks": 10,
               "lm_methods": LM_METHODS},
     "tiny": {"n_val": 8, "test_cap": 16, "train_cap": 32, "steps": 1, "lr": 2e-4, "tasks": ["trec", "sms_spam"],
              "methods": ["task_arithmetic", "ties"], "single_point": True,
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rtsvm ablation rows: none, each addition on/off (switches), or also its statistics (all)")
     p.add_argument("--no-ablation", dest="ablation", action="store_const", const="none", help="same as --ablation none")
     p.add_argument("--no-extend", action="store_true", help="do not extend knob grids at their edges")
+    p.add_argument("--extend-steps", type=int, default=M.EXTEND_STEPS,
+                   help="how many times a grid may be extended past an edge where its best value lies")
     return p.parse_args(argv)
 
 
@@ -102,7 +104,8 @@ def run_track(track: str, args, name: str, prof: dict, cache: Path, results: Pat
     if track == "lm" and not args.methods and prof.get("lm_methods"):
         prof = {**prof, "methods": prof["lm_methods"]}
     rows = method_rows(prof, len(names), args.ablation if track == "encoder" or args.ablation != "all" else "switches", log)
-    found = search(setup["ctx"], rows, jobs=args.jobs, extend=not (args.no_extend or prof["single_point"]), log=log)
+    extend_steps = 0 if args.no_extend or prof["single_point"] else args.extend_steps
+    found = search(setup["ctx"], rows, jobs=args.jobs, extend_steps=extend_steps, log=log)
     summary = report.summarise(track, names, setup["base"], setup["experts"], found, {"profile": name, **setup["meta"]},
                                setup.get("extra_refs"))
     suffix = "" if name == "full" else f"_{name}"
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     for track in ("encoder", "lm"):
         if args.track in (track, "all"):
             out[track] = run_track(track, args, name, prof, cache, results, log)
-    write_json(results / f"last_run_{name}.json", {"seconds": round(time.time() - start, 1), "args": vars(args)
+    tracks = "" if args.track == "all" else f"_{args.track}"
+    write_json(results / f"last_run_{name}{tracks}.json", {"seconds": round(time.time() - start, 1), "args": vars(args)
                                                    | {"cache": str(cache), "results": str(results)}})
     log("done")
     return 0

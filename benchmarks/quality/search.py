@@ -35,6 +35,8 @@ class Context:
     threads: int
     evaluate: str = "encoder"   # which evaluator: encoder (track 1) or lm (track 2)
     small_matrices: tuple = ()  # 2-D tensors with a side < T: `exclude`d for tsvm/rtsvm (methods.PER_TASK_RANK)
+    frozen_blocks: int = 0      # track 2: decoder blocks below the tuned ones (their outputs are cached) ...
+    frozen_states: Path | None = None  # ... in this directory (lm.FrozenPart)
 
 
 def slug(text: str) -> str:
@@ -112,15 +114,15 @@ def _map(units: list, jobs: int):
             yield run_unit(u)
 
 
-def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, log=print) -> dict:
-    """Validation grid (extended at edges) per row, then test at each row's chosen point.
+def search(ctx: Context, rows: list[M.Method], jobs: int, extend_steps: int = M.EXTEND_STEPS, log=print) -> dict:
+    """Validation grid (extended at its edges up to extend_steps times) per row, then test at each row's chosen point.
 
     A row with a single point and no extension is scored on validation and test in one merge."""
     val: dict[str, dict[str, dict]] = {r.label: {} for r in rows}
     test: dict[str, dict] = {}
     errors: dict[str, str] = {}
     points = {r.label: M.grid_points(r) for r in rows}
-    single = {r.label for r in rows if len(points[r.label]) == 1 and not (extend and r.knobs)}
+    single = {r.label for r in rows if len(points[r.label]) == 1 and not (extend_steps and r.knobs)}
     pending = [(ctx, r, p, ("val", "test") if r.label in single else "val") for r in rows for p in points[r.label]]
     rounds = 0
     while pending:
@@ -136,7 +138,7 @@ def search(ctx: Context, rows: list[M.Method], jobs: int, extend: bool = True, l
             log(f"  {label:34s} {key:28s} val avg {mean_acc(res['val']):.4f}")
         pending = []
         rounds += 1
-        if extend and rounds <= M.EXTEND_STEPS:
+        if rounds <= extend_steps:
             for r in rows:
                 scores = {k: mean_acc(v) for k, v in val[r.label].items()}
                 new = M.extend(r, scores, points[r.label])
