@@ -51,17 +51,24 @@ GRIDS: dict[str, tuple[dict, dict]] = {
 # Extra rows: a method run with some parameters fixed (each gets its own knob search).
 # rtsvm: each addition on and off (the plain row is both on, its defaults), each with its own alpha search; then
 # one statistic at a time moved away from its default (both additions on) at one fixed alpha (the value validation
-# chose for the defaults on track 1), next to the defaults at that alpha: one merge each (a CPU budget). The ablation table and the proposed defaults come
-# from these rows (read on validation first).
-STAT_ALPHA = 0.3333  # rtsvm's validation choice on track 1 (grid 0.5, 0.75, 1 extended to 0.3333, 0.2222)
-VARIANTS: dict[str, list[dict]] = {
-    "rtsvm": [{"outlier_weighting": ow, "adaptive_rank": ar} for ow in (True, False) for ar in (True, False)
-              if (ow, ar) != (True, True)]
-    + [{"alpha": STAT_ALPHA}]
-    + [{**v, "alpha": STAT_ALPHA} for v in ({"outlier_m": 5.0}, {"outlier_m": 2.0}, {"outlier_statistic": "median"},
-                                            {"outlier_weight": 0.5}, {"outlier_residual": "drop"}, {"eta": 0.8},
-                                            {"eta": 0.95})],
-}
+# chose for the defaults on that track), next to the defaults at that alpha: one merge each (a CPU budget). The
+# ablation table and the proposed defaults come from these rows (read on validation first).
+STAT_ALPHA = {"encoder": 0.3333,  # track 1's validation choice for rtsvm (grid 0.5, 0.75, 1 extended down)
+              "lm": 1.7777}       # track 2's (grid 0.5, 0.75, 1 extended up)
+SWITCHES = {"rtsvm": [{"outlier_weighting": ow, "adaptive_rank": ar} for ow in (True, False) for ar in (True, False)
+                      if (ow, ar) != (True, True)]}
+STATISTICS = {"rtsvm": [{}, {"outlier_m": 5.0}, {"outlier_m": 2.0}, {"outlier_statistic": "median"},
+                        {"outlier_weight": 0.5}, {"outlier_residual": "drop"}, {"eta": 0.8}, {"eta": 0.95}]}
+
+
+def variants(name: str, ablation: str, stat_alpha: float) -> list[dict]:
+    """The extra rows' fixed parameters: none, the switches, or also the statistics (`all`) at alpha stat_alpha."""
+    if ablation == "none":
+        return []
+    rows = list(SWITCHES.get(name, []))
+    if ablation == "all":
+        rows += [{**v, "alpha": stat_alpha} for v in STATISTICS.get(name, [])]
+    return rows
 
 
 @dataclass
@@ -76,7 +83,7 @@ class Method:
 
     @property
     def label(self) -> str:
-        return row_label(self.name, self.fixed) if self.name in VARIANTS else self.name
+        return row_label(self.name, self.fixed) if self.name in SWITCHES else self.name
 
 
 def row_label(name: str, fixed: dict) -> str:
@@ -107,9 +114,10 @@ def list_methods() -> dict[str, dict]:
     return found
 
 
-def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", log=print) -> list[Method]:
-    """The rows to run: every listed method (that takes n_models models), plus the variants
-    (ablation: "none", "switches" = only those fixing nothing but on/off switches, or "all")."""
+def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", stat_alpha: float = STAT_ALPHA["encoder"],
+         log=print) -> list[Method]:
+    """The rows to run: every listed method (that takes n_models models), plus the variants (ablation: "none",
+    "switches" = only the on/off switches, or "all" = also the statistics at alpha stat_alpha)."""
     rows = []
     for name, info in list_methods().items():
         if only and name not in only:
@@ -120,12 +128,9 @@ def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", lo
         knobs, fixed = GRIDS.get(name, ({}, {}))
         rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
                            dict(fixed), known=name in GRIDS))
-        if ablation != "none":
-            for extra in VARIANTS.get(name, []):
-                if ablation == "switches" and not all(isinstance(v, bool) for v in extra.values()):
-                    continue
-                rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"],
-                                   {k: v for k, v in knobs.items() if k not in extra}, {**fixed, **extra}))
+        for extra in variants(name, ablation, stat_alpha):
+            rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"],
+                               {k: v for k, v in knobs.items() if k not in extra}, {**fixed, **extra}))
     return rows
 
 

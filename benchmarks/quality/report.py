@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .common import write_json
-from .methods import STAT_ALPHA
+from .methods import row_label
 
 B = 1000
 ABLATION_REF = "rtsvm"  # the rtsvm row at its defaults: the switch ablation's reference
-ABLATION_REF_FIXED = f"rtsvm [alpha={STAT_ALPHA:g}]"  # the defaults at the fixed alpha: the statistics rows' reference
 
 
 def _resamples(n: int, seed: int) -> np.ndarray:
@@ -71,7 +70,8 @@ def summarise(track: str, tasks: list[str], base: dict, experts: dict, search: d
             entry["diff_to_best"] = float(entry["avg"] - np.mean([merged[best][t].mean() for t in tasks]))
             entry["diff_to_best_ci"] = ci(diff)
         fixed = search.get("fixed", {}).get(name, {})
-        ref = ABLATION_REF_FIXED if "alpha" in fixed else ABLATION_REF
+        # the statistics rows (alpha fixed) compare with the defaults at that alpha, the switch rows with `rtsvm`
+        ref = row_label("rtsvm", {"alpha": fixed["alpha"]}) if "alpha" in fixed else ABLATION_REF
         if ref in merged and name in merged and search["methods"].get(name) in ("rtsvm", "tsvm"):
             entry["ablation_ref"] = ref
             entry["diff_to_ref"] = float(entry["avg"] - np.mean([merged[ref][t].mean() for t in tasks]))
@@ -145,10 +145,12 @@ def ablation_markdown(summary: dict) -> str:
     head = ["| row | knob (val) | val avg | val Δ | test avg [95% CI] | norm. avg | test Δ [95% CI] |",
             "|---|---|---|---|---|---|---|"]
     out = []
-    for ref, what in ((ABLATION_REF, "each addition on/off, each with alpha chosen on validation; Δ against the "
-                                     "defaults (`rtsvm`, both on)"),
-                      (ABLATION_REF_FIXED, f"one statistic at a time away from its default (both additions on), "
-                                           f"alpha fixed at {STAT_ALPHA:g}; Δ against the defaults at that alpha")):
+    fixed_refs = sorted({e["ablation_ref"] for e in rows} - {ABLATION_REF})
+    groups = [(ABLATION_REF, "each addition on/off, each with alpha chosen on validation; Δ against the defaults "
+                             "(`rtsvm`, both on)")]
+    groups += [(ref, "one statistic at a time away from its default (both additions on), alpha fixed at "
+                     f"{ref.split('=')[1].rstrip(']')}; Δ against the defaults at that alpha") for ref in fixed_refs]
+    for ref, what in groups:
         sel = [e for e in rows if e["ablation_ref"] == ref]
         if len(sel) < 2:
             continue

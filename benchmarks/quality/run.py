@@ -36,11 +36,11 @@ PROFILES = {
     # n_val/test_cap/train_cap: split sizes per task; steps: fine-tuning steps per expert
     # full: sized to run on 2 shared CPU cores in about 1.5 h (track 1); test 1000 per task x 6 tasks
     "full": {"n_val": 150, "test_cap": 1000, "train_cap": 3000, "steps": 150, "lr": 3e-4, "tasks": None,
-             "methods": None, "single_point": False,
+             "methods": None, "single_point": False, "extend_steps": 2, "lm_extend_steps": 6,
              "lm_n_val": 100, "lm_test_cap": 500, "lm_train_cap": 1200, "lm_steps": 150, "lm_lr": 2e-4, "lm_top_blocks": 12,
              "lm_methods": LM_METHODS},
     "quick": {"n_val": 100, "test_cap": 500, "train_cap": 3000, "steps": 100, "lr": 3e-4, "tasks": None, "methods": None,
-              "single_point": False,
+              "single_point": False, "extend_steps": 2, "lm_extend_steps": 6,
               "lm_n_val": 60, "lm_test_cap": 300, "lm_train_cap": 480, "lm_steps": 60, "lm_lr": 2e-4, "lm_top_blocks": 10,
               "lm_methods": LM_METHODS},
     "tiny": {"n_val": 8, "test_cap": 16, "train_cap": 32, "steps": 1, "lr": 2e-4, "tasks": ["trec", "sms_spam"],
@@ -67,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rtsvm ablation rows: none, each addition on/off (switches), or also its statistics (all)")
     p.add_argument("--no-ablation", dest="ablation", action="store_const", const="none", help="same as --ablation none")
     p.add_argument("--no-extend", action="store_true", help="do not extend knob grids at their edges")
-    p.add_argument("--extend-steps", type=int, default=M.EXTEND_STEPS,
-                   help="how many times a grid may be extended past an edge where its best value lies")
+    p.add_argument("--extend-steps", type=int, default=None,
+                   help="how many times a grid may be extended past an edge where its best value lies (default: 2 "
+                        "for the encoder track, 6 for the LM track, whose spectral methods want a large alpha)")
     return p.parse_args(argv)
 
 
@@ -82,8 +83,8 @@ def profile_of(args) -> tuple[str, dict]:
     return name, prof
 
 
-def method_rows(prof: dict, n_models: int, ablation: str, log) -> list[M.Method]:
-    rows = M.plan(n_models, only=prof["methods"], ablation=ablation, log=log)
+def method_rows(prof: dict, n_models: int, ablation: str, stat_alpha: float, log) -> list[M.Method]:
+    rows = M.plan(n_models, only=prof["methods"], ablation=ablation, stat_alpha=stat_alpha, log=log)
     if prof["single_point"]:  # tiny: the middle value of each knob, nothing else
         for r in rows:
             r.knobs = {k: (v[len(v) // 2],) for k, v in r.knobs.items()}
@@ -103,8 +104,10 @@ def run_track(track: str, args, name: str, prof: dict, cache: Path, results: Pat
     names = setup["names"]
     if track == "lm" and not args.methods and prof.get("lm_methods"):
         prof = {**prof, "methods": prof["lm_methods"]}
-    rows = method_rows(prof, len(names), args.ablation if track == "encoder" or args.ablation != "all" else "switches", log)
-    extend_steps = 0 if args.no_extend or prof["single_point"] else args.extend_steps
+    rows = method_rows(prof, len(names), args.ablation, M.STAT_ALPHA[track], log)
+    default_steps = prof.get("extend_steps" if track == "encoder" else "lm_extend_steps", M.EXTEND_STEPS)
+    extend_steps = 0 if args.no_extend or prof["single_point"] else (
+        default_steps if args.extend_steps is None else args.extend_steps)
     found = search(setup["ctx"], rows, jobs=args.jobs, extend_steps=extend_steps, log=log)
     summary = report.summarise(track, names, setup["base"], setup["experts"], found, {"profile": name, **setup["meta"]},
                                setup.get("extra_refs"))
