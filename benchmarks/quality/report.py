@@ -148,8 +148,10 @@ def ablation_markdown(summary: dict) -> str:
     fixed_refs = sorted({e["ablation_ref"] for e in rows} - {ABLATION_REF})
     groups = [(ABLATION_REF, "each addition on/off, each with alpha chosen on validation; Δ against the defaults "
                              "(`rtsvm`, both on)")]
-    groups += [(ref, "one statistic at a time away from its default (both additions on), alpha fixed at "
-                     f"{ref.split('=')[1].rstrip(']')}; Δ against the defaults at that alpha") for ref in fixed_refs]
+    for ref in fixed_refs:
+        alpha = next(e["fixed"]["alpha"] for e in rows if e["ablation_ref"] == ref)
+        groups.append((ref, f"one statistic at a time away from its default (both additions on), alpha fixed at "
+                            f"{alpha:g}; Δ against the defaults at that alpha"))
     for ref, what in groups:
         sel = [e for e in rows if e["ablation_ref"] == ref]
         if len(sel) < 2:
