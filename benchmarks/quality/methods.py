@@ -3,7 +3,7 @@
 Adding a method to the benchmark is one line in GRIDS. A method that `distmerge methods` lists but GRIDS does
 not know still runs, once, at its defaults (and the report says so); a method GRIDS knows but distmerge does
 not list is skipped. Knobs are chosen on the validation split only; when the best value sits on the edge of the
-grid the grid is extended outwards (EXTEND_STEPS times at most), so an edge optimum is not reported as chosen.
+grid the grid is extended outwards (EXTEND_STEPS[track] times at most), so an edge optimum is not reported as chosen.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ LAM_SPARSE_SUM = (0.3, 0.5, 0.75)
 LAM_SPARSE_MEAN = (1.0, 1.5, 2.0)
 DENSITY = (0.2, 0.5)
 ALPHA = (0.5, 0.75, 1.0)
-EXTEND_STEPS = 2
+EXTEND_STEPS = {"encoder": 2,  # per track; the LM track's spectral methods want alpha 4-6, several steps out
+                "lm": 6}
 
 # method: ({knob: grid, ...}, {fixed parameter: value}); the grid is the product of the knobs' values.
 GRIDS: dict[str, tuple[dict, dict]] = {

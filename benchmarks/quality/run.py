@@ -36,11 +36,11 @@ PROFILES = {
     # n_val/test_cap/train_cap: split sizes per task; steps: fine-tuning steps per expert
     # full: sized to run on 2 shared CPU cores in about 1.5 h (track 1); test 1000 per task x 6 tasks
     "full": {"n_val": 150, "test_cap": 1000, "train_cap": 3000, "steps": 150, "lr": 3e-4, "tasks": None,
-             "methods": None, "single_point": False, "extend_steps": 2, "lm_extend_steps": 6,
+             "methods": None, "single_point": False,
              "lm_n_val": 100, "lm_test_cap": 500, "lm_train_cap": 1200, "lm_steps": 150, "lm_lr": 2e-4, "lm_top_blocks": 12,
              "lm_methods": LM_METHODS},
     "quick": {"n_val": 100, "test_cap": 500, "train_cap": 3000, "steps": 100, "lr": 3e-4, "tasks": None, "methods": None,
-              "single_point": False, "extend_steps": 2, "lm_extend_steps": 6,
+              "single_point": False,
               "lm_n_val": 60, "lm_test_cap": 300, "lm_train_cap": 480, "lm_steps": 60, "lm_lr": 2e-4, "lm_top_blocks": 10,
               "lm_methods": LM_METHODS},
     "tiny": {"n_val": 8, "test_cap": 16, "train_cap": 32, "steps": 1, "lr": 2e-4, "tasks": ["trec", "sms_spam"],
@@ -105,9 +105,8 @@ def run_track(track: str, args, name: str, prof: dict, cache: Path, results: Pat
     if track == "lm" and not args.methods and prof.get("lm_methods"):
         prof = {**prof, "methods": prof["lm_methods"]}
     rows = method_rows(prof, len(names), args.ablation, M.STAT_ALPHA[track], log)
-    default_steps = prof.get("extend_steps" if track == "encoder" else "lm_extend_steps", M.EXTEND_STEPS)
     extend_steps = 0 if args.no_extend or prof["single_point"] else (
-        default_steps if args.extend_steps is None else args.extend_steps)
+        M.EXTEND_STEPS[track] if args.extend_steps is None else args.extend_steps)
     found = search(setup["ctx"], rows, jobs=args.jobs, extend_steps=extend_steps, log=log)
     summary = report.summarise(track, names, setup["base"], setup["experts"], found, {"profile": name, **setup["meta"]},
                                setup.get("extra_refs"))

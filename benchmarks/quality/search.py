@@ -114,7 +114,7 @@ def _map(units: list, jobs: int):
             yield run_unit(u)
 
 
-def search(ctx: Context, rows: list[M.Method], jobs: int, extend_steps: int = M.EXTEND_STEPS, log=print) -> dict:
+def search(ctx: Context, rows: list[M.Method], jobs: int, extend_steps: int, log=print) -> dict:
     """Validation grid (extended at its edges up to extend_steps times) per row, then test at each row's chosen point.
 
     A row with a single point and no extension is scored on validation and test in one merge."""
