@@ -1,4 +1,4 @@
-# One command per benchmark; results land in benchmarks/results/ (see benchmarks/README.md).
+# One command per benchmark; each writes its results to its folder under benchmarks/results/ (see benchmarks/README.md).
 PY ?= python
 
 .PHONY: test bench-speed bench-quality bench-svd bench-scaling bench-gpu-layer compare-mergekit compare-fusionbench

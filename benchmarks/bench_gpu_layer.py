@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+import common
 from distmerge.engine import resolve_device
 from distmerge.methods import TensorContext, get_method
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = common.RESULTS / "gpu_layer"
 HIDDEN, INTERMEDIATE, KV, VOCAB, LAYERS = 8192, 28672, 1024, 128256, 80
 LAYER = {
     "self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (KV, HIDDEN),
@@ -76,54 +77,50 @@ def run_method(method: str, name: str, shape, n_experts: int, params: dict,
     return seconds, peak
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="tsvm,tsvm@svd=exact,rtsvm,iso_c,iso_cts,ties")
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="layers timed per method (median)")
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--out", default="gpu_layer")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the JSON and markdown go (default benchmarks/results/gpu_layer)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", type=int, default=1,
                         help="divide every dimension by this (a smoke test; the 70B projection then means nothing)")
-    args = parser.parse_args()
-    device = resolve_device(args.device)  # the engine's set-up (on CUDA: IEEE float32 matrix products)
-    layer = {name: (rows // args.scale, cols // args.scale) for name, (rows, cols) in LAYER.items()}
-    embedding = (VOCAB // args.scale, HIDDEN // args.scale)
-    run_method("ties", "warmup", (1024 // args.scale, 1024 // args.scale), args.experts, {}, device)
-    rows = []
-    for entry in args.methods.split(","):
-        method, _, settings = entry.partition("@")
-        params = dict(item.split("=", 1) for item in settings.split(";") if item)
-        layer_seconds, peaks = [], []
-        for repeat in range(args.repeats):
-            total = 0.0
-            for name, shape in layer.items():
-                seconds, peak = run_method(method, f"model.layers.{repeat}.{name}", shape, args.experts, params,
-                                           device)
-                total += seconds
-                peaks.append(peak)
-            layer_seconds.append(total)
-        per_layer = statistics.median(layer_seconds)
-        embed_seconds, embed_peak = (float("nan"), 0) if args.skip_embedding else run_method(
-            method, "model.embed_tokens.weight", embedding, args.experts, params, device)
-        whole = LAYERS * per_layer + (0 if args.skip_embedding else 2 * embed_seconds)
-        row = {"method": method, "params": params, "seconds_per_layer": per_layer,
-               "seconds_embedding": embed_seconds, "projected_70b_one_gpu_s": whole,
-               "projected_70b_8_gpus_s": whole / 8, "peak_gib_layer": max(peaks) / 2**30,
-               "peak_gib_embedding": embed_peak / 2**30}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    machine = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "CPU", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "experts": args.experts}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.out}.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    return parser.parse_args()
+
+
+def time_method(entry: str, layer: dict, embedding: tuple, args, device: torch.device) -> dict:
+    """One --methods entry (`method` or `method@key=value;...`): seconds per layer (median of --repeats), for the
+    embedding, the 70B projection, and peak memory."""
+    method, _, settings = entry.partition("@")
+    params = dict(item.split("=", 1) for item in settings.split(";") if item)
+    layer_seconds, peaks = [], []
+    for repeat in range(args.repeats):
+        total = 0.0
+        for name, shape in layer.items():
+            seconds, peak = run_method(method, f"model.layers.{repeat}.{name}", shape, args.experts, params, device)
+            total += seconds
+            peaks.append(peak)
+        layer_seconds.append(total)
+    per_layer = statistics.median(layer_seconds)
+    embed_seconds, embed_peak = (float("nan"), 0) if args.skip_embedding else run_method(
+        method, "model.embed_tokens.weight", embedding, args.experts, params, device)
+    whole = LAYERS * per_layer + (0 if args.skip_embedding else 2 * embed_seconds)  # embedding and lm_head
+    return {"method": method, "params": params, "seconds_per_layer": per_layer, "seconds_embedding": embed_seconds,
+            "projected_70b_one_gpu_s": whole, "projected_70b_8_gpus_s": whole / 8,
+            "peak_gib_layer": max(peaks) / 2**30, "peak_gib_embedding": embed_peak / 2**30}
+
+
+def render(args, machine: dict, rows: list[dict]) -> str:
     shaped = "Llama-3-70B-shaped" if args.scale == 1 else f"Llama-3-70B-shaped (every dimension / {args.scale})"
     lines = [f"# One {shaped} layer on {machine['gpu']} (T = {args.experts} experts, torch "
              f"{machine['torch']}, {machine['date']})", "",
              f"Command: `python benchmarks/bench_gpu_layer.py --methods {args.methods} --experts {args.experts} "
-             f"--repeats {args.repeats} --device {args.device} --scale {args.scale}`. Compute only (inputs already on the device in float32).", "",
+             f"--repeats {args.repeats} --device {args.device} --scale {args.scale}`. Compute only (inputs already "
+             "on the device in float32).", "",
              "| method | params | s / layer | s / embedding | 70B on 1 GPU | 70B on 8 GPUs | peak GiB (layer / emb.) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -131,7 +128,22 @@ def main() -> None:
                      f"{r['seconds_per_layer']:.2f} | {r['seconds_embedding']:.2f} | "
                      f"{r['projected_70b_one_gpu_s'] / 60:.1f} min | {r['projected_70b_8_gpus_s'] / 60:.1f} min | "
                      f"{r['peak_gib_layer']:.1f} / {r['peak_gib_embedding']:.1f} |")
-    (args.results / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)  # the engine's set-up (on CUDA: IEEE float32 matrix products)
+    layer = {name: (rows // args.scale, cols // args.scale) for name, (rows, cols) in LAYER.items()}
+    embedding = (VOCAB // args.scale, HIDDEN // args.scale)
+    run_method("ties", "warmup", (1024 // args.scale, 1024 // args.scale), args.experts, {}, device)
+    rows = []
+    for entry in args.methods.split(","):
+        rows.append(time_method(entry, layer, embedding, args, device))
+        print(json.dumps(rows[-1]), flush=True)
+    machine = {"gpu": common.device_name(device.type), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "experts": args.experts}
+    common.write_results(args.results, args.out, render(args, machine, rows), {"machine": machine, "results": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,19 +25,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from distmerge.architecture import llama_config
-from distmerge.synthetic import make_family
+import common
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = common.RESULTS / "scaling"
 
 
 def family(cache: Path, hidden: int, layers: int, experts: int) -> dict:
-    root = cache / f"scaling_h{hidden}_l{layers}_t{experts}"
-    if not (root / "base" / "config.json").exists():
-        config = llama_config(hidden=hidden, intermediate=int(hidden * 2.6875), layers=layers, heads=hidden // 64,
-                              kv_heads=max(1, hidden // 256), vocab=8192)
-        make_family(root, n_experts=experts, config=config, dtype=torch.bfloat16, shard_size=200_000_000)
-    return {"base": root / "base", "experts": sorted(p for p in root.iterdir() if p.name.startswith("expert"))}
+    """Llama-shaped bfloat16 checkpoints in 200 MB shards, made once under --cache."""
+    arguments = {"hidden": hidden, "intermediate": int(hidden * 2.6875), "layers": layers, "heads": hidden // 64,
+                 "kv_heads": max(1, hidden // 256), "vocab": 8192}
+    return common.llama_family(cache / f"scaling_h{hidden}_l{layers}_t{experts}",
+                               {"llama_config": arguments, "experts": experts, "dtype": "bfloat16",
+                                "shard_size": 200_000_000, "seed": 0})
 
 
 def merge_seconds(config: Path, out: Path, extra: list[str]) -> float:
@@ -52,7 +50,7 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.glob("*.safetensors"))}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="tsvm")
     parser.add_argument("--device", default="cpu")
@@ -65,37 +63,39 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTMERGE_BENCH_CACHE",
                                                                           Path.home() / ".cache/distmerge-bench")))
     parser.add_argument("--out", default=None)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
-    args = parser.parse_args()
-    paths = family(args.cache, args.hidden, args.layers, args.experts)
-    work = Path(tempfile.mkdtemp(prefix="distmerge-scaling-"))
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": args.method, "base_model": str(paths["base"]),
-        "models": [{"model": str(p)} for p in paths["experts"]], "dtype": "float32", "out_dtype": "bfloat16"}))
-    common = ["--device", args.device, "--shard-size", args.shard_size]
-    if args.device == "cpu":
-        common += ["--threads", "1"]
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the JSON and markdown go (default benchmarks/results/scaling)")
+    return parser.parse_args()
+
+
+def runtimes(args) -> dict[str, list[str]]:
+    """label -> the CLI options of that run: the local runtime, then Ray at each --workers count."""
     runs = {"local": ["--runtime", "local"]}
     runs.update({f"ray x{n}": ["--runtime", "ray", "--workers", str(n)] for n in map(int, args.workers.split(","))})
+    return runs
+
+
+def time_runtimes(args, config: Path, work: Path) -> list[dict]:
+    """Median wall time per runtime, whether its bytes equal the local run's, and the speedup against ray x1."""
+    shared = ["--device", args.device, "--shard-size", args.shard_size]
+    if args.device == "cpu":
+        shared += ["--threads", "1"]  # workers, not threads, are compared: one thread each on both sides
     rows, reference = [], None
-    for label, extra in runs.items():
-        times = [merge_seconds(config, work / label.replace(" ", ""), common + extra) for _ in range(args.repeats)]
-        produced = shard_bytes(work / label.replace(" ", ""))
+    for label, extra in runtimes(args).items():
+        out = work / label.replace(" ", "")
+        times = [merge_seconds(config, out, shared + extra) for _ in range(args.repeats)]
+        produced = shard_bytes(out)
         reference = reference or produced
         rows.append({"run": label, "median_s": statistics.median(times), "times": times,
                      "same_bytes_as_local": produced == reference})
         print(json.dumps(rows[-1]), flush=True)
-    base = next(r["median_s"] for r in rows if r["run"] == "ray x1") if any(r["run"] == "ray x1" for r in rows) \
-        else rows[0]["median_s"]
+    base = next((r["median_s"] for r in rows if r["run"] == "ray x1"), rows[0]["median_s"])
     for r in rows:
         r["speedup_vs_ray_x1"] = base / r["median_s"]
-    machine = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-               "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    name = args.out or f"scaling_{args.method}_{args.device}"
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{name}.json").write_text(json.dumps({"machine": machine, "args": vars(args) | {"cache": None},
-                                                      "results": rows}, indent=2, default=str))
+    return rows
+
+
+def render(args, machine: dict, rows: list[dict]) -> str:
     lines = [f"# Scaling: {args.method} on {args.device} ({machine['device']}, {machine['cores']} cores, "
              f"{machine['date']})", "",
              f"Command: `python benchmarks/bench_scaling.py --method {args.method} --device {args.device} "
@@ -105,7 +105,22 @@ def main() -> None:
              "| run | median s | speedup vs ray x1 | same bytes as local |", "|---|---:|---:|---|"]
     lines += [f"| {r['run']} | {r['median_s']:.1f} | {r['speedup_vs_ray_x1']:.2f} | {r['same_bytes_as_local']} |"
               for r in rows]
-    (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    paths = family(args.cache, args.hidden, args.layers, args.experts)
+    work = Path(tempfile.mkdtemp(prefix="distmerge-scaling-"))
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": args.method, "base_model": str(paths["base"]),
+        "models": [{"model": str(p)} for p in paths["experts"]], "dtype": "float32", "out_dtype": "bfloat16"}))
+    rows = time_runtimes(args, config, work)
+    machine = {"device": common.device_name(args.device), "cores": os.cpu_count(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d")}
+    common.write_results(args.results, args.out or f"scaling_{args.method}_{args.device}", render(args, machine, rows),
+                         {"machine": machine, "args": vars(args) | {"cache": None}, "results": rows})
 
 
 if __name__ == "__main__":

@@ -3,28 +3,28 @@
     python benchmarks/bench_svd.py [--device cuda] [--sizes 4096x4096,8192x8192,28672x8192] [--repeats 3]
 
 For each matrix (a random low-rank-plus-noise "task vector"): the exact SVD (on CUDA, each cuSOLVER driver),
-the float64-Gram route (`svd: gram`), randomized SVDs (distmerge's default oversampling and subspace iterations) at TSV-M's rank for T = 3 (r/3)
-and at a small adaptive rank (r/16), and the polar step that
-orthogonalises T = 3 stacked blocks of singular vectors, by distmerge's Gram route and by the SVD route the
-reference uses. Medians of --repeats runs; results as JSON and a markdown table under benchmarks/results/.
+the float64-Gram route (`svd: gram`), randomized SVDs (distmerge's default oversampling and subspace iterations)
+at TSV-M's rank for T = 3 (r/3) and at a small adaptive rank (r/16), and the polar step that orthogonalises
+T = 3 stacked blocks of singular vectors, by distmerge's Gram route and by the SVD route the reference uses.
+Medians of --repeats runs; results as JSON and a markdown table under benchmarks/results/svd/ (svd_cpu.*,
+svd_cuda.*: one pair per device).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+import common
 from distmerge.methods import linalg
 from distmerge.methods.spectral import OVERSAMPLE, POWER_ITERS
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = common.RESULTS / "svd"
 
 
 def task_vector(rows: int, cols: int, device: str) -> torch.Tensor:
@@ -71,7 +71,7 @@ def cases(rows: int, cols: int, device: str):
     yield "polar svd (U)", lambda: linalg.polar(stacked.clone(), "svd")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="4096x4096,8192x8192,28672x8192")
@@ -80,14 +80,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results name (default: svd_<device>)")
     parser.add_argument("--single-above", type=float, default=60.0,
                         help="a case whose first run takes longer than this many seconds is timed once")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the JSON and markdown go (default benchmarks/results/svd)")
+    return parser.parse_args()
+
+
+def time_every_case(args) -> list[dict]:
+    """Seconds per (size, case): the median of --repeats runs after a first run that is also the warm-up."""
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    machine = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "load_average_before": os.getloadavg(),
-    }
     rows_out = []
     for size in args.sizes.split(","):
         rows, cols = map(int, size.split("x"))
@@ -99,10 +99,10 @@ def main() -> None:
             seconds = first if runs == 1 else timed(fn, args.device, runs)
             rows_out.append({"size": size, "case": label, "seconds": seconds, "runs": runs})
             print(f"{size:>12} {label:<22} {seconds:9.3f} s ({runs} run(s))", flush=True)
-    machine["load_average_after"] = os.getloadavg()
-    name = args.out or f"svd_{args.device}"
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{name}.json").write_text(json.dumps({"machine": machine, "results": rows_out}, indent=2))
+    return rows_out
+
+
+def render(args, machine: dict, rows: list[dict]) -> str:
     lines = [f"# SVD backends and polar step ({machine['device']}, torch {machine['torch']}, "
              f"{machine['cpu_threads']} CPU threads, {machine['date']})", "",
              f"Median of {args.repeats} runs after a warm-up run (1 run where the first took over "
@@ -111,8 +111,18 @@ def main() -> None:
              f"{' / '.join(f'{x:.1f}' for x in machine['load_average_before'])}, after "
              f"{' / '.join(f'{x:.1f}' for x in machine['load_average_after'])} ({os.cpu_count()} cores).", "",
              "| matrix | case | seconds | runs |", "|---|---|---:|---:|"]
-    lines += [f"| {r['size']} | {r['case']} | {r['seconds']:.3f} | {r['runs']} |" for r in rows_out]
-    (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    lines += [f"| {r['size']} | {r['case']} | {r['seconds']:.3f} | {r['runs']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    machine = {"device": common.device_name(args.device), "cpu_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "load_average_before": os.getloadavg()}
+    rows = time_every_case(args)
+    machine["load_average_after"] = os.getloadavg()
+    common.write_results(args.results, args.out or f"svd_{args.device}", render(args, machine, rows),
+                         {"machine": machine, "results": rows})
 
 
 if __name__ == "__main__":

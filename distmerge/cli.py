@@ -68,14 +68,16 @@ def merge(config_path, out, runtime, device, seed, shard_size, workers, address,
 @click.option("--deep", is_flag=True, help="Also read every input tensor and check it for NaN and Inf.")
 def validate(config_path, deep):
     """Check CONFIG and its checkpoints without merging."""
-    from .plan import build_plan, describe
+    from .estimates import describe
+    from .plan import build_plan
 
-    plan = build_plan(_load(config_path))
+    config = _load(config_path)
+    plan = build_plan(config)
     if deep:
         from .validate import scan_inputs
 
         scan_inputs(plan)
-    click.echo(describe(plan))
+    click.echo(describe(plan, config.engine.device or "cpu"))
     click.echo("ok")
 
 
@@ -92,12 +94,14 @@ def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers):
     """What a merge of CONFIG will do: tensors, bytes, SVDs, memory per worker, and a lower-bound time.
 
     Models that have only a config.json (not downloaded yet) are planned from their architecture."""
-    from .plan import Cluster, build_plan, describe
+    from .estimates import Cluster, describe
+    from .plan import build_plan
 
-    merge_plan = build_plan(_load(config_path, device="cuda" if gpus else None), config_only=True)
+    config = _load(config_path, device="cuda" if gpus else None)
+    merge_plan = build_plan(config, config_only=True)
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
-    click.echo(describe(merge_plan, cluster))
+    click.echo(describe(merge_plan, config.engine.device or "cpu", cluster))
 
 
 @cli.command()
@@ -122,6 +126,8 @@ def methods(name):
             for line in spec.details.strip().splitlines():
                 click.echo(f"    {line}")
         click.echo("")
+    click.echo("Formulas, defaults, provenance and the differences from mergekit: docs/methods.md in the distmerge "
+               "repository" + (f" (section `{name}`)" if name else ""))
 
 
 @cli.command()

@@ -3,22 +3,21 @@
 For each tensor of the unit: read it from every input straight from storage, check it, move it to the device in
 the compute dtype, call the method, cast to the saved dtype, append it to the shard. The shard is written under a
 temporary name and renamed when complete. The local runtime and each Ray actor call the same `run_unit`, so both
-produce the same bytes.
+produce the same bytes. `unit_statistic` is a unit's share of a method's first pass; what it computes is the
+method's business.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint import CODE_TO_NAME, DTYPES, Checkpoint
 from .errors import CheckpointError, ConfigError, UserError
 from .methods import TensorContext
-from .methods.sparsify import HIGH_BINS, magnitude_histogram, magnitude_keep_count, threshold_from_histogram
-from .methods.elementwise import task_vectors
 from .plan import MergePlan, TensorJob, WorkUnit
 from .writer import OutputDir, ShardRecord, ShardWriter
 
@@ -57,7 +56,7 @@ class InputStack:
     """The memory that holds one tensor's inputs, base first, kept from one tensor to the next.
 
     Fresh memory costs a page fault and a page of zeroing per 4 KiB on first touch: on a CPU that was a quarter
-    of a linear merge's time (benchmarks/results/speed-0.5b-linear/). The returned views are valid until the
+    of a linear merge's time (benchmarks/results/speed/linear.md). The returned views are valid until the
     next `load`; each merged tensor is written out before then.
     """
 
@@ -79,13 +78,14 @@ class InputStack:
         return (stack[0], stack[1:]) if plan.base else (None, stack)
 
 
-def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device,
-                 inputs: InputStack) -> tuple[torch.Tensor, dict]:
-    """The merged tensor (CPU, saved dtype) and the method's statistics for the report."""
+def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: InputStack,
+                 first_pass: Any = None) -> tuple[torch.Tensor, dict]:
+    """The merged tensor (CPU, saved dtype) and the method's statistics for the report. `first_pass`: the result
+    of the method's first pass, when the plan has one."""
     if not job.merge:
         return plan.reference.read(job.name), {}
     base, models = inputs.load(plan, job, device)
-    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, plan.global_thresholds)
+    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):
@@ -95,7 +95,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device,
     return out.cpu(), ctx.stats
 
 
-def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.device,
+def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.device, first_pass: Any = None,
              on_tensor: Callable[[TensorJob], None] | None = None) -> ShardRecord:
     """Merge every tensor of `unit` into its shard; returns the shard's record."""
     temp = out.temp_path(unit.shard)
@@ -105,7 +105,7 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
     try:
         for job in unit.tensors:
             start = time.perf_counter()
-            tensor, stats = merge_tensor(plan, job, device, inputs)
+            tensor, stats = merge_tensor(plan, job, device, inputs, first_pass)
             checksum = writer.write(job.name, tensor)
             record.tensors[job.name] = {
                 **stats, "seconds": time.perf_counter() - start, "device": str(device), "sha256": checksum,
@@ -120,28 +120,14 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
     return record
 
 
-# ---- TIES with trim_scope: global — the first pass -------------------------------------------------------------
-
-
-def magnitude_histograms(plan: MergePlan, unit: WorkUnit, device: torch.device) -> torch.Tensor:
-    """Per-task histograms [T, 2^15] of |d_t| over the unit's merged tensors (int64, CPU)."""
-    counts = torch.zeros((len(plan.models), HIGH_BINS), dtype=torch.int64, device=device)
+def unit_statistic(plan: MergePlan, unit: WorkUnit, device: torch.device) -> torch.Tensor | None:
+    """The plan's first-pass statistic summed over the unit's merged tensors (CPU), or None if it merges none."""
+    total = None
     inputs = InputStack()
     for job in unit.tensors:
         if not job.merge:
             continue
         base, models = inputs.load(plan, job, device)
-        deltas = task_vectors(base, models)
-        for t in range(deltas.shape[0]):
-            counts[t] += magnitude_histogram(deltas[t])
-    return counts.cpu()
-
-
-def global_thresholds(plan: MergePlan, counts: torch.Tensor) -> tuple[float, ...]:
-    """Each task's magnitude threshold: the bucket edge that keeps its top `density` share of the whole model."""
-    total = int(counts[0].sum())
-    densities = plan.tensors[0].params["density"]
-    return tuple(
-        threshold_from_histogram(counts[t], magnitude_keep_count(densities[t], total)) if densities[t] < 1 else 0.0
-        for t in range(counts.shape[0])
-    )
+        value = plan.first_pass.statistic(base, models, job.params)
+        total = value if total is None else total.add_(value)
+    return None if total is None else total.cpu()

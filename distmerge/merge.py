@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .checkpoint import CODE_TO_NAME
 from .config import MergeConfig
-from .engine import global_thresholds
-from .plan import MergePlan, build_plan
+from .estimates import bytes_read, bytes_written, unit_read_bytes
+from .plan import MergePlan, build_plan, fingerprint
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
-from .runtime import make_runtime
+from .runtime import Runtime, make_runtime
 from .writer import TOKENIZER_FILES, OutputDir, ShardRecord
 
 
@@ -30,21 +30,22 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     engine = config.engine
     runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
     try:
-        plan.bind(runner.device, runner.threads)
         out_dir = OutputDir(out)
-        finished = out_dir.prepare(plan.fingerprint, force, [ckpt.path for ckpt in plan.inputs()])
+        placement = runner.placement
+        finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
+                                   [ckpt.path for ckpt in plan.inputs()])
         pending = [unit for unit in plan.units if unit.shard not in finished]
         out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
         if finished and not quiet:
             log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
-        if plan.needs_global_pass:
-            plan.global_thresholds = tuple(out_dir.remember(
-                "global_thresholds", lambda: global_thresholds(plan, _first_pass(plan, runner, out_dir, quiet))))
-        progress = Progress("merging", len(plan.tensors), plan.bytes_read(), quiet=quiet)
+        first_pass = None
+        if plan.first_pass is not None:
+            first_pass = out_dir.remember("first_pass", lambda: run_first_pass(plan, runner, out_dir, quiet))
+        progress = Progress("merging", len(plan.tensors), bytes_read(plan), quiet=quiet)
         for unit in plan.units:
             if unit.shard in finished:
-                progress.skip(len(unit.tensors), plan.unit_read_bytes(unit))
-        records = list(finished.values()) + runner.merge(plan, pending, out_dir, progress)
+                progress.skip(len(unit.tensors), unit_read_bytes(plan, unit))
+        records = list(finished.values()) + runner.merge(plan, pending, out_dir, first_pass, progress)
         progress.close()
     finally:
         runner.close()
@@ -52,11 +53,12 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     return plan
 
 
-def _first_pass(plan: MergePlan, runner, out_dir: OutputDir, quiet: bool):
-    progress = Progress("trim thresholds (pass 1 of 2)", len(plan.tensors), plan.bytes_read(), quiet=quiet)
-    counts = runner.histograms(plan, list(plan.units), out_dir, progress)
+def run_first_pass(plan: MergePlan, runner: Runtime, out_dir: OutputDir, quiet: bool):
+    """The method's first pass over every unit: the units' statistics summed, then finished by the method."""
+    progress = Progress(f"{plan.first_pass.label} (pass 1 of 2)", len(plan.tensors), bytes_read(plan), quiet=quiet)
+    statistics = [s for s in runner.first_pass(plan, list(plan.units), out_dir, progress) if s is not None]
     progress.close()
-    return counts
+    return plan.first_pass.finish(sum(statistics[1:], statistics[0]), plan.first_pass_params())
 
 
 def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) -> None:
@@ -74,7 +76,7 @@ def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) ->
                 files[name] = plan.tokenizer_dir / name
     files["README.md"] = model_card(plan).encode()
     files[REPORT_NAME] = report_bytes(report_rows(plan, records), [ckpt.ref for ckpt in plan.models])
-    out_dir.finalize(weight_map, plan.bytes_written(), files)
+    out_dir.finalize(weight_map, bytes_written(plan), files)
 
 
 def output_config(plan: MergePlan) -> dict | None:

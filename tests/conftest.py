@@ -1,11 +1,16 @@
-"""Shared fixtures: small generated checkpoints in Hugging Face layout, and a CLI runner.
+"""Shared fixtures: small generated checkpoints in Hugging Face layout, and CLI runners.
 
 Checkpoints are written with safetensors' own `save_file` (distmerge.synthetic), never by distmerge's writer,
-so what the tests read is independent of what they test.
+so what the tests read is independent of what they test. `run_cli` runs the CLI in this process (what
+`distmerge` does after Python starts: `cli.main`, its exit code, stdout and stderr); `run_console_script` runs the
+installed `distmerge` script in a new process, for the few tests about the process itself (signals, environment
+read at import, the entry point).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -53,11 +58,43 @@ def write_config(path: Path, method: str, family: dict | None = None, models=Non
     return path
 
 
-def run_cli(*args, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
-    """`distmerge ARGS` as a subprocess, the way users run it."""
+def run_cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """`distmerge ARGS` in this process: `cli.main`'s exit code and what it printed."""
+    from distmerge import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with _environment(env or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    proc = subprocess.CompletedProcess(["distmerge", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distmerge {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict):
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_console_script(*args, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
+    """The installed `distmerge` console script, in a new process, the way users run it."""
+    script = Path(sys.executable).with_name("distmerge")
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "distmerge.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    proc = subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"distmerge {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc

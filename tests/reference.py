@@ -1,4 +1,4 @@
-"""NumPy references for the elementwise family, written from /work/shared/METHODS.md (float64 throughout).
+"""NumPy references for the elementwise family, written from the method definitions (docs/methods.md), float64.
 
 Nothing here imports distmerge: these are the definitions as the spec states them, with the conventions the spec
 leaves open written down where they are chosen:

@@ -1,4 +1,4 @@
-"""NumPy references for the spectral family, written from METHODS.md (float64, SVD-based polar factors)."""
+"""NumPy references for the spectral family, written from the method definitions (docs/methods.md; float64, SVD-based polar factors)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def iso_cts(base, deltas, alpha=1.0, common_fraction=0.8):
     if base.ndim != 2:
         return base + alpha * np.mean(deltas, axis=0)
     r, n_tasks = min(base.shape), len(deltas)
-    common = int(r * common_fraction)
-    common = r - round((r - common) / n_tasks) * n_tasks
-    per_task = (r - common) // n_tasks
+    # the task-specific share, rounded to a multiple of T, and at most the full rank
+    per_task = min(round((r - int(r * common_fraction)) / n_tasks), r // n_tasks)
+    common = r - per_task * n_tasks
     u, s, vt = np.linalg.svd(np.sum(deltas, axis=0), full_matrices=False)
     us, ss, vs = [u[:, :common]], [s[:common]], [vt[:common].T]
     for d in deltas:

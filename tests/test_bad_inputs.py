@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, run_cli, write_config
+from conftest import assert_user_error, run_cli, run_console_script, write_config
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -40,8 +40,9 @@ def test_missing_model_directory(tmp_path, family_fp32_single):
 
 
 def test_hub_id_not_in_cache(tmp_path, family_fp32_single):
+    """The real console script: huggingface_hub reads HF_HUB_CACHE when it is imported."""
     cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, base="acme/not-there")
-    proc = run_cli("merge", cfg, "-o", tmp_path / "out", check=False,
+    proc = run_console_script("merge", cfg, "-o", tmp_path / "out", check=False,
                    env={"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
     assert_user_error(proc, "acme/not-there", "Hugging Face cache", "download")
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import run_cli, write_config
+from conftest import run_cli, run_console_script, write_config
 
 from distmerge import cli
 from distmerge.runtime import local as local_runtime
@@ -147,6 +147,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 
 def test_hub_id_resolves_through_the_local_cache(tmp_path, family_fp32_single):
+    """The real console script: huggingface_hub reads HF_HUB_CACHE when it is imported."""
     cache = tmp_path / "hub"
     snapshot = cache / "models--acme--base" / "snapshots" / ("a" * 40)
     snapshot.parent.mkdir(parents=True)
@@ -155,7 +156,7 @@ def test_hub_id_resolves_through_the_local_cache(tmp_path, family_fp32_single):
     (cache / "models--acme--base" / "refs" / "main").write_text("a" * 40)
     cfg = write_config(tmp_path / "ta.yaml", "task_arithmetic", family_fp32_single, base="acme/base")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", env=env)
+    run_console_script("merge", cfg, "-o", tmp_path / "out", "--quiet", env=env)
     direct = write_config(tmp_path / "direct.yaml", "task_arithmetic", family_fp32_single)
     run_cli("merge", direct, "-o", tmp_path / "direct", "--quiet")
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "direct")

@@ -255,6 +255,7 @@ def test_crd_conversion_semantics():
     assert not v.is_valid({"map": {"k": 1}})
 
 
+@pytest.mark.shared
 def test_rayjob_matches_kuberay_crd(rayjob_validator):
     errors = _errors(rayjob_validator, _rayjob())
     assert not errors, "cluster/rayjob.yaml does not match KubeRay's RayJob CRD:\n" + "\n".join(errors)
@@ -286,6 +287,7 @@ REJECTED = {
 }
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("case", sorted(REJECTED))
 def test_rayjob_schema_rejects(rayjob_validator, case):
     mutate, bad = REJECTED[case]

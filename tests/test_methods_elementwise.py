@@ -1,5 +1,5 @@
-"""The elementwise family against the NumPy reference written from METHODS.md (tests/reference.py), hand-worked
-cases, the equivalences METHODS.md lists, and parameter validation from the declarations.
+"""The elementwise family against the NumPy reference written from docs/methods.md (tests/reference.py), hand-worked
+cases, the equivalences docs/methods.md lists, and parameter validation from the declarations.
 
 Test data are chosen so that float32 and float64 agree on everything discrete: base entries are multiples of 1/4
 and task-vector entries multiples of 2^-16, so x_t = b + d_t and x_t - b are exact in float32 and the trim, rank
@@ -44,8 +44,7 @@ def run(method, base, models, *, name="model.layers.0.mlp.w", seed=0, model_ids=
     spec = get_method(method)
     n_models = len(models)
     params = spec.defaults(n_models, **overrides)
-    ctx = TensorContext(name=name, seed=seed, model_ids=tuple(model_ids or range(n_models)),
-                        global_thresholds=thresholds)
+    ctx = TensorContext(name=name, seed=seed, model_ids=tuple(model_ids or range(n_models)), first_pass=thresholds)
     base_t = None if base is None else torch.tensor(np.asarray(base), dtype=dtype)
     base_before = None if base_t is None else base_t.clone()
     stacked = torch.tensor(np.stack([np.asarray(x) for x in models]), dtype=dtype)
@@ -497,7 +496,7 @@ def test_model_stock_opposite_updates_stay_finite():
     assert np.all(np.isfinite(got))
 
 
-# ---- METHODS.md equivalences -------------------------------------------------------------------------------------
+# ---- the equivalences docs/methods.md lists ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (40,)])

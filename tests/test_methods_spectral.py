@@ -1,4 +1,4 @@
-"""The spectral family against a NumPy reference written from METHODS.md, and the equivalences it lists."""
+"""The spectral family against a NumPy reference written from docs/methods.md, and the equivalences it lists."""
 
 from __future__ import annotations
 
@@ -91,13 +91,17 @@ def test_tsvm_on_orthogonal_task_subspaces_is_the_sum_of_truncations():
     close(run("tsvm", base, deltas, svd="exact"), np.sum(truncations, 0), 1e-5)
 
 
+@pytest.mark.parametrize("unchanged_task", [False, True])
 @pytest.mark.parametrize("method", ["tsvm", "rtsvm", "iso_cts"])
-def test_a_matrix_narrower_than_the_task_count_keeps_no_triplets(method):
+def test_a_matrix_narrower_than_the_task_count_keeps_no_triplets(method, unchanged_task):
     """floor(r/T) = 0 for a 2 x 16 matrix and 3 tasks (BERT's token-type embeddings with many experts):
-    tsvm and rtsvm add nothing to the base (METHODS.md's k = 0); iso_cts still has its common subspace."""
+    tsvm and rtsvm add nothing to the base (docs/methods.md: k = 0); iso_cts still has its common subspace. Also
+    when one model left the tensor unchanged (a zero task vector has no triplets to keep)."""
     gen = np.random.default_rng(5)
     base = gen.standard_normal((2, 16))
     deltas = [gen.standard_normal((2, 16)) for _ in range(3)]
+    if unchanged_task:
+        deltas[1] = np.zeros_like(base)
     out = run(method, base, deltas)
     if method == "iso_cts":
         close(out - base, ref.iso_cts(base, deltas) - base, 1e-5)
@@ -160,6 +164,18 @@ def test_iso_c_matches_the_reference(problem, polar_method):
           ref.iso_c(base, deltas, alpha=1.3) - base, 2e-5)
     wide = [d.T for d in deltas]
     close(run("iso_c", base.T, wide, polar=polar_method) - base.T, ref.iso_c(base.T, wide) - base.T, 2e-5)
+
+
+@pytest.mark.parametrize("common_fraction", [0.0, 0.3])
+def test_iso_cts_never_gives_the_tasks_more_than_the_full_rank(common_fraction):
+    """r = 3, T = 2: rounding the task share (3 - 0) / 2 = 1.5 up would ask for 4 > 3 directions; the task share
+    is capped at floor(r/T) and the common subspace takes the rest."""
+    gen = np.random.default_rng(6)
+    base = gen.standard_normal((3, 8))
+    deltas = [gen.standard_normal((3, 8)) for _ in range(2)]
+    out = run("iso_cts", base, deltas, common_fraction=common_fraction, svd="exact")
+    assert run.stats["rank_kept"] == [1, 1, 1]
+    close(out - base, ref.iso_cts(base, deltas, common_fraction=common_fraction) - base, 1e-5)
 
 
 @pytest.mark.parametrize("svd", ["exact", "gram"])

@@ -15,9 +15,9 @@ from conftest import run_cli, write_config
 from distmerge.config import load_config
 from distmerge.merge import finalize, merge
 from distmerge.methods import elementwise
-from distmerge.plan import build_plan
+from distmerge.plan import build_plan, fingerprint
 from distmerge.progress import Progress
-from distmerge.runtime.ray import RayRuntime
+from distmerge.runtime.ray import RayRuntime, WorkerPool
 from distmerge.writer import OutputDir
 
 ray = pytest.importorskip("ray")
@@ -112,18 +112,19 @@ def test_a_worker_killed_mid_unit_costs_a_retry_and_not_the_bytes(tmp_path, fami
     config = load_config(cfg)
     config = replace(config, engine=replace(config.engine, shard_size=6000))
     plan = build_plan(config)
-    plan.spec = replace(plan.spec, fn=linear_that_kills_its_worker_once(marker))
+    plan = replace(plan, spec=replace(plan.spec, fn=linear_that_kills_its_worker_once(marker)))
     runtime = RayRuntime("cpu", workers=2, quiet=True)
     try:
-        plan.bind(runtime.device, runtime.threads)
         out = OutputDir(tmp_path / "ray")
-        out.prepare(plan.fingerprint, force=False, input_dirs=[])
-        records = runtime.merge(plan, list(plan.units), out, Progress("t", 1, 1, quiet=True))
+        out.prepare(fingerprint(plan, runtime.placement.device, runtime.placement.threads), force=False,
+                    input_dirs=[])
+        records = runtime.merge(plan, list(plan.units), out, None, Progress("t", 1, 1, quiet=True))
+        replacements = runtime.pool.replacements
     finally:
         runtime.close()
     finalize(plan, out, records)
     assert marker.exists(), "the worker was not killed"
-    assert runtime._replacements == 1
+    assert replacements == 1
     assert shard_bytes(tmp_path / "ray") == expected
 
 
@@ -132,13 +133,13 @@ def test_an_interrupted_ray_driver_resumes(tmp_path, family_bf16_sharded, ray_ad
     cfg = write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded)
     expected = merged(cfg, tmp_path / "local", shard_size=6000)
 
-    real_run = RayRuntime._run
+    real_run = WorkerPool.run
 
     def run_two_units_then_interrupt(self, units, submit, on_done):
         real_run(self, units[:2], submit, on_done)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(RayRuntime, "_run", run_two_units_then_interrupt)
+    monkeypatch.setattr(WorkerPool, "run", run_two_units_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         merged(cfg, tmp_path / "out", runtime="ray", workers=2, shard_size=6000)
     monkeypatch.undo()
@@ -156,3 +157,42 @@ def test_too_many_workers_is_a_clear_error(tmp_path, family_fp32_single, ray_add
     proc = run_cli("merge", cfg, "-o", tmp_path / "out", "--runtime", "ray", "--workers", "5", check=False,
                    env={"RAY_ADDRESS": ray_address})
     assert proc.returncode == 2 and "--workers 5 does not fit" in proc.stderr
+
+
+class FlakyWorker:
+    """Runs a unit by name, writing one file per start; the first time it starts a unit listed in `dies_on`, the
+    whole worker process dies."""
+
+    def __init__(self, log_dir: str):
+        self.log = Path(log_dir)
+
+    def run(self, name: str, dies_on: tuple[str, ...]) -> str:
+        starts = len(list(self.log.glob(f"{name}.start*")))
+        (self.log / f"{name}.start{starts}").touch()
+        if name in dies_on and starts == 0:
+            os._exit(1)
+        return name
+
+
+@pytest.mark.slow
+def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_address):
+    """One actor slot, two units in flight: B kills its worker when it starts; C, queued behind it on the same
+    actor, never started. B is charged one attempt, C none; A, finished before the death, is not run again."""
+    from ray import cloudpickle
+
+    from distmerge.plan import WorkUnit
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    actor_class = ray.remote(num_cpus=1)(FlakyWorker)
+    pool = WorkerPool(ray, lambda slot: actor_class.remote(str(tmp_path)), workers=1)
+    units = [WorkUnit(index=i, shard=name, tensors=(), cost=0.0) for i, name in enumerate("ABC")]
+    done = []
+    try:
+        pool.run(units, lambda actor, unit: actor.run.remote(unit.shard, ("B",)), lambda unit, r: done.append(r))
+    finally:
+        for actor in pool.actors:
+            ray.kill(actor)
+    assert sorted(done) == ["A", "B", "C"]
+    assert pool.charged == {1: 1} and pool.replacements == 1
+    starts = {name: len(list(tmp_path.glob(f"{name}.start*"))) for name in "ABC"}
+    assert starts == {"A": 1, "B": 2, "C": 1}

@@ -99,7 +99,7 @@ def run_track(track: str, args, name: str, prof: dict, cache: Path, results: Pat
     if track == "encoder":
         from benchmarks.quality import experts as mod
     else:
-        from benchmarks.quality import lm as mod
+        from benchmarks.quality import lm_experts as mod
     setup = mod.prepare(args, prof, cache, log)
     names = setup["names"]
     if track == "lm" and not args.methods and prof.get("lm_methods"):

@@ -2,6 +2,6 @@
 every method."""
 
 from . import elementwise, spectral  # noqa: F401  (importing registers the methods)
-from .registry import MethodSpec, Param, TensorContext, all_methods, get_method
+from .registry import FirstPass, MethodSpec, Param, TensorContext, Work, all_methods, get_method
 
-__all__ = ["MethodSpec", "Param", "TensorContext", "all_methods", "get_method"]
+__all__ = ["FirstPass", "MethodSpec", "Param", "TensorContext", "Work", "all_methods", "get_method"]

@@ -1,4 +1,4 @@
-"""The elementwise family (METHODS.md): every output entry depends only on the same entry of the inputs,
+"""The elementwise family (docs/methods.md): every output entry depends only on the same entry of the inputs,
 apart from per-tensor statistics (magnitude thresholds, norms, cosines).
 
 Task-vector methods share one pipeline, as in the TIES, DARE, Breadcrumbs and DELLA papers and in mergekit:
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Param, TensorContext, merge_method
+from .registry import FirstPass, Param, TensorContext, merge_method
 from .sparsify import (
     breadcrumbs_mask,
     della_keep_probability,
+    magnitude_histogram,
     magnitude_keep_count,
     rescale_kept,
+    threshold_from_histogram,
     top_k_mask,
 )
 
@@ -64,14 +66,15 @@ def task_vectors(base: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
 def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> None:
     """Zero the dropped entries of each task vector (in place) and rescale the survivors.
 
-    magnitude: TIES top-density by magnitude (or the global threshold); random: DARE Bernoulli(density);
+    magnitude: TIES top-density by magnitude (or |d_t| >= the task's threshold from the global-trim first pass,
+    ctx.first_pass); random: DARE Bernoulli(density);
     breadcrumbs: drop the largest gamma and the smallest; della: rank-dependent Bernoulli per row.
     """
     for t in range(deltas.shape[0]):
         delta, density = deltas[t], p["density"][t]
         if how == "magnitude":
-            if ctx.global_thresholds is not None:
-                kept = delta.abs() >= ctx.global_thresholds[t]
+            if ctx.first_pass is not None:
+                kept = delta.abs() >= ctx.first_pass[t]
             elif density < 1:
                 kept = top_k_mask(delta, magnitude_keep_count(density, delta.numel()))
             else:
@@ -145,6 +148,38 @@ def task_arithmetic_family(base, models, p, ctx, how: str | None, elect_sign: bo
     return apply_to_base(base, merged, p["lambda"])
 
 
+# ---- trim_scope: global — the first pass -------------------------------------------------------------------
+
+
+def trims_globally(p: dict) -> bool:
+    return p["trim_scope"] == "global"
+
+
+def check_global_trim(ps: list[dict]) -> str | None:
+    """One threshold per task serves the whole model: one scope and one density per model everywhere."""
+    if len({p["trim_scope"] for p in ps}) > 1 or len({tuple(p["density"]) for p in ps}) > 1:
+        return ("`trim_scope: global` needs one `trim_scope` and one `density` per model for the whole model "
+                "(no gradients or filters on them)")
+    return None
+
+
+def magnitude_histograms(base: torch.Tensor, models: torch.Tensor, p: dict) -> torch.Tensor:
+    """Per-task counts [T, 2^15] of |d_t| per magnitude bucket (int64): summed over tensors, the whole model's."""
+    deltas = task_vectors(base, models)
+    return torch.stack([magnitude_histogram(delta) for delta in deltas])
+
+
+def global_thresholds(counts: torch.Tensor, p: dict) -> list[float]:
+    """Each task's magnitude threshold: the bucket edge that keeps its top `density` share of the whole model."""
+    total = int(counts[0].sum())
+    return [threshold_from_histogram(counts[t], magnitude_keep_count(density, total)) if density < 1 else 0.0
+            for t, density in enumerate(p["density"])]
+
+
+GLOBAL_TRIM = FirstPass("trim thresholds", wanted=trims_globally, check=check_global_trim,
+                        statistic=magnitude_histograms, finish=global_thresholds)
+
+
 # ---- the methods ---------------------------------------------------------------------------------------------
 
 
@@ -176,7 +211,8 @@ def task_arithmetic(base, models, p, ctx):
 TIES_PARAMS = (WEIGHT, DENSITY, LAMBDA, aggregate("mean"), TRIM_SCOPE, rescale("none", ("l1", "none")), INT8_MASK)
 
 
-@merge_method("ties", needs_base=True, params=TIES_PARAMS, reference="https://arxiv.org/abs/2306.01708",
+@merge_method("ties", needs_base=True, params=TIES_PARAMS, first_pass=GLOBAL_TRIM,
+              reference="https://arxiv.org/abs/2306.01708",
               summary="trim each d_t to its top-density magnitudes, elect signs, disjoint weighted mean")
 def ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "magnitude", elect_sign=True)
@@ -268,7 +304,7 @@ def consensus_ta(base, models, p, ctx):
 @merge_method("consensus_ties", needs_base=True,
               params=(WEIGHT, DENSITY, LAMBDA, MASK_LAMBDA, AGREEMENT, aggregate("mean"), TRIM_SCOPE,
                       rescale("none", ("l1", "none"))),
-              reference="https://arxiv.org/abs/2405.07813",
+              first_pass=GLOBAL_TRIM, reference="https://arxiv.org/abs/2405.07813",
               summary="TIES merge restricted to entries that at least k TALL masks claim")
 def consensus_ties(base, models, p, ctx):
     return consensus(base, models, p, ctx, elect_sign=True)

@@ -22,6 +22,71 @@ POLAR_RCOND = 1e-7
 WHITENING_BLOCK_BYTES = 1 << 28  # float64 scratch per step of the polar factor's product
 
 
+SVD_ROUTES = ("exact", "gram", "randomized")  # routes to a matrix's singular triplets
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """One decomposition a merge runs, as the cost model sees it.
+
+    route: exact (LAPACK / cuSOLVER SVD of rows x cols), gram (singular triplets from the float64 Gram matrix),
+    randomized (`sketch` columns and `power_iters` subspace iterations), polar (the Gram polar factor of a tall
+    rows x cols matrix) or spectrum (its singular values from the Gram matrix). The routes run at very different
+    rates, so flops are counted per route.
+    """
+
+    route: str
+    rows: int
+    cols: int
+    sketch: int = 0
+    power_iters: int = 0
+
+    @property
+    def is_svd(self) -> bool:
+        return self.route in SVD_ROUTES
+
+    def flops(self) -> float:
+        long, short = max(self.rows, self.cols), min(self.rows, self.cols)
+        if self.route == "randomized":
+            return (2 + 4 * self.power_iters) * self.rows * self.cols * self.sketch
+        if self.route == "gram":
+            return 4.0 * long * short**2 + 9.0 * short**3  # float64 Gram, eigh, U = A V / S
+        if self.route == "exact":
+            return 14.0 * long * short**2 + 8.0 * short**3  # thin SVD with both factors
+        if self.route == "polar":
+            return 4.0 * long * short**2 + 9.0 * short**3  # Gram, eigh, and the whitening product
+        if self.route == "spectrum":
+            return 2.0 * long * short**2 + 4.0 * short**3  # Gram and eigenvalues only
+        raise ValueError(self.route)
+
+
+def svd_route(rows: int, cols: int, rank: int, backend: str, oversample: int, power_iters: int) -> Decomposition:
+    """The decomposition `top_svd(matrix, rank, backend, ...)` runs on a rows x cols matrix."""
+    backend = resolve_backend(backend, rank, oversample, min(rows, cols))
+    if backend == "randomized":
+        return Decomposition("randomized", rows, cols, min(rank + oversample, rows, cols), power_iters)
+    return Decomposition(backend, rows, cols)
+
+
+def polar_route(rows: int, cols: int, method: str) -> Decomposition:
+    """The decomposition `polar(matrix, method)` runs on a tall rows x cols matrix."""
+    return Decomposition("polar" if method == "gram" else "exact", rows, cols)
+
+
+def energy_svd_routes(rows: int, cols: int, cap: int, backend: str, oversample: int,
+                      power_iters: int) -> list[Decomposition]:
+    """Every decomposition `top_svd_by_energy` may run, in order: it stops after any of them once the energy
+    share is reached, so this is an upper bound of what it runs."""
+    full_rank, routes = min(rows, cols), []
+    rank = min(cap, 64)
+    while resolve_backend(backend, rank, oversample, full_rank) == "randomized":
+        routes.append(Decomposition("randomized", rows, cols, min(rank + oversample, rows, cols), power_iters))
+        if rank >= cap:
+            return routes
+        rank = min(cap, 2 * rank)
+    return routes + [Decomposition(resolve_backend(backend, cap, oversample, full_rank), rows, cols)]
+
+
 @dataclass
 class Factors:
     """Leading singular triplets of one matrix: A ~= U diag(S) V^T, with how they were computed."""
@@ -61,7 +126,7 @@ def gram_svd(matrix: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = 
     precision; U = A V / sigma, computed only for the `keep(singular_values)` leading triplets (all by default).
     The rank-k reconstruction agrees with LAPACK's SVD to float32 round-off (tests pin it); on a GPU this is
     about 9x faster than cuSOLVER's SVD of a 28672 x 8192 matrix and needs a third of its workspace
-    (benchmarks/results/svd_cuda.md).
+    (benchmarks/results/svd/svd_cuda.md).
     """
     wide = matrix.shape[0] < matrix.shape[1]
     tall = matrix.mT if wide else matrix
@@ -87,7 +152,7 @@ def full_svd(matrix: torch.Tensor, backend: str, keep: Callable[[torch.Tensor], 
 def resolve_backend(backend: str, rank: int, oversample: int, full_rank: int) -> str:
     """auto: randomized when the sketch is small against the full rank; otherwise the Gram route, faster than
     LAPACK's and cuSOLVER's SVD on every shape measured (an H100: 9x on 28672 x 8192; 2 CPU cores: 1.5-1.9x on
-    a 0.5B Llama's shapes, 1.5x on a whole tsvm merge: benchmarks/results/svd_cpu_0.5b_shapes.md) and equal to
+    a 0.5B Llama's shapes, 1.5x on a whole tsvm merge: benchmarks/results/svd/svd_cpu_0.5b_shapes.md) and equal to
     it up to float32 round-off wherever the spectrum has a gap at the cut."""
     if backend != "auto":
         return backend
@@ -143,8 +208,8 @@ def top_svd_by_energy(matrix: torch.Tensor, eta: float, cap: int, backend: str, 
     """
     full_rank = min(matrix.shape)
     total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
-    if total == 0.0:
-        return Factors(matrix.new_zeros(matrix.shape[0], 1), matrix.new_zeros(1), matrix.new_zeros(matrix.shape[1], 1),
+    if total == 0.0:  # nothing to keep: no triplets (even a zero one would overfill a budget of floor(r/T) = 0)
+        return Factors(matrix.new_zeros(matrix.shape[0], 0), matrix.new_zeros(0), matrix.new_zeros(matrix.shape[1], 0),
                        "none")
     rank = min(cap, 64)
     while resolve_backend(backend, rank, oversample, full_rank) == "randomized":

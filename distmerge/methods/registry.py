@@ -7,6 +7,11 @@ The function receives the base tensor (or None), the fine-tuned tensors stacked 
 compute dtype (the function may overwrite them; it owns them), the parameters resolved for this tensor as a
 dict (per-model ones as lists of T values), and a `TensorContext`. It returns the merged tensor. Parameters are
 validated from their declarations before any tensor is read.
+
+Everything else the system must know about a method is declared beside it, in the same decorator:
+`work` (the decompositions and scratch memory of one tensor, for `distmerge plan` and the unit order) and
+`first_pass` (a statistic of the whole model that the merge needs before it starts, as TIES' global trimming).
+Planner, engine and runtimes run these without knowing what they compute.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError
+from .linalg import Decomposition
 from .sampling import uniform
 
 
@@ -97,13 +103,13 @@ class TensorContext:
     """What a method may know about the tensor besides its values.
 
     `stats` is filled by the method (ranks kept, outlier share, ...) and ends up in the merge report.
-    `global_thresholds` holds per-task magnitude thresholds from a first pass (TIES with global trimming).
+    `first_pass` is the result of the method's first pass over the whole model (None when it has none).
     """
 
     name: str
     seed: int = 0
     model_ids: tuple[int, ...] = ()
-    global_thresholds: tuple[float, ...] | None = None
+    first_pass: Any = None
     stats: dict = field(default_factory=dict)
 
     def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0,
@@ -116,6 +122,41 @@ class TensorContext:
 
 
 @dataclass(frozen=True)
+class Work:
+    """What merging one tensor costs beyond reading its inputs: the decompositions it runs, and the scratch
+    memory it needs, in elements of the compute dtype and of float64. `upper_bound`: the decompositions depend on
+    the data (a rank found from the spectrum), and these are the most that can run."""
+
+    decompositions: tuple[Decomposition, ...] = ()
+    scratch: int = 0
+    scratch_float64: int = 0
+    upper_bound: bool = False
+
+
+def elementwise_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+    """No decompositions; two tensor-sized temporaries (masks, the elected sign)."""
+    return Work(scratch=2 * math.prod(shape))
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """A statistic of the whole model that a method needs before it merges any tensor.
+
+    `statistic(base, models, p)` is computed per tensor and summed over all merged tensors (integers, so that any
+    split over workers gives the same sum); `finish(total, p)` turns the sum into the value every tensor's merge
+    receives as `ctx.first_pass` (JSON-serialisable: a resumed merge reuses it). `wanted(p)` says from the
+    resolved parameters whether this merge needs the pass; `check(ps)` vets the parameters of all merged tensors
+    together (a message, or None), since one statistic serves them all.
+    """
+
+    label: str
+    wanted: Callable[[dict], bool]
+    check: Callable[[list[dict]], str | None]
+    statistic: Callable[[torch.Tensor | None, torch.Tensor, dict], torch.Tensor]
+    finish: Callable[[torch.Tensor, dict], Any]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     fn: Callable
@@ -124,11 +165,12 @@ class MethodSpec:
     needs_base: bool
     min_models: int = 1
     max_models: int | None = None
-    spectral: bool = False
     random: bool = False
     reference: str = ""
     check: Callable[[dict], str | None] | None = None  # cross-parameter constraints; returns a message
     details: str = ""  # the exact formulas, where the summary cannot hold them
+    work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work
+    first_pass: FirstPass | None = None
 
     def defaults(self, n_models: int, **overrides) -> dict:
         """Every parameter at its default (per-model ones as lists), with `overrides` applied as given."""
@@ -149,13 +191,15 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_base: bool, min_models: int = 1,
-                 max_models: int | None = None, spectral: bool = False, random: bool = False, reference: str = "",
-                 check: Callable[[dict], str | None] | None = None, details: str = ""):
+                 max_models: int | None = None, random: bool = False, reference: str = "",
+                 check: Callable[[dict], str | None] | None = None, details: str = "",
+                 work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work,
+                 first_pass: FirstPass | None = None):
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, spectral,
-                                     random, reference, check, details)
+        _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, random,
+                                     reference, check, details, work, first_pass)
         return fn
 
     return register

@@ -1,4 +1,4 @@
-"""The spectral family (METHODS.md): merges that work on the singular vectors of 2-D task vectors.
+"""The spectral family (docs/methods.md): merges that work on the singular vectors of 2-D task vectors.
 
 tsvm      Task Singular Vectors merge (Gargiulo et al., CVPR 2025): each task keeps its k = floor(r/T) leading
           singular triplets; the stacked left and right singular vectors are orthogonalised (polar factors);
@@ -13,18 +13,24 @@ Tensors that are not 2-D, and those matching `exclude`, are averaged instead: b 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .elementwise import WEIGHT, task_vectors
 from .linalg import (
+    Decomposition,
     StackedFactors,
+    energy_svd_routes,
     exact_svd,
     polar,
+    polar_route,
     singular_values_via_gram,
+    svd_route,
     top_svd,
     top_svd_by_energy,
 )
-from .registry import Param, TensorContext, matches_any, merge_method
+from .registry import Param, TensorContext, Work, matches_any, merge_method
 from .sparsify import kth_largest
 
 ALPHA = Param("alpha", "float", 1.0, "scaling of the merged task vector")
@@ -65,12 +71,69 @@ def sketch_source(ctx: TensorContext, task: int, device):
     return lambda shape: ctx.uniform(task, shape, device, stream="svd")
 
 
+# ---- what each method runs on one tensor (for `distmerge plan` and the unit order) --------------------------
+
+
+def averaged_work(shape: tuple[int, ...]) -> Work:
+    return Work(scratch=math.prod(shape))
+
+
+def stacked_factors_work(rows: int, cols: int, tasks: list[Decomposition], used: int, polar_method: str,
+                         upper_bound: bool = False) -> Work:
+    """Per-task decompositions, then the polar factors of the stacked U (rows x used) and V (cols x used); the
+    scratch holds the stacked singular vectors, one decomposition's factors and the float64 Gram matrix."""
+    rank = min(rows, cols)
+    polars = [polar_route(rows, used, polar_method), polar_route(cols, used, polar_method)] if used else []
+    return Work(tuple(tasks + polars), scratch=2 * (rows + cols) * rank + rows * cols, scratch_float64=rank**2,
+                upper_bound=upper_bound)
+
+
+def task_singular_vectors_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+    """tsvm: one top-floor(r/T) SVD per task. With `adaptive_rank`, the energy search may stop early and keep
+    fewer triplets: the most it can run."""
+    if not goes_through_svd(name, shape, p["exclude"]):
+        return averaged_work(shape)
+    rows, cols = shape
+    per_task = min(rows, cols) // n_tasks
+    svd_args = (p["svd"], p["oversample"], p["power_iters"])
+    if p.get("adaptive_rank"):
+        tasks = [route for _ in range(n_tasks) for route in energy_svd_routes(rows, cols, per_task, *svd_args)]
+        return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"], upper_bound=True)
+    tasks = [svd_route(rows, cols, per_task, *svd_args) for _ in range(n_tasks)]
+    return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"])
+
+
+def iso_c_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+    """One SVD of the sum with `polar: svd`; with `polar: gram` none, only its Gram matrix's spectrum and polar
+    factor."""
+    if not goes_through_svd(name, shape, p["exclude"]):
+        return averaged_work(shape)
+    tall = (max(shape), min(shape))
+    routes = (Decomposition("exact", *tall),) if p["polar"] == "svd" else (
+        Decomposition("spectrum", *tall), Decomposition("polar", *tall))
+    return Work(routes, scratch=2 * math.prod(shape), scratch_float64=3 * min(shape) ** 2)
+
+
+def iso_cts_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+    if not goes_through_svd(name, shape, p["exclude"]):
+        return averaged_work(shape)
+    rows, cols = shape
+    common, per_task = iso_cts_ranks(min(shape), n_tasks, p["common_fraction"])
+    svd_args = (p["svd"], p["oversample"], p["power_iters"])
+    tasks = [svd_route(rows, cols, common, *svd_args)] + [svd_route(rows, cols, per_task, *svd_args)] * n_tasks
+    work = stacked_factors_work(rows, cols, tasks, common + n_tasks * per_task, p["polar"])
+    return Work(work.decompositions, work.scratch + rows * cols, work.scratch_float64)
+
+
+# ---- the methods ---------------------------------------------------------------------------------------------
+
+
 def _energy_kept(delta: torch.Tensor, factors) -> float:
     total = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
     return float((factors.S.double() ** 2).sum()) / total if total > 0 else 1.0
 
 
-@merge_method("tsvm", needs_base=True, spectral=True, params=SPECTRAL_PARAMS,
+@merge_method("tsvm", needs_base=True, params=SPECTRAL_PARAMS, work=task_singular_vectors_work,
               reference="https://arxiv.org/abs/2412.00081",
               summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
                       "orthogonalised; b + alpha * U_o S V_o^T")
@@ -145,7 +208,7 @@ Per 2-D tensor, with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
     the SVDs below see d~_t; with outlier_residual: add, the removed excess sum_t (d_t - d~_t) is added back
     after the merge (the sparse spikes are kept, they just do not steer the singular directions)
   sparsity-adaptive rank (adaptive_rank: true):
-    k_t = min(floor(r/T), smallest k with sum_{i<=k} s_{t,i}^2 >= eta * ||d~_t||_F^2)   (at least 1)
+    k_t = min(floor(r/T), smallest k with sum_{i<=k} s_{t,i}^2 >= eta * ||d~_t||_F^2)   (0 if d~_t = 0)
     so every task's budget stays within r/T and the ranks of all tasks fit in r
   otherwise k_t = floor(r/T) (TSV-M)
   merged = U_o diag(S) V_o^T from the tasks' leading k_t triplets, orthogonalised as in tsvm;
@@ -154,7 +217,7 @@ With both switches off rtsvm runs exactly tsvm's computation and writes the same
 """
 
 
-@merge_method("rtsvm", needs_base=True, spectral=True, details=RTSVM_DETAILS,
+@merge_method("rtsvm", needs_base=True, details=RTSVM_DETAILS, work=task_singular_vectors_work,
               params=SPECTRAL_PARAMS + (
                   Param("outlier_weighting", "bool", True, "down-weight heavy-tailed entries before the SVDs"),
                   Param("outlier_m", "float", 3.0, "outlier threshold: |d| > outlier_m * stat(|d|)", lo=0.0,
@@ -172,7 +235,7 @@ def rtsvm(base, models, p, ctx):
     return task_singular_vectors(base, models, p, ctx)
 
 
-@merge_method("iso_c", needs_base=True, spectral=True, params=SPECTRAL_PARAMS[:3] + (POLAR,),
+@merge_method("iso_c", needs_base=True, params=SPECTRAL_PARAMS[:3] + (POLAR,), work=iso_c_work,
               reference="https://arxiv.org/abs/2502.04959",
               summary="D = sum_t d_t with every singular value replaced by their mean: b + alpha * mean(S) U V^T")
 def iso_c(base, models, p, ctx):
@@ -194,7 +257,15 @@ def iso_c(base, models, p, ctx):
     return base.add_(orthogonal.mT if wide else orthogonal, alpha=p["alpha"] * mean_singular_value)
 
 
-@merge_method("iso_cts", needs_base=True, spectral=True,
+def iso_cts_ranks(full_rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common rank, rank per task), sized as in the Iso-CTS reference: the task-specific share is rounded to a
+    multiple of T, and never past the full rank (the reference's rounding can make the common rank negative at a
+    small `common_fraction`)."""
+    per_task = min(round((full_rank - int(full_rank * common_fraction)) / n_tasks), full_rank // n_tasks)
+    return full_rank - per_task * n_tasks, per_task
+
+
+@merge_method("iso_cts", needs_base=True, work=iso_cts_work,
               params=SPECTRAL_PARAMS + (Param("common_fraction", "float", 0.8, "share of the rank given to the "
                                               "common subspace of sum_t d_t", lo=0.0, hi=1.0, hi_open=True),),
               reference="https://arxiv.org/abs/2502.04959",
@@ -204,11 +275,8 @@ def iso_cts(base, models, p, ctx):
     deltas = weighted_task_vectors(base, models, p["weight"])
     if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
         return averaged(base, deltas, p["alpha"])
-    n_tasks, full_rank = deltas.shape[0], min(base.shape)
-    # sizes as in the Iso-CTS reference: the task-specific share is rounded to a multiple of T
-    common = int(full_rank * p["common_fraction"])
-    common = full_rank - round((full_rank - common) / n_tasks) * n_tasks
-    per_task = (full_rank - common) // n_tasks
+    n_tasks = deltas.shape[0]
+    common, per_task = iso_cts_ranks(min(base.shape), n_tasks, p["common_fraction"])
     rows, cols = base.shape
     stack = StackedFactors(rows, cols, common + n_tasks * per_task, base)
     stack.add(top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..engine import magnitude_histograms, resolve_device, run_unit
+from ..engine import resolve_device, run_unit, unit_statistic
+from ..estimates import read_bytes, unit_read_bytes
 from ..plan import MergePlan, WorkUnit
 from ..progress import Progress
 from ..writer import OutputDir, ShardRecord
+from . import Placement
 
 
 class LocalRuntime:
     def __init__(self, device: str, threads: int | None = None):
-        self.device = str(resolve_device(device))
+        self._device = resolve_device(device)
         self._threads_before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
+        self.placement = Placement(str(self._device), torch.get_num_threads())
 
-    def histograms(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> torch.Tensor:
-        total = None
+    def first_pass(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir,
+                   progress: Progress) -> list[torch.Tensor | None]:
+        statistics = []
         for unit in units:
-            counts = magnitude_histograms(plan, unit, torch.device(self.device))
-            total = counts if total is None else total + counts
-            progress.advance(len(unit.tensors), plan.unit_read_bytes(unit))
-        return total
+            statistics.append(unit_statistic(plan, unit, self._device))
+            progress.advance(len(unit.tensors), unit_read_bytes(plan, unit))
+        return statistics
 
-    def merge(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> list[ShardRecord]:
+    def merge(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, first_pass: Any,
+              progress: Progress) -> list[ShardRecord]:
         return [
-            run_unit(plan, unit, out, torch.device(self.device),
-                     on_tensor=lambda job: progress.advance(1, plan.read_bytes(job)))
+            run_unit(plan, unit, out, self._device, first_pass,
+                     on_tensor=lambda job: progress.advance(1, read_bytes(plan, job)))
             for unit in units
         ]
 

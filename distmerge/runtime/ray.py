@@ -2,27 +2,31 @@
 
 The driver only plans and schedules: it never reads a tensor and never touches CUDA (Ray sets
 CUDA_VISIBLE_DEVICES for each actor). Each actor holds the plan, reads its units' tensors straight from storage,
-writes their shards, and returns a small record. The driver keeps at most two units in flight per actor (the
-second queues inside the actor, so it starts without a round trip), largest cost first, and gives the unit of
-an actor that died to another actor.
+writes their shards, and returns a small record. `WorkerPool` keeps at most two units in flight per actor (the
+second queues inside the actor, so it starts without a round trip), largest cost first, and replaces an actor
+that died.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
+from typing import Any, Callable
 
 import torch
 
-from ..engine import magnitude_histograms, resolve_device, run_unit
+from ..engine import resolve_device, run_unit, unit_statistic
 from ..errors import StorageError, UserError
+from ..estimates import unit_read_bytes
 from ..plan import MergePlan, WorkUnit
 from ..progress import Progress
 from ..writer import OutputDir, ShardRecord
+from . import Placement
 
 IN_FLIGHT_PER_ACTOR = 2
 MAX_ATTEMPTS = 3  # per unit: the first try and two retries on other actors
 PLACEMENT_TIMEOUT_S = float(os.environ.get("DISTMERGE_PLACEMENT_TIMEOUT", "600"))
+SETTLE_TIMEOUT_S = 30.0  # after an actor died: how long its other tasks get to report their end
 
 
 class MergeWorker:
@@ -32,21 +36,102 @@ class MergeWorker:
         if threads:
             torch.set_num_threads(threads)
         self.plan = plan
+        self.units = {unit.index: unit for unit in plan.units}
         self.out = OutputDir(out_path)
         self.device = resolve_device(device)
 
-    def merge(self, unit_index: int, thresholds) -> ShardRecord:
-        self.plan.global_thresholds = thresholds
-        return run_unit(self.plan, self._unit(unit_index), self.out, self.device)
+    def merge(self, unit_index: int, first_pass: Any) -> ShardRecord:
+        return run_unit(self.plan, self.units[unit_index], self.out, self.device, first_pass)
 
-    def histograms(self, unit_index: int) -> torch.Tensor:
-        return magnitude_histograms(self.plan, self._unit(unit_index), self.device)
+    def statistic(self, unit_index: int) -> torch.Tensor | None:
+        return unit_statistic(self.plan, self.units[unit_index], self.device)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _unit(self, index: int) -> WorkUnit:
-        return next(u for u in self.plan.units if u.index == index)
+
+class WorkerPool:
+    """Runs units on a fixed number of actor slots, at most IN_FLIGHT_PER_ACTOR at a time on each.
+
+    An actor runs its tasks in the order they were submitted, so when it dies, the oldest of its units that had
+    not finished is the one it was running: that unit is charged an attempt, and the units queued behind it go
+    back to the front of the queue free of charge. A dead actor's finished results are kept. The slot gets a new
+    actor (Ray reschedules the slot's bundle if its node is gone).
+    """
+
+    def __init__(self, ray, make_actor: Callable[[int], Any], workers: int):
+        self.ray = ray
+        self._make_actor = make_actor
+        self.actors = [make_actor(slot) for slot in range(workers)]
+        self._queues: list[deque] = [deque() for _ in range(workers)]  # per slot: (ref, unit), oldest first
+        self.replacements = 0
+        self._pending: deque = deque()
+        self.charged: Counter = Counter()  # unit index -> attempts lost to a dying worker
+
+    def run(self, units: list[WorkUnit], submit: Callable, on_done: Callable[[WorkUnit, Any], None]) -> None:
+        """`submit(actor, unit)` returns an object ref; `on_done(unit, result)` is called once per unit."""
+        self._pending = deque(units)
+        while self._pending or any(self._queues):
+            self._fill(submit)
+            slot, ref = self._wait_for_one()
+            self._collect(slot, ref, on_done)
+
+    def _fill(self, submit: Callable) -> None:
+        for slot in sorted(range(len(self.actors)), key=lambda s: len(self._queues[s])):
+            while self._pending and len(self._queues[slot]) < IN_FLIGHT_PER_ACTOR:
+                unit = self._pending.popleft()
+                self._queues[slot].append((submit(self.actors[slot], unit), unit))
+
+    def _wait_for_one(self) -> tuple[int, Any]:
+        slot_of = {ref: slot for slot, queue in enumerate(self._queues) for ref, _ in queue}
+        [ref], _ = self.ray.wait(list(slot_of), num_returns=1)
+        return slot_of[ref], ref
+
+    def _collect(self, slot: int, ref, on_done: Callable) -> None:
+        try:
+            result = self._get(ref)
+        except self.ray.exceptions.RayActorError:
+            self._worker_died(slot, on_done)
+            return
+        queue = self._queues[slot]
+        unit = next(unit for queued, unit in queue if queued == ref)
+        queue.remove((ref, unit))
+        on_done(unit, result)
+
+    def _get(self, ref):
+        """The task's result; a user error raised inside a worker is raised here as itself."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):
+                raise exc.cause from None
+            raise
+
+    def _worker_died(self, slot: int, on_done: Callable) -> None:
+        queue, self._queues[slot] = self._queues[slot], deque()
+        self.ray.wait([ref for ref, _ in queue], num_returns=len(queue), timeout=SETTLE_TIMEOUT_S)
+        unfinished = []
+        for ref, unit in queue:
+            try:
+                on_done(unit, self._get(ref))
+            except self.ray.exceptions.RayActorError:
+                unfinished.append(unit)
+        if unfinished:
+            self._charge(unfinished[0])  # the one the actor was running
+        self._pending.extendleft(reversed(unfinished))
+        self._replace(slot)
+
+    def _charge(self, unit: WorkUnit) -> None:
+        self.charged[unit.index] += 1
+        if self.charged[unit.index] >= MAX_ATTEMPTS:
+            raise StorageError(f"shard {unit.shard} failed {MAX_ATTEMPTS} times because its worker died; "
+                               "see `ray logs` for the cause")
+
+    def _replace(self, slot: int) -> None:
+        self.replacements += 1
+        if self.replacements > 2 * len(self.actors):
+            raise StorageError(f"{self.replacements} Ray workers died during this merge; see `ray logs` for why")
+        self.actors[slot] = self._make_actor(slot)
 
 
 class RayRuntime:
@@ -64,28 +149,26 @@ class RayRuntime:
             ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING", **extra)
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-        self.device = device or ("cuda" if gpus else "cpu")
-        if self.device.startswith("cuda"):
+        device = device or ("cuda" if gpus else "cpu")
+        if device.startswith("cuda"):
             if not gpus:
                 raise UserError("--device cuda was asked for but the Ray cluster has no GPUs; use --device cpu")
-            self.threads, slots, self._bundle = None, gpus, {"GPU": 1, "CPU": 1}
+            threads, slots, self._bundle = None, gpus, {"GPU": 1, "CPU": 1}
         else:
-            self.threads = threads or 1
-            slots, self._bundle = cpus // self.threads, {"CPU": self.threads}
+            threads = threads or 1
+            slots, self._bundle = cpus // threads, {"CPU": threads}
+        self.placement = Placement(device, threads)
         self.workers = workers or slots
         if self.workers < 1 or self.workers > slots:
             raise UserError(f"--workers {self.workers} does not fit the Ray cluster: it has room for {slots} "
                             f"worker(s) of {self._bundle}; lower --workers or add nodes")
-        self._actors: list = []
-        self._replacements = 0
+        self.pool: WorkerPool | None = None
         self._group = None
-        self._make_actor = None
 
-    # ---- actors ----------------------------------------------------------------------------------------------
-
-    def _start(self, plan: MergePlan, out: OutputDir) -> None:
-        if self._actors:
-            return
+    def _start(self, plan: MergePlan, out: OutputDir) -> WorkerPool:
+        """The actors, started on first use and kept for both passes."""
+        if self.pool is not None:
+            return self.pool
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -102,22 +185,38 @@ class RayRuntime:
             return actor_class.options(
                 num_cpus=self._bundle["CPU"], num_gpus=self._bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=slot),
-            ).remote(plan_ref, str(out.path), self.device, self.threads)
+            ).remote(plan_ref, str(out.path), self.placement.device, self.placement.threads)
 
-        self._make_actor = make_actor
-        self._actors = [make_actor(slot) for slot in range(self.workers)]
+        self.pool = WorkerPool(self.ray, make_actor, self.workers)
+        return self.pool
 
-    def _replace(self, slot: int) -> None:
-        """A worker died: start a new one in its bundle (Ray reschedules the bundle if its node is gone)."""
-        self._replacements += 1
-        if self._replacements > 2 * self.workers:
-            raise StorageError(f"{self._replacements} Ray workers died during this merge; see `ray logs` for why")
-        self._actors[slot] = self._make_actor(slot)
+    def first_pass(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir,
+                   progress: Progress) -> list[torch.Tensor | None]:
+        statistics = []
+
+        def done(unit, statistic):
+            statistics.append(statistic)
+            progress.advance(len(unit.tensors), unit_read_bytes(plan, unit))
+
+        self._start(plan, out).run(units, lambda actor, unit: actor.statistic.remote(unit.index), done)
+        return statistics
+
+    def merge(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, first_pass: Any,
+              progress: Progress) -> list[ShardRecord]:
+        records = []
+
+        def done(unit, record):
+            records.append(record)
+            progress.advance(len(unit.tensors), unit_read_bytes(plan, unit))
+
+        self._start(plan, out).run(units, lambda actor, unit: actor.merge.remote(unit.index, first_pass), done)
+        return records
 
     def close(self) -> None:
-        for actor in self._actors:
-            self.ray.kill(actor)
-        self._actors = []
+        if self.pool is not None:
+            for actor in self.pool.actors:
+                self.ray.kill(actor)
+            self.pool = None
         if self._group is not None:
             from ray.util.placement_group import remove_placement_group
 
@@ -125,65 +224,3 @@ class RayRuntime:
             self._group = None
         if self._owns_ray:
             self.ray.shutdown()
-
-    # ---- the scheduling loop -----------------------------------------------------------------------------------
-
-    def _run(self, units: list[WorkUnit], submit, on_done) -> None:
-        """Run every unit on some actor, at most IN_FLIGHT_PER_ACTOR at a time each; the unit of a worker that
-        died goes to the front of the queue and runs again, on another worker."""
-        ray = self.ray
-        pending = deque(units)
-        attempts = {unit.index: 0 for unit in units}
-        in_flight: dict = {}  # object ref -> (unit, slot, actor)
-        load = [0] * len(self._actors)
-        while pending or in_flight:
-            for slot in sorted(range(len(self._actors)), key=lambda s: load[s]):
-                while pending and load[slot] < IN_FLIGHT_PER_ACTOR:
-                    unit = pending.popleft()
-                    attempts[unit.index] += 1
-                    in_flight[submit(self._actors[slot], unit)] = (unit, slot, self._actors[slot])
-                    load[slot] += 1
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            unit, slot, actor = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                if attempts[unit.index] >= MAX_ATTEMPTS:
-                    raise StorageError(f"shard {unit.shard} failed {MAX_ATTEMPTS} times because its worker died "
-                                       f"({exc.__class__.__name__}); see `ray logs` for the cause") from None
-                if actor is self._actors[slot]:  # the first failure seen from this worker
-                    load[slot] = 0
-                    self._replace(slot)
-                pending.appendleft(unit)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, UserError):
-                    raise exc.cause from None
-                raise
-            finally:
-                if actor is self._actors[slot]:
-                    load[slot] = max(0, load[slot] - 1)
-            on_done(unit, result)
-
-    def histograms(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> torch.Tensor:
-        self._start(plan, out)
-        total = []
-
-        def done(unit, counts):
-            total.append(counts)
-            progress.advance(len(unit.tensors), plan.unit_read_bytes(unit))
-
-        self._run(units, lambda actor, unit: actor.histograms.remote(unit.index), done)
-        return torch.stack(total).sum(0)
-
-    def merge(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir, progress: Progress) -> list[ShardRecord]:
-        self._start(plan, out)
-        records = []
-        thresholds = plan.global_thresholds
-
-        def done(unit, record):
-            records.append(record)
-            progress.advance(len(unit.tensors), plan.unit_read_bytes(unit))
-
-        self._run(units, lambda actor, unit: actor.merge.remote(unit.index, thresholds), done)
-        return records

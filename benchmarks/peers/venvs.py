@@ -2,7 +2,8 @@
 
 Shared by compare_mergekit.py, compare_fusionbench.py and bench_speed.py. A peer venv lives outside the repository
 (default ~/.cache/distmerge/peers/NAME), is created on first use, and gets exactly pinned requirements, torch
-included (`torch==2.13.0`: the CPU wheel on disk, not a multi-GB CUDA build).
+included (`torch==2.13.0`: the CPU wheel on disk, not a multi-GB CUDA build). The drivers beside this file run
+in those venvs; nothing of the peers is imported into this process.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 PEERS_DIR = Path.home() / ".cache" / "distmerge" / "peers"
 TORCH = "torch==2.13.0"
 
@@ -25,7 +27,7 @@ class Peer:
 
     name: str
     requirements: tuple[str, ...]
-    imports: str  # python code that must run in the venv for it to count as ready
+    modules: tuple[str, ...]  # what the drivers import: the venv is ready when these import
     minimal_deps: tuple[str, ...] = ()  # with these, `minimal` installs the last requirement with --no-deps
 
     @property
@@ -33,14 +35,13 @@ class Peer:
         return PEERS_DIR / "-".join(self.requirements[-1].split("=="))
 
 
-MERGEKIT = Peer("mergekit", (TORCH, "mergekit==0.1.5"), "import mergekit.scripts.run_yaml\n")
+MERGEKIT = Peer("mergekit", (TORCH, "mergekit==0.1.5"), ("mergekit.scripts.run_yaml",))
 
 FUSIONBENCH = Peer(
     "fusion-bench",
     (TORCH, "fusion-bench==0.2.33"),
-    ("from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction\n"
-     "from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts\n"
-     "import safetensors.torch\n"),
+    ("fusion_bench.method.task_singular_vector.utils.TSVM_utils", "fusion_bench.method.isotropic_merging.iso_utils",
+     "safetensors.torch"),
     # What importing TSVM_utils and iso_utils needs when fusion-bench is installed with --no-deps (found by
     # trying: fusion_bench/__init__ pulls in hydra/omegaconf, lightning, transformers, datasets, peft, ...).
     minimal_deps=("packaging", "omegaconf", "bidict", "hydra-core", "lightning-utilities", "rich", "lightning",
@@ -52,21 +53,22 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def driver(name: str) -> Path:
+    """A driver script of this folder, to be run by a peer venv's python."""
+    return HERE / name
+
+
 def package_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
     """Installed versions in the environment of `python` (missing packages are left out)."""
-    code = ("import json, importlib.metadata as m, sys\n"
-            "out = {}\n"
-            "for name in sys.argv[1:]:\n"
-            "    try: out[name] = m.version(name)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
-    result = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=False)
+    result = subprocess.run([str(python), str(driver("package_versions.py")), *packages], capture_output=True,
+                            text=True, check=False)
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
-def imports_ok(python: Path, code: str) -> str | None:
-    """None when `code` runs in the venv of `python`, else the last line of its error."""
-    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+def imports_ok(python: Path, modules: tuple[str, ...]) -> str | None:
+    """None when `modules` import in the venv of `python`, else the last line of its error."""
+    result = subprocess.run([str(python), "-c", f"import {', '.join(modules)}"], capture_output=True, text=True,
+                            check=False)
     if result.returncode == 0:
         return None
     lines = result.stderr.strip().splitlines()
@@ -102,7 +104,7 @@ def ensure_peer_venv(peer: Peer, venv: Path | None = None, mode: str = "auto",
     if python.exists():
         have = package_versions(python, tuple(wanted))
         if (all(have.get(n, "").split("+")[0] == v for n, v in wanted.items())
-                and imports_ok(python, peer.imports) is None):
+                and imports_ok(python, peer.modules) is None):
             route = json.loads(marker.read_text()).get("route", "?") if marker.exists() else "found installed"
             return python, route
     else:
@@ -112,7 +114,7 @@ def ensure_peer_venv(peer: Peer, venv: Path | None = None, mode: str = "auto",
     if mode in ("auto", "full"):
         log(f"installing {' '.join(peer.requirements)} into {venv} (a few minutes)")
         result = pip_install(python, *peer.requirements)
-        error = _last_line(result) if result.returncode else imports_ok(python, peer.imports)
+        error = _last_line(result) if result.returncode else imports_ok(python, peer.modules)
         if error is None:
             route = f"pip install {' '.join(peer.requirements)}"
         else:
@@ -122,7 +124,7 @@ def ensure_peer_venv(peer: Peer, venv: Path | None = None, mode: str = "auto",
         first = pip_install(python, *peer.requirements[:-1], *peer.minimal_deps)
         second = pip_install(python, "--no-deps", peer.requirements[-1])
         failed = next((r for r in (first, second) if r.returncode), None)
-        error = _last_line(failed) if failed else imports_ok(python, peer.imports)
+        error = _last_line(failed) if failed else imports_ok(python, peer.modules)
         if error is None:
             route = (f"pip install {' '.join(peer.requirements[:-1])} {' '.join(peer.minimal_deps)}; "
                      f"pip install --no-deps {peer.requirements[-1]}")

@@ -1,0 +1,168 @@
+"""What compare_mergekit.py compares: the input families, every method both tools have with its parameters, and
+the input variants each method runs on (one mergekit YAML per method and variant)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+
+SMALL_SCALE = 0.002  # task vectors of ~1e-4 (norms) in the vectors and ~1e-3 in the matrices: gentle fine-tunes
+WEIGHTS = (1.0, 0.7, 0.4)  # 0.7 and 0.4 are not binary fractions: rounding shows
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base and three experts on disk, in one dtype and layout."""
+
+    label: str
+    dtype: str  # float32 | bfloat16
+    sharded: bool
+    base: str
+    experts: tuple[str, ...]
+
+
+def make_families(work: Path, hidden: int, layers: int) -> dict[str, Family]:
+    """float32 and bfloat16, each as one model.safetensors and as shards with an index, and the gentle family."""
+    arguments = {"hidden": hidden, "intermediate": hidden * 11 // 4, "layers": layers, "heads": 4, "kv_heads": 2}
+    directory = work / "inputs" / f"hidden{hidden}-layers{layers}"
+    families = {}
+    for dtype in ("float32", "bfloat16"):
+        for sharded in (False, True):
+            label = f"{'f32' if dtype == 'float32' else 'bf16'}-{'sharded' if sharded else 'single'}"
+            # shards of about four hidden x hidden matrices: a dozen or more files
+            shard_size = 4 * hidden * hidden * (2 if dtype == "bfloat16" else 4) if sharded else None
+            paths = common.llama_family(directory / label, {"llama_config": arguments, "experts": 3, "dtype": dtype,
+                                                            "shard_size": shard_size, "seed": 0})
+            families[label] = Family(label, dtype, sharded, str(paths["base"]), tuple(map(str, paths["experts"])))
+    families["f32-small"] = make_small_family(families["f32-single"], directory)
+    return families
+
+
+def make_small_family(family: Family, directory: Path) -> Family:
+    """The float32 family with every task vector scaled by SMALL_SCALE, so that per-tensor statistics come near
+    the epsilons that guard them (model_stock clamps the product of two task-vector norms at 1e-6)."""
+    import torch
+
+    from distmerge.synthetic import save_checkpoint
+
+    directory = directory / "f32-small"
+    experts = tuple(str(directory / Path(path).name) for path in family.experts)
+    if not (directory / "base" / "config.json").exists():
+        config = json.loads((Path(family.base) / "config.json").read_text())
+        base = common.load_checkpoint(Path(family.base))
+        save_checkpoint(directory / "base", base, config, dtype=torch.float32)
+        for source, target in zip(family.experts, experts):
+            expert = common.load_checkpoint(Path(source))
+            small = {name: base[name] + SMALL_SCALE * (expert[name] - base[name]) for name in base}
+            save_checkpoint(target, small, config, dtype=torch.float32)
+    return Family("f32-small", "float32", False, str(directory / "base"), experts)
+
+
+# method -> models: per-model parameters (None: slerp's base + one model); top: top-level parameters;
+#           differing_defaults: keys set only because the two tools' defaults differ; base: needs base_model
+BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
+                      for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
+DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
+
+METHODS: dict[str, dict] = {
+    "linear": {"models": [{"weight": w} for w in WEIGHTS], "top": {"normalize": True}, "base": False},
+    "task_arithmetic": {"models": [{"weight": w} for w in WEIGHTS], "top": {"lambda": 0.9}},
+    "ties": {"models": [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": [0.2, 0.5]},
+                        {"weight": 0.4, "density": 0.7}],
+             "top": {"normalize": True, "int8_mask": True, "lambda": 1.1}},
+    "breadcrumbs": {"models": BREADCRUMBS_MODELS, "top": {"lambda": 0.9}},
+    "breadcrumbs_ties": {"models": BREADCRUMBS_MODELS, "top": {"int8_mask": True},
+                         "differing_defaults": {"normalize": False}},
+    "dare_linear": {"models": DENSITY_1, "top": {"int8_mask": True}, "differing_defaults": {"rescale": True}},
+    "dare_ties": {"models": DENSITY_1, "top": {"int8_mask": True},
+                  "differing_defaults": {"rescale": True, "normalize": False}},
+    "della": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"normalize": True, "lambda": 1.0},
+              "differing_defaults": {"rescale": True}},
+    "della_linear": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"lambda": 0.9},
+                     "differing_defaults": {"rescale": True}},
+    # the classic mergekit SLERP recipe: per-module gradients over the layers, 0.5 elsewhere
+    "slerp": {"models": None, "top": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                            {"value": 0.5}]}},
+    "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a method is run: which inputs, the YAML's dtype/out_dtype, and whether the gate applies."""
+
+    label: str
+    family: str
+    dtype: str
+    out_dtype: str | None = None
+    defaults: bool = False  # leave out the keys whose defaults differ (shows the default differences)
+
+    @property
+    def gated(self) -> bool:
+        return self.family.startswith("f32") and not self.defaults
+
+
+VARIANTS = (
+    Variant("f32", "f32-single", "float32"),
+    Variant("f32 sharded", "f32-sharded", "float32"),
+    Variant(f"f32, task vectors x{SMALL_SCALE}", "f32-small", "float32"),
+    Variant("bf16 in, f32 compute", "bf16-single", "float32"),
+    Variant("bf16 sharded in, f32 compute, bf16 out", "bf16-sharded", "float32", out_dtype="bfloat16"),
+    Variant("bf16 in, dtype bf16", "bf16-single", "bfloat16"),
+    Variant("f32, mergekit defaults", "f32-single", "float32", defaults=True),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    variant: Variant
+
+    @property
+    def slug(self) -> str:
+        return f"{self.method}__{self.variant.label.replace(',', '').replace(' ', '_')}"
+
+
+def cases_for(methods: list[str]) -> list[Case]:
+    """Every variant of every method; the defaults variant only where some default differs."""
+    return [Case(method, variant) for method in methods for variant in VARIANTS
+            if not variant.defaults or METHODS[method].get("differing_defaults")]
+
+
+def mergekit_config(case: Case, family: Family) -> dict:
+    """The YAML document a mergekit user would write for this case."""
+    spec = METHODS[case.method]
+    doc: dict = {"merge_method": case.method}
+    if spec.get("base", True):
+        doc["base_model"] = family.base
+    if spec["models"] is None:  # slerp: the base and one other model
+        doc["models"] = [{"model": family.base}, {"model": family.experts[0]}]
+    else:
+        doc["models"] = [{"model": path, **({"parameters": params} if params else {})}
+                         for path, params in zip(family.experts, spec["models"])]
+    parameters = dict(spec["top"])
+    if not case.variant.defaults:
+        parameters.update(spec.get("differing_defaults", {}))
+    if parameters:
+        doc["parameters"] = parameters
+    doc["dtype"] = case.variant.dtype
+    if case.variant.out_dtype:
+        doc["out_dtype"] = case.variant.out_dtype
+    return doc
+
+
+def write_configs(cases: list[Case], families: dict[str, Family], work: Path) -> dict[Case, Path]:
+    import yaml
+
+    directory = work / "configs"
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for case in cases:
+        path = directory / f"{case.slug}.yaml"
+        path.write_text(yaml.safe_dump(mergekit_config(case, families[case.variant.family]), sort_keys=False))
+        paths[case] = path
+    return paths

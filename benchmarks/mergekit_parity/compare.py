@@ -1,0 +1,159 @@
+"""compare_mergekit.py's measurements: every output tensor of distmerge against mergekit's, and a probe of how
+torch's default sort breaks exact ties at a top-k boundary (where the two tools may keep different entries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import load_checkpoint
+
+from .cases import SMALL_SCALE, Case, Family
+
+# float32 round-off: differences up to this many float32 epsilons of the tensor's largest magnitude pass.
+ROUNDOFF_EPS = 16
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    differing: int
+    numel: int
+    identical: bool
+    within_roundoff: bool
+
+
+def compare_tensor(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> TensorDiff:
+    """distmerge's tensor against mergekit's; a relative difference is |a - b| / max(|a|, |b|)."""
+    if ours.shape != theirs.shape:
+        return TensorDiff(name, float("inf"), float("inf"), theirs.numel(), theirs.numel(), False, False)
+    a, b = ours.double(), theirs.double()
+    diff = (a - b).abs()
+    differing = int((a != b).sum())
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    larger = torch.maximum(a.abs(), b.abs())
+    max_rel = float((diff / larger)[diff > 0].max()) if differing else 0.0
+    identical = ours.dtype == theirs.dtype and torch.equal(ours.contiguous().view(torch.uint8),
+                                                           theirs.contiguous().view(torch.uint8))
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return TensorDiff(name, max_abs, max_rel, differing, theirs.numel(), identical,
+                      max_abs <= ROUNDOFF_EPS * FLOAT32_EPS * scale)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    error: str | None = None
+    tensors: list[TensorDiff] = field(default_factory=list)
+    dtypes: str = ""
+
+    @property
+    def max_abs(self) -> float:
+        return max((t.max_abs for t in self.tensors), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((t.max_rel for t in self.tensors), default=0.0)
+
+    @property
+    def differing(self) -> int:
+        return sum(t.differing for t in self.tensors)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def identical(self) -> bool:
+        return self.error is None and all(t.identical for t in self.tensors)
+
+    @property
+    def within_roundoff(self) -> bool:
+        return self.error is None and all(t.within_roundoff for t in self.tensors)
+
+    @property
+    def worst(self) -> str:
+        worst = max(self.tensors, key=lambda t: t.max_abs, default=None)
+        return worst.name if worst and worst.max_abs > 0 else ""
+
+
+def compare_case(case: Case, ours_dir: Path, theirs_dir: Path) -> CaseResult:
+    """distmerge's output against mergekit's, tensor by tensor (names and dtypes must match)."""
+    ours, theirs = load_checkpoint(ours_dir), load_checkpoint(theirs_dir)
+    if set(ours) != set(theirs):
+        only = sorted(set(ours) ^ set(theirs))
+        return CaseResult(case, error=f"tensor names differ, e.g. {only[0]}")
+    result = CaseResult(case, tensors=[compare_tensor(name, ours[name], theirs[name]) for name in sorted(theirs)])
+    dtypes = {(str(ours[n].dtype), str(theirs[n].dtype)) for n in theirs}
+    result.dtypes = ", ".join(f"{o.removeprefix('torch.')}/{t.removeprefix('torch.')}" for o, t in sorted(dtypes))
+    if any(o != t for o, t in dtypes):
+        result.error = f"output dtypes differ (distmerge/mergekit): {result.dtypes}"
+    return result
+
+
+# ---- how exact ties at a top-k boundary are broken ---------------------------------------------------------------
+
+
+@dataclass
+class TieProbe:
+    label: str
+    boundaries: int = 0  # (tensor, expert, density, direction) boundaries looked at
+    ambiguous: int = 0  # of which the k-th magnitude is shared by more entries than the cut keeps
+    lowest_first: int = 0  # ... and torch's default (unstable) sort kept the lowest-index tied entries
+    highest_first: int = 0  # ... or the highest-index ones (anything else: neither)
+
+
+def index_order_choice(tied: torch.Tensor, need: int, lowest: bool) -> torch.Tensor:
+    return tied[:need] if lowest else tied[tied.numel() - need:]
+
+
+def probe_boundary(probe: TieProbe, magnitudes: torch.Tensor, k: int, descending: bool) -> None:
+    """Where an exact tie straddles the cut after the first k entries of torch.sort(magnitudes, descending), which
+    tied entries does the default sort (stable=False, what mergekit calls) put before the cut?"""
+    ordered = torch.sort(magnitudes, descending=descending, stable=True)
+    boundary = ordered.values[k - 1]
+    tied = (magnitudes == boundary).nonzero().flatten()
+    before = int((magnitudes > boundary).sum() if descending else (magnitudes < boundary).sum())
+    need = k - before
+    probe.boundaries += 1
+    if tied.numel() <= need:
+        return
+    probe.ambiguous += 1
+    chosen = torch.sort(magnitudes, descending=descending).indices[:k]
+    chosen_tied = chosen[magnitudes[chosen] == boundary].sort().values
+    if torch.equal(chosen_tied, index_order_choice(tied, need, lowest=True)):
+        probe.lowest_first += 1
+    elif torch.equal(chosen_tied, index_order_choice(tied, need, lowest=False)):
+        probe.highest_first += 1
+
+
+def probe_task_vectors(label: str, base: dict, experts: list[dict], device: str, densities) -> TieProbe:
+    """Every tensor and expert's float32 task vector, cut at every density from both ends."""
+    probe = TieProbe(label)
+    for name, b in base.items():
+        for expert in experts:
+            magnitudes = (expert[name].float() - b.float()).abs().reshape(-1).to(device)
+            for density in densities:
+                k = max(1, int(density * magnitudes.numel()))
+                probe_boundary(probe, magnitudes, k, descending=True)  # TIES: keep the k largest
+                probe_boundary(probe, magnitudes, magnitudes.numel() - k, descending=False)  # drop the smallest
+    return probe
+
+
+def tie_probes(families: dict[str, Family], densities=tuple(i / 20 for i in range(1, 20))) -> list[TieProbe]:
+    """For float32 task vectors from the float32, small float32 and bfloat16 inputs, on CPU (and CUDA if any)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    descriptions = {"f32-single": "float32 inputs", "f32-small": f"float32 inputs, task vectors x{SMALL_SCALE}",
+                    "bf16-single": "bfloat16 inputs"}
+    probes = []
+    for label, description in descriptions.items():
+        base = load_checkpoint(Path(families[label].base))
+        experts = [load_checkpoint(Path(path)) for path in families[label].experts]
+        probes += [probe_task_vectors(f"{description}, {device}", base, experts, device, densities)
+                   for device in devices]
+    return probes

@@ -1,0 +1,170 @@
+"""What a plan will cost: bytes read and written, decompositions and their flops, memory per worker, and a
+lower-bound time on a given cluster; and `describe`, the summary `distmerge plan` and `validate` print.
+
+Every count comes from the methods' own declarations (`MethodSpec.work`), so what is printed is what the merge
+runs (tests count the decompositions a merge makes and compare).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .checkpoint import CODE_TO_NAME
+from .config import format_bytes
+from .methods.linalg import SVD_ROUTES
+
+if TYPE_CHECKING:
+    from .plan import MergePlan, TensorJob, WorkUnit
+
+# Sustained rates of one worker per route, from benchmarks/results/svd/svd_cuda.md and gpu_layer/gpu_layer.md
+# (H100) and the CPU SVD benchmark (2 cores); the flop counts of Decomposition.flops divided by measured seconds.
+WORKER_FLOPS = {
+    "cpu": {"exact": 8.6e10, "gram": 6e10, "randomized": 8e10, "polar": 6e10, "spectrum": 6e10},
+    "cuda": {"exact": 3.8e12, "gram": 1.5e13, "randomized": 7.8e12, "polar": 1.5e13, "spectrum": 1.5e13},
+}
+WORKER_ELEMENTWISE_BYTES = {"cpu": 1.5e9, "cuda": 5e11}  # bytes read per second by elementwise methods
+FLOPS_PER_BYTE_MOVED = 50.0  # weighs decompositions against data movement when ordering units
+
+
+# ---- bytes -------------------------------------------------------------------------------------------------
+
+
+def read_bytes(plan: MergePlan, job: TensorJob) -> int:
+    """Bytes read from storage for one output tensor (a copied tensor is read once)."""
+    if not job.merge:
+        return plan.reference.tensors[job.name].nbytes
+    return sum(ckpt.tensors[job.name].nbytes for ckpt in plan.inputs())
+
+
+def unit_read_bytes(plan: MergePlan, unit: WorkUnit) -> int:
+    return sum(read_bytes(plan, job) for job in unit.tensors)
+
+
+def bytes_read(plan: MergePlan) -> int:
+    return sum(read_bytes(plan, job) for job in plan.tensors)
+
+
+def bytes_written(plan: MergePlan) -> int:
+    return sum(job.out_bytes for job in plan.tensors)
+
+
+# ---- compute and memory --------------------------------------------------------------------------------------
+
+
+def decomposition_counts(plan: MergePlan) -> Counter:
+    """How many decompositions of each route the merge runs (at most, where `upper_bound`)."""
+    return Counter(d.route for job in plan.tensors for d in job.work.decompositions)
+
+
+def svd_count(plan: MergePlan) -> int:
+    return sum(1 for job in plan.tensors for d in job.work.decompositions if d.is_svd)
+
+
+def flops_by_route(job: TensorJob) -> dict[str, float]:
+    flops: dict[str, float] = {}
+    for d in job.work.decompositions:
+        flops[d.route] = flops.get(d.route, 0.0) + d.flops()
+    return flops
+
+
+def is_upper_bound(plan: MergePlan) -> bool:
+    return any(job.work.upper_bound for job in plan.tensors)
+
+
+def tensor_cost(job: TensorJob, n_models: int) -> float:
+    """Relative cost, for ordering units largest first: bytes moved plus decomposition flops."""
+    moved = job.numel * 4 * (n_models + 2)
+    return moved + sum(d.flops() for d in job.work.decompositions) / FLOPS_PER_BYTE_MOVED
+
+
+def peak_bytes_per_worker(plan: MergePlan) -> int:
+    """Largest working set of one tensor: T + 1 compute-dtype copies, the stored-dtype read buffer, and the
+    method's declared scratch."""
+    width = 8 if plan.config.compute_dtype == "float64" else 4
+    copies = len(plan.models) + 1
+    return max((copies * job.numel * width + job.numel * 4 + job.work.scratch * width + job.work.scratch_float64 * 8
+                for job in plan.tensors if job.merge), default=0)
+
+
+# ---- time on a cluster -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What `distmerge plan --gpus N --nodes M --read-gbps X` assumes."""
+
+    workers: int
+    nodes: int
+    read_gbps: float  # storage read bandwidth per node, GB/s
+    write_gbps: float
+    device: str
+
+
+def unit_seconds(plan: MergePlan, unit: WorkUnit, device_kind: str) -> float:
+    """One worker's compute time for a unit: decompositions at their route's rate, elementwise work at the
+    elementwise read rate."""
+    rates = WORKER_FLOPS[device_kind]
+    return sum(
+        sum(flops / rates[route] for route, flops in flops_by_route(job).items()) if job.work.decompositions
+        else read_bytes(plan, job) / WORKER_ELEMENTWISE_BYTES[device_kind]
+        for job in unit.tensors
+    )
+
+
+def estimate_seconds(plan: MergePlan, cluster: Cluster) -> dict[str, float]:
+    """Lower bounds: reading and writing at full storage bandwidth, computing on every worker at once, and the
+    largest unit on one worker. The merge takes at least the largest of them."""
+    kind = cluster.device.split(":")[0]
+    per_unit = [unit_seconds(plan, unit, kind) for unit in plan.units]
+    return {
+        "read": bytes_read(plan) / (cluster.nodes * cluster.read_gbps * 1e9),
+        "write": bytes_written(plan) / (cluster.nodes * cluster.write_gbps * 1e9),
+        "compute": sum(per_unit) / cluster.workers,
+        "largest unit": max(per_unit, default=0.0),
+    }
+
+
+# ---- the summary ------------------------------------------------------------------------------------------------
+
+
+def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> str:
+    """Human-readable summary for `distmerge plan` and `distmerge validate`."""
+    counts = decomposition_counts(plan)
+    at_most = "at most " if is_upper_bound(plan) else ""
+    svd_routes = ", ".join(f"{counts[r]} {r}" for r in SVD_ROUTES if counts[r])
+    eigh = counts["polar"] + counts["spectrum"]
+    lines = [
+        f"method        {plan.spec.name} ({len(plan.models)} models"
+        + (f" + base model {plan.base.ref})" if plan.base else ")"),
+        f"tensors       {len(plan.tensors)} in {len(plan.units)} shard(s)"
+        + (f"; left out: {', '.join(plan.dropped)} (tied to the embeddings)" if plan.dropped else ""),
+        f"read          {format_bytes(bytes_read(plan))}",
+        f"write         {format_bytes(bytes_written(plan))}"
+        + f" ({', '.join(sorted({CODE_TO_NAME.get(t.out_dtype, t.out_dtype) for t in plan.tensors}))})",
+        f"SVDs          {at_most}{svd_count(plan)}" + (f" ({svd_routes})" if svd_routes else ""),
+        f"Gram eigh     {at_most}{eigh}" + (f" ({counts['polar']} polar factors, {counts['spectrum']} spectra)"
+                                          if eigh else ""),
+        f"peak memory   {format_bytes(peak_bytes_per_worker(plan))} per worker (one tensor at a time)",
+        f"device        {device}",
+    ]
+    if plan.first_pass is not None:
+        lines.append(f"first pass    {plan.first_pass.label}: every input is read twice")
+    missing = [ckpt.ref for ckpt in plan.inputs() if not ckpt.has_weights]
+    if missing:
+        lines.append(f"note          no weights yet for {', '.join(missing)}: tensors derived from config.json")
+    if cluster is not None:
+        from .progress import format_seconds
+
+        parts = estimate_seconds(plan, cluster)
+        bound = max(parts["read"] + parts["write"], parts["compute"], parts["largest unit"])
+        lines += [
+            f"cluster       {cluster.workers} {'GPU' if cluster.device.startswith('cuda') else 'CPU'} worker(s) on "
+            f"{cluster.nodes} node(s); storage {cluster.read_gbps:g} GB/s read, {cluster.write_gbps:g} GB/s "
+            "write per node",
+            # with data-dependent ranks the compute is counted at its most: the bound is then an estimate
+            f"time          {'about' if at_most else 'at least'} {format_seconds(bound)} (" + ", ".join(
+                f"{name} {format_seconds(value)}" for name, value in parts.items()) + ")",
+        ]
+    return "\n".join(lines)
