@@ -166,6 +166,9 @@ class FlakyWorker:
     def __init__(self, log_dir: str):
         self.log = Path(log_dir)
 
+    def where(self) -> str:
+        return "this machine"
+
     def run(self, name: str, dies_on: tuple[str, ...]) -> str:
         starts = len(list(self.log.glob(f"{name}.start*")))
         (self.log / f"{name}.start{starts}").touch()

@@ -10,7 +10,10 @@ that died.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -26,6 +29,9 @@ from . import Placement
 IN_FLIGHT_PER_ACTOR = 2
 MAX_ATTEMPTS = 3  # per unit: the first try and two retries on other actors
 PLACEMENT_TIMEOUT_S = float(os.environ.get("DISTMERGE_PLACEMENT_TIMEOUT", "600"))
+# How long a worker started to replace a dead one may take to come up (its node gone, the cluster full) before
+# its slot is given up.
+WORKER_START_TIMEOUT_S = float(os.environ.get("DISTMERGE_WORKER_START_TIMEOUT", "300"))
 SETTLE_TIMEOUT_S = 30.0  # after an actor died: how long its other tasks get to report their end
 
 
@@ -46,54 +52,102 @@ class MergeWorker:
     def statistic(self, unit_index: int) -> torch.Tensor | None:
         return unit_statistic(self.plan, self.units[unit_index], self.device)
 
+    def where(self) -> str:
+        """The node this worker runs on, for messages about it."""
+        import ray
+
+        return f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
+
     def pid(self) -> int:
         return os.getpid()
 
 
+@dataclass
+class Slot:
+    """One worker slot: its actor, whether that actor is up yet, and the units sent to it."""
+
+    actor: Any
+    starting: Any  # ref of actor.where() until the actor is up, then None
+    deadline: float | None  # a replacement must be up by then (the first actors have their placement already)
+    node: str = "an unknown node"  # where the actor runs, once it is up
+    queue: deque = field(default_factory=deque)  # (ref, unit) in submission order: the first one is running
+    retired: bool = False
+
+
 class WorkerPool:
-    """Runs units on a fixed number of actor slots, at most IN_FLIGHT_PER_ACTOR at a time on each.
+    """Runs units on a fixed number of actor slots, at most IN_FLIGHT_PER_ACTOR at a time on each live actor.
 
     An actor runs its tasks in the order they were submitted, so when it dies, the oldest of its units that had
     not finished is the one it was running: that unit is charged an attempt, and the units queued behind it go
     back to the front of the queue free of charge. A dead actor's finished results are kept. The slot gets a new
-    actor (Ray reschedules the slot's bundle if its node is gone).
+    actor; if the cluster cannot start it within WORKER_START_TIMEOUT_S (its node is gone and no other node has
+    room), the slot is retired and the other slots take its units. With no slot left, the merge stops with an
+    error naming the lost nodes.
     """
 
-    def __init__(self, ray, make_actor: Callable[[int], Any], workers: int):
+    def __init__(self, ray, make_actor: Callable[[int], Any], workers: int, warn: Callable[[str], None] = print):
         self.ray = ray
         self._make_actor = make_actor
-        self.actors = [make_actor(slot) for slot in range(workers)]
-        self._queues: list[deque] = [deque() for _ in range(workers)]  # per slot: (ref, unit), oldest first
+        self._warn = warn
+        self.slots = [self._start(slot, deadline=None) for slot in range(workers)]
         self.replacements = 0
-        self._pending: deque = deque()
         self.charged: Counter = Counter()  # unit index -> attempts lost to a dying worker
+        self.deaths: list[str] = []  # the node of each worker that died
+        self._pending: deque = deque()
+
+    @property
+    def actors(self) -> list:
+        return [slot.actor for slot in self.slots]
 
     def run(self, units: list[WorkUnit], submit: Callable, on_done: Callable[[WorkUnit, Any], None]) -> None:
         """`submit(actor, unit)` returns an object ref; `on_done(unit, result)` is called once per unit."""
         self._pending = deque(units)
-        while self._pending or any(self._queues):
+        while self._pending or any(slot.queue for slot in self.slots):
             self._fill(submit)
-            slot, ref = self._wait_for_one()
-            self._collect(slot, ref, on_done)
+            event = self._wait_for_one()
+            if event is None:
+                self._retire_overdue()
+            elif event[2] == "started":
+                self._started(event[0], event[1])
+            else:
+                self._collect(event[0], event[1], on_done)
+
+    def _start(self, index: int, deadline: float | None) -> Slot:
+        actor = self._make_actor(index)
+        return Slot(actor, actor.where.remote(), deadline)
 
     def _fill(self, submit: Callable) -> None:
-        for slot in sorted(range(len(self.actors)), key=lambda s: len(self._queues[s])):
-            while self._pending and len(self._queues[slot]) < IN_FLIGHT_PER_ACTOR:
+        live = [slot for slot in self.slots if slot.starting is None and not slot.retired]
+        for slot in sorted(live, key=lambda s: len(s.queue)):
+            while self._pending and len(slot.queue) < IN_FLIGHT_PER_ACTOR:
                 unit = self._pending.popleft()
-                self._queues[slot].append((submit(self.actors[slot], unit), unit))
+                slot.queue.append((submit(slot.actor, unit), unit))
 
-    def _wait_for_one(self) -> tuple[int, Any]:
-        slot_of = {ref: slot for slot, queue in enumerate(self._queues) for ref, _ in queue}
-        [ref], _ = self.ray.wait(list(slot_of), num_returns=1)
-        return slot_of[ref], ref
+    def _wait_for_one(self) -> tuple[int, Any, str] | None:
+        """(slot, ref, "finished" or "started") for a task that ended or an actor that came up; None when an
+        actor took too long to come up."""
+        events = {ref: (i, ref, "finished") for i, slot in enumerate(self.slots) for ref, _ in slot.queue}
+        events.update({slot.starting: (i, slot.starting, "started")
+                       for i, slot in enumerate(self.slots) if slot.starting is not None})
+        deadlines = [slot.deadline for slot in self.slots if slot.starting is not None and slot.deadline]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        ready, _ = self.ray.wait(list(events), num_returns=1, timeout=timeout)
+        return events[ready[0]] if ready else None
 
-    def _collect(self, slot: int, ref, on_done: Callable) -> None:
+    def _started(self, index: int, ref) -> None:
+        try:
+            self.slots[index].node = self.ray.get(ref)
+            self.slots[index].starting = None
+        except self.ray.exceptions.RayActorError:
+            self._worker_died(index, on_done=None)
+
+    def _collect(self, index: int, ref, on_done: Callable) -> None:
         try:
             result = self._get(ref)
         except self.ray.exceptions.RayActorError:
-            self._worker_died(slot, on_done)
+            self._worker_died(index, on_done)
             return
-        queue = self._queues[slot]
+        queue = self.slots[index].queue
         unit = next(unit for queued, unit in queue if queued == ref)
         queue.remove((ref, unit))
         on_done(unit, result)
@@ -107,11 +161,12 @@ class WorkerPool:
                 raise exc.cause from None
             raise
 
-    def _worker_died(self, slot: int, on_done: Callable) -> None:
-        queue, self._queues[slot] = self._queues[slot], deque()
-        self.ray.wait([ref for ref, _ in queue], num_returns=len(queue), timeout=SETTLE_TIMEOUT_S)
+    def _worker_died(self, index: int, on_done: Callable | None) -> None:
+        dead = self.slots[index]
+        self.deaths.append(dead.node)
+        self.ray.wait([ref for ref, _ in dead.queue], num_returns=len(dead.queue), timeout=SETTLE_TIMEOUT_S)
         unfinished = []
-        for ref, unit in queue:
+        for ref, unit in dead.queue:
             try:
                 on_done(unit, self._get(ref))
             except self.ray.exceptions.RayActorError:
@@ -119,7 +174,11 @@ class WorkerPool:
         if unfinished:
             self._charge(unfinished[0])  # the one the actor was running
         self._pending.extendleft(reversed(unfinished))
-        self._replace(slot)
+        self.replacements += 1
+        if self.replacements > 2 * len(self.slots):
+            raise StorageError(f"{self.replacements} Ray workers died during this merge; see `ray logs` for why")
+        self.slots[index] = self._start(index, deadline=time.monotonic() + WORKER_START_TIMEOUT_S)
+        self.slots[index].node = dead.node  # until the new actor says where it runs
 
     def _charge(self, unit: WorkUnit) -> None:
         self.charged[unit.index] += 1
@@ -127,11 +186,21 @@ class WorkerPool:
             raise StorageError(f"shard {unit.shard} failed {MAX_ATTEMPTS} times because its worker died; "
                                "see `ray logs` for the cause")
 
-    def _replace(self, slot: int) -> None:
-        self.replacements += 1
-        if self.replacements > 2 * len(self.actors):
-            raise StorageError(f"{self.replacements} Ray workers died during this merge; see `ray logs` for why")
-        self.actors[slot] = self._make_actor(slot)
+    def _retire_overdue(self) -> None:
+        """Give up on actors that did not start in time; the live slots take their units."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.starting is not None and slot.deadline is not None and now >= slot.deadline:
+                self.ray.kill(slot.actor)
+                slot.starting, slot.retired = None, True
+        lost = ", ".join(sorted({slot.node for slot in self.slots if slot.retired}))
+        if all(slot.retired for slot in self.slots):
+            raise StorageError(
+                f"lost the Ray worker(s) on {lost} and the cluster had no room to start others within "
+                f"{WORKER_START_TIMEOUT_S:.0f}s (DISTMERGE_WORKER_START_TIMEOUT); finished shards are kept: add "
+                "capacity and rerun the same command to resume")
+        self._warn(f"continuing with {sum(not slot.retired for slot in self.slots)} of {len(self.slots)} Ray "
+                   f"workers: no room to replace the one(s) lost on {lost}")
 
 
 class RayRuntime:
@@ -164,6 +233,11 @@ class RayRuntime:
                             f"worker(s) of {self._bundle}; lower --workers or add nodes")
         self.pool: WorkerPool | None = None
         self._group = None
+        self._quiet = quiet
+
+    def _warn(self, message: str) -> None:
+        if not self._quiet:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _start(self, plan: MergePlan, out: OutputDir) -> WorkerPool:
         """The actors, started on first use and kept for both passes."""
@@ -187,7 +261,7 @@ class RayRuntime:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=slot),
             ).remote(plan_ref, str(out.path), self.placement.device, self.placement.threads)
 
-        self.pool = WorkerPool(self.ray, make_actor, self.workers)
+        self.pool = WorkerPool(self.ray, make_actor, self.workers, warn=self._warn)
         return self.pool
 
     def first_pass(self, plan: MergePlan, units: list[WorkUnit], out: OutputDir,

@@ -1,0 +1,166 @@
+"""The Ray runtime on a real multi-node cluster simulated on this machine (`ray.cluster_utils.Cluster`: a head
+with no CPUs and two worker nodes of one CPU each, separate raylets): a merge across both nodes writes the local
+bytes; losing a worker node mid-merge moves its units to the surviving node and still writes the local bytes;
+losing every worker node stops the merge within the configured time, with one error naming the lost nodes.
+
+The driver runs in this process (as `distmerge merge --runtime ray` does), so a node can be removed at an exact
+point of the merge: after a given number of units have finished.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+
+from distmerge.config import load_config
+from distmerge.errors import StorageError
+from distmerge.merge import finalize, merge
+from distmerge.methods import elementwise
+from distmerge.plan import build_plan, fingerprint
+from distmerge.progress import Progress
+from distmerge.runtime import ray as ray_runtime
+from distmerge.runtime.ray import RayRuntime
+from distmerge.writer import OutputDir
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a ~/.ray/auth_token on the machine must not switch tokens on
+    if ray.is_initialized():
+        ray.shutdown()  # one driver connection per process: this module's cluster replaces any earlier Ray
+    # a lost node is noticed within about 2 s instead of Ray's default 15 s
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 80 * 2**20,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+    for _ in range(2):
+        cluster.add_node(**NODE)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    if auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE")
+    else:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+
+
+def worker_nodes(cluster) -> list:
+    return [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
+
+
+def restore_two_worker_nodes(cluster) -> None:
+    while len(worker_nodes(cluster)) < 2:
+        cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+
+
+def shard_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.safetensors"))}
+
+
+def slow_linear(base, models, p, ctx):
+    """linear, slowed so that units are still running when a node goes."""
+    time.sleep(0.25)
+    return elementwise.linear(base, models, p, ctx)
+
+
+class LosesNodes(Progress):
+    """Progress that removes `nodes` from the cluster once `after` units have finished."""
+
+    def __init__(self, cluster, nodes: list, after: int):
+        super().__init__("merging", 1, 1, quiet=True)
+        self.cluster, self.nodes, self.after, self.units = cluster, nodes, after, 0
+
+    def advance(self, items: int = 1, nbytes: int = 0) -> None:
+        self.units += 1
+        if self.units == self.after:
+            for node in self.nodes:
+                self.cluster.remove_node(node, allow_graceful=False)
+
+
+def merge_losing_nodes(cfg: Path, out: Path, cluster, nodes: list, after: int) -> ray_runtime.WorkerPool:
+    """The merge of `cfg` on two workers, removing `nodes` after `after` units; returns the worker pool."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    config = load_config(cfg)
+    plan = build_plan(replace(config, engine=replace(config.engine, shard_size=6000)))
+    plan = replace(plan, spec=replace(plan.spec, fn=slow_linear))
+    runtime = RayRuntime("cpu", workers=2, quiet=True)
+    try:
+        out_dir = OutputDir(out)
+        out_dir.prepare(fingerprint(plan, runtime.placement.device, runtime.placement.threads), force=False,
+                        input_dirs=[])
+        try:
+            records = runtime.merge(plan, list(plan.units), out_dir, None, LosesNodes(cluster, nodes, after))
+        finally:
+            pool = runtime.pool
+        finalize(plan, out_dir, records)
+    finally:
+        runtime.close()
+    return pool
+
+
+def local_bytes(cfg: Path, out: Path) -> dict[str, bytes]:
+    config = load_config(cfg)
+    merge(replace(config, engine=replace(config.engine, shard_size=6000)), out, quiet=True)
+    return shard_bytes(out)
+
+
+def test_a_merge_across_two_nodes_writes_the_local_bytes(tmp_path, family_bf16_sharded, cluster):
+    cfg = write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded, parameters={"density": 0.5})
+    expected = local_bytes(cfg, tmp_path / "local")
+    assert ray.cluster_resources()["CPU"] == 2  # two one-CPU nodes: the two workers run on different nodes
+    config = load_config(cfg)
+    merge(replace(config, engine=replace(config.engine, runtime="ray", workers=2, shard_size=6000)),
+          tmp_path / "ray", quiet=True)
+    assert shard_bytes(tmp_path / "ray") == expected and len(expected) >= 3
+
+
+def test_losing_a_worker_node_moves_its_units_to_the_other_node(tmp_path, family_bf16_sharded, cluster,
+                                                                 monkeypatch):
+    """The lost node's worker cannot be replaced (the other node is full): after the start timeout, well before
+    the surviving worker has finished (each tensor takes 0.25 s), its slot is given up and the survivor takes
+    every remaining unit."""
+    monkeypatch.setattr(ray_runtime, "WORKER_START_TIMEOUT_S", 1.0)
+    restore_two_worker_nodes(cluster)
+    cfg = write_config(tmp_path / "linear.yaml", "linear", family_bf16_sharded, base=None)
+    expected = local_bytes(cfg, tmp_path / "local")
+    lost = worker_nodes(cluster)[1]
+    pool = merge_losing_nodes(cfg, tmp_path / "ray", cluster, [lost], after=2)
+    assert shard_bytes(tmp_path / "ray") == expected
+    assert len(pool.deaths) == 1 and lost.node_id[:12] in pool.deaths[0]
+    assert pool.replacements == 1 and sum(pool.charged.values()) == 1  # only the unit it was running
+    assert [slot.retired for slot in pool.slots].count(True) == 1
+
+
+def test_losing_every_worker_node_stops_within_the_timeout_naming_the_nodes(tmp_path, family_bf16_sharded,
+                                                                            cluster, monkeypatch):
+    monkeypatch.setattr(ray_runtime, "WORKER_START_TIMEOUT_S", 2.0)
+    restore_two_worker_nodes(cluster)
+    cfg = write_config(tmp_path / "linear.yaml", "linear", family_bf16_sharded, base=None)
+    nodes = worker_nodes(cluster)
+    ids = [node.node_id[:12] for node in nodes]
+    start = time.monotonic()
+    with pytest.raises(StorageError) as error:
+        merge_losing_nodes(cfg, tmp_path / "ray", cluster, nodes, after=2)
+    assert time.monotonic() - start < 60
+    message = str(error.value)
+    assert all(node_id in message for node_id in ids), message
+    assert "DISTMERGE_WORKER_START_TIMEOUT" in message and "rerun the same command to resume" in message
+    assert len(shard_bytes(tmp_path / "ray")) >= 2  # finished shards are kept for the rerun
