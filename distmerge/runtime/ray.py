@@ -85,7 +85,8 @@ class WorkerPool:
     error naming the lost nodes.
     """
 
-    def __init__(self, ray, make_actor: Callable[[int], Any], workers: int, warn: Callable[[str], None] = print):
+    def __init__(self, ray, make_actor: Callable[[int], Any], workers: int,
+                 warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)):
         self.ray = ray
         self._make_actor = make_actor
         self._warn = warn
