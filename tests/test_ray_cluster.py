@@ -164,3 +164,39 @@ def test_losing_every_worker_node_stops_within_the_timeout_naming_the_nodes(tmp_
     assert all(node_id in message for node_id in ids), message
     assert "DISTMERGE_WORKER_START_TIMEOUT" in message and "rerun the same command to resume" in message
     assert len(shard_bytes(tmp_path / "ray")) >= 2  # finished shards are kept for the rerun
+
+
+def test_losing_the_head_ends_the_driver_with_one_error(tmp_path):
+    """Ray ends a driver by itself a minute after its head (the GCS) is gone, saying nothing a user can act on.
+    A driver (a real process, connected to a head of its own) must say what happened and exit 2 first."""
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DISTMERGE_HEAD_TIMEOUT": "3"}
+    os.environ["RAY_AUTH_MODE"], saved = "disabled", os.environ.get("RAY_AUTH_MODE")
+    try:
+        head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+    finally:
+        os.environ.pop("RAY_AUTH_MODE") if saved is None else os.environ.update(RAY_AUTH_MODE=saved)
+    address = head.address
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from distmerge.runtime.ray import RayRuntime\n"
+         f"runtime = RayRuntime('cpu', address={address!r}, quiet=True)\n"
+         "print('connected', flush=True)\n"
+         "time.sleep(120)\n"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "connected"
+        start = time.monotonic()
+        head.remove_node(head.head_node, allow_graceful=False)
+        _, stderr = driver.communicate(timeout=50)
+    finally:
+        driver.kill()
+        head.shutdown()
+    assert driver.returncode == 2 and time.monotonic() - start < 50
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and address in errors[0] and "rerun the same command to resume" in errors[0]
+    assert "Traceback" not in stderr

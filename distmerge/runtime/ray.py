@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ PLACEMENT_TIMEOUT_S = float(os.environ.get("DISTMERGE_PLACEMENT_TIMEOUT", "600")
 # How long a worker started to replace a dead one may take to come up (its node gone, the cluster full) before
 # its slot is given up.
 WORKER_START_TIMEOUT_S = float(os.environ.get("DISTMERGE_WORKER_START_TIMEOUT", "300"))
+HEAD_TIMEOUT_S = float(os.environ.get("DISTMERGE_HEAD_TIMEOUT", "30"))  # below Ray's own 60 s
+HEAD_PROBE_INTERVAL_S = 5.0
 SETTLE_TIMEOUT_S = 30.0  # after an actor died: how long its other tasks get to report their end
 
 
@@ -204,6 +207,43 @@ class WorkerPool:
                    f"workers: no room to replace the one(s) lost on {lost}")
 
 
+class HeadWatch:
+    """Ray ends the driver's process by itself a minute after it loses the head node (the GCS), with a log line
+    that does not say what to do. This thread notices first: when the cluster has not answered for
+    HEAD_TIMEOUT_S, it prints one error line and exits with status 2. The output directory is then as an
+    interrupted merge leaves it, and rerunning the command resumes."""
+
+    def __init__(self, ray, address: str):
+        self.ray, self.address = ray, address
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="distmerge-head-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(HEAD_PROBE_INTERVAL_S):
+            if not self._head_answers() and not self._stop.is_set() and self.ray.is_initialized():
+                print(f"error: lost the connection to the Ray cluster's head at {self.address} (no answer for "
+                      f"{HEAD_TIMEOUT_S:.0f}s); finished shards are kept: once the cluster is back, rerun the same "
+                      "command to resume", file=sys.stderr, flush=True)
+                os._exit(UserError.exit_code)
+
+    def _head_answers(self) -> bool:
+        answered = threading.Event()
+
+        def probe():
+            try:
+                self.ray.nodes()
+                answered.set()
+            except Exception:  # any failure to reach the GCS counts as no answer
+                pass
+
+        threading.Thread(target=probe, daemon=True).start()
+        return answered.wait(HEAD_TIMEOUT_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class RayRuntime:
     def __init__(self, device: str | None, workers: int | None = None, address: str | None = None,
                  threads: int | None = None, quiet: bool = False):
@@ -235,6 +275,7 @@ class RayRuntime:
         self.pool: WorkerPool | None = None
         self._group = None
         self._quiet = quiet
+        self._head_watch = HeadWatch(ray, ray.get_runtime_context().gcs_address)
 
     def _warn(self, message: str) -> None:
         if not self._quiet:
@@ -288,6 +329,7 @@ class RayRuntime:
         return records
 
     def close(self) -> None:
+        self._head_watch.stop()
         if self.pool is not None:
             for actor in self.pool.actors:
                 self.ray.kill(actor)
