@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import distmerge
 from conftest import assert_user_error, run_cli, run_console_script, write_config
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -39,9 +40,11 @@ def cache_repo(cache: Path, repo_id: str, source: Path, revision: str = REVISION
 
 
 def hub_env(cache: Path) -> dict:
-    """huggingface_hub reads HF_HUB_CACHE when imported: the console script runs in a new process. PYTHONPATH (if
-    any) is inherited, so the script imports the distmerge under test."""
-    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    """huggingface_hub reads HF_HUB_CACHE when imported, so the console script runs in a new process; it imports
+    the distmerge these tests import (this checkout, whichever one is installed)."""
+    tested = str(Path(distmerge.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (tested, os.environ.get("PYTHONPATH")) if p)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
 def small_files(out: Path) -> dict[str, bytes]:
