@@ -1,13 +1,16 @@
 """Hugging Face checkpoints on disk: where each tensor lives, its dtype and shape, and lazy reads by name.
 
 Opening a checkpoint reads only its index and the JSON headers of its safetensors files; a tensor's bytes
-are read when `read` asks for that tensor. Pickle weights are refused (unpickling can run code) and index
-entries that point outside the checkpoint directory are refused.
+are read when `read` asks for that tensor. Pickle weights are refused (unpickling can run code), and so are
+files that lie outside the checkpoint: `checkpoint_file` decides where every file of a checkpoint may
+be read (its directory, or for a snapshot in the Hugging Face cache, that model's cache repository, whose blobs
+the snapshot links to).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -60,43 +63,137 @@ class TensorInfo:
         return self.dtype in FLOAT_CODES
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file, checked against the file's size."""
+def read_safetensors_header(path: Path, model: str | None = None, shown: Path | str | None = None
+                            ) -> dict[str, dict]:
+    """The JSON header of a safetensors file, checked completely against the format and the file's size.
+
+    Everything safetensors itself would refuse when a tensor is read is refused here, when the checkpoint is
+    opened: a header that is not a JSON object, metadata that is not a map of strings, an entry without a known
+    dtype, a shape of non-negative integers and two data offsets, offsets that disagree with dtype x shape, and
+    offsets that do not tile the data section exactly (every byte after the header belongs to exactly one tensor:
+    no overlap, no gap, nothing past the end). Errors name `model` and `shown` (the file as the user names it;
+    default `path`) and the tensor.
+    """
+    where = f"model {model}: {shown or path}" if model else f"{shown or path}"
+
+    def corrupt(problem: str) -> StorageError:
+        return StorageError(f"{where} has a corrupt header: {problem}; re-download it")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise StorageError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it")
+                raise StorageError(f"{where} is not a safetensors file (shorter than 8 bytes); re-download it")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise StorageError(f"{path} has a corrupt safetensors header (length {header_len}); re-download it")
-            header = json.loads(f.read(header_len))
+                raise corrupt(f"length {header_len}, the file has {size} bytes")
+            raw = f.read(header_len)
     except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise StorageError(f"{path} has a corrupt safetensors header (not JSON); re-download it") from None
-    header.pop("__metadata__", None)
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + header_len + data_end > size:
-        raise StorageError(
-            f"{path} is truncated: its header needs {8 + header_len + data_end} bytes, the file has {size}; "
-            "re-download or re-copy it"
-        )
+        raise StorageError(f"cannot read {where}: {exc.strerror}") from None
+    try:
+        if not raw.startswith(b"{"):
+            raise ValueError
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise corrupt("not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("`__metadata__` is not a map of strings")
+
+    data_len = size - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise corrupt(f"tensor {name} is not described by an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise corrupt(f"tensor {name} has no dtype")
+        if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+            raise corrupt(f"tensor {name} has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise corrupt(f"tensor {name} has data_offsets {offsets!r}, not two non-negative integers")
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, which distmerge does not read "
+                                  f"(supported: {', '.join(DTYPES)}); convert the checkpoint or drop the model")
+        begin, end = offsets
+        if end < begin:
+            raise corrupt(f"tensor {name} has data_offsets [{begin}, {end}], which end before they begin")
+        nbytes = DTYPES[dtype][1] * math.prod(shape)
+        if end - begin != nbytes:
+            raise corrupt(f"tensor {name} of shape {shape} {dtype} needs {nbytes} bytes, the header gives it "
+                          f"{end - begin}")
+        if end > data_len:
+            raise StorageError(
+                f"{where} is truncated or its header is corrupt: tensor {name} ends at byte {8 + header_len + end}, "
+                f"the file has {size} bytes; re-download or re-copy it")
+        spans.append((begin, end, name))
+    covered, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise corrupt(f"tensor {name} (bytes {begin}-{end} of the data section) overlaps tensor {previous}")
+        if begin > covered:
+            after = f"between tensor {previous} and tensor {name}" if previous else f"before tensor {name}"
+            raise corrupt(f"bytes {covered}-{begin} of the data section ({after}) belong to no tensor")
+        covered, previous = end, name
+    if covered != data_len:
+        after = f"after tensor {previous}" if previous else "and no tensor"
+        raise corrupt(f"the file has {data_len - covered} bytes {after} that belong to no tensor")
     return header
 
 
-def _inside(directory: Path, relative: str) -> Path:
-    """`directory / relative`, refusing anything that resolves outside `directory`."""
-    if os.path.isabs(relative):
-        raise CheckpointError(f"{directory / INDEX_NAME} names an absolute path {relative!r}; index paths must be "
-                              "relative to the checkpoint directory")
-    root = directory.resolve()
-    target = (root / relative).resolve()
-    if root != target and root not in target.parents:
-        raise CheckpointError(f"{directory / INDEX_NAME} points outside its checkpoint directory ({relative!r}); "
-                              "refusing to read it. Fix the index so every file lies inside the directory")
-    return target
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+HF_REPO_PREFIX = "models--"
+
+
+def checkpoint_roots(directory: Path) -> tuple[Path, ...]:
+    """The directories a file of the checkpoint in `directory` may really lie in, symlinks resolved.
+
+    The checkpoint directory itself; and for a snapshot in a Hugging Face cache
+    (`models--org--name/snapshots/<revision>/`, or a folder in one, whose files are symlinks into
+    `../../blobs/`), the cache repository `models--org--name/` that holds it. Nothing else: not the rest of the
+    cache, not another repository's blobs.
+    """
+    roots = [directory.resolve()]
+    for revision in [directory.absolute(), *directory.absolute().parents]:
+        snapshots = revision.parent
+        if snapshots.name == "snapshots" and snapshots.parent.name.startswith(HF_REPO_PREFIX):
+            roots.append(snapshots.parent.resolve())
+            break
+    return tuple(dict.fromkeys(roots))
+
+
+def checkpoint_file(model: str, directory: Path, name: str, listed_in: str | None = None) -> Path | None:
+    """Where file `name` of the checkpoint in `directory` may be read: its real path (symlinks resolved), or None
+    when there is no such file. Every file distmerge reads from a checkpoint comes through here.
+
+    Refused with a CheckpointError: an absolute `name`, one that climbs with `..` (`listed_in` names the file that
+    listed it, e.g. the index), and a file whose symlinks lead outside `checkpoint_roots(directory)`.
+    """
+    source = f"{directory / listed_in}" if listed_in else f"{directory}"
+    if os.path.isabs(name):
+        raise CheckpointError(f"model {model}: {source} names an absolute path {name!r}; paths in a checkpoint must "
+                              "be relative to the checkpoint directory")
+    if ".." in Path(name).parts:
+        raise CheckpointError(f"model {model}: {source} points outside its checkpoint directory ({name!r}); "
+                              f"refusing to read it. Fix {listed_in or 'it'} so every file it names lies inside the "
+                              "directory")
+    path = directory / name
+    if not os.path.lexists(path):
+        return None
+    real = path.resolve()
+    roots = checkpoint_roots(directory)
+    if not any(real == root or root in real.parents for root in roots):
+        where = ("its checkpoint directory and its Hugging Face cache repository " f"{roots[-1]}" if len(roots) > 1
+                 else "its checkpoint directory")
+        raise CheckpointError(f"model {model}: {path} points outside {where} (it leads to {real}); refusing to "
+                              "read it. Replace the link with the file itself, or re-download the model")
+    return real if real.is_file() else None
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
@@ -151,6 +248,11 @@ class Checkpoint:
             return cls(ref, path, _tensors_from_config(ref, config), config)
         return cls(ref, path, _index_tensors(ref, path), config)
 
+    def file(self, name: str) -> Path | None:
+        """The real path of file `name` of this checkpoint (e.g. `tokenizer.json`), None when it has none;
+        a CheckpointError when it lies outside the checkpoint (see `checkpoint_file`)."""
+        return checkpoint_file(self.ref, self.path, name)
+
     @property
     def has_weights(self) -> bool:
         return all(info.file for info in self.tensors.values())
@@ -181,17 +283,20 @@ class Checkpoint:
 
 
 def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
-    index_file = path / INDEX_NAME
-    if index_file.is_file():
+    index_file = checkpoint_file(ref, path, INDEX_NAME)
+    single = checkpoint_file(ref, path, SINGLE_NAME) if index_file is None else None
+    if index_file is not None:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"model {ref}: {index_file} is not a valid index (needs a `weight_map`); "
-                                  "re-download the checkpoint") from None
-        files = {rel: _inside(path, rel) for rel in sorted(set(weight_map.values()))}
-    elif (path / SINGLE_NAME).is_file():
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"model {ref}: {path / INDEX_NAME} is not a valid index (needs a `weight_map` "
+                                  "from tensor names to file names); re-download the checkpoint") from None
+        files = {rel: checkpoint_file(ref, path, rel, listed_in=INDEX_NAME) for rel in sorted(set(weight_map.values()))}
+    elif single is not None:
         weight_map = None
-        files = {SINGLE_NAME: path / SINGLE_NAME}
+        files = {SINGLE_NAME: single}
     else:
         pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
         if pickles:
@@ -205,21 +310,13 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
 
     tensors: dict[str, TensorInfo] = {}
     for rel, file in files.items():
-        if not file.is_file():
+        if file is None:
             raise CheckpointError(f"model {ref}: {rel} is listed in {INDEX_NAME} but missing; re-download it")
-        header = read_safetensors_header(file)
+        header = read_safetensors_header(file, ref, path / rel)  # every entry checked, listed or not
         for name, entry in header.items():
             if weight_map is not None and weight_map.get(name) != rel:
                 continue
-            if entry["dtype"] not in DTYPES:
-                raise CheckpointError(f"model {ref}: tensor {name} in {file} has unsupported dtype {entry['dtype']}")
-            start, end = entry["data_offsets"]
-            info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
-            if end - start != info.nbytes:
-                raise StorageError(f"model {ref}: {file} has a corrupt header: tensor {name} of shape "
-                                   f"{list(info.shape)} {info.dtype} needs {info.nbytes} bytes, the header gives it "
-                                   f"{end - start}; re-download it")
-            tensors[name] = info
+            tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
@@ -241,10 +338,13 @@ def _tensors_from_config(ref: str, config: dict) -> dict[str, TensorInfo]:
 
 
 def _read_config(ref: str, path: Path) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
+    file = checkpoint_file(ref, path, "config.json")
+    if file is None:
         return {}
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"model {ref}: {file} is not valid JSON") from None
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"model {ref}: {path / 'config.json'} is not a JSON object; re-download it")
+    return config

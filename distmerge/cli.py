@@ -149,6 +149,19 @@ def report(out_dir, plots):
             click.echo(f"wrote {path}")
 
 
+def _usage_error(exc: click.ClickException) -> None:
+    """A usage error (unknown option or command, missing argument, bad value) as one `error:` line and exit 2,
+    like every other user error, instead of click's usage block; `distmerge` alone still shows the help."""
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # click >= 8.2
+        exc.show()
+        sys.exit(exc.exit_code)
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "distmerge"
+    click.echo(f"error: {message} See `{command} --help`.", err=True)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
@@ -159,8 +172,7 @@ def main(argv=None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _usage_error(exc)
     except KeyboardInterrupt:
         click.echo("\ninterrupted; rerun the same command to resume", err=True)
         sys.exit(130)

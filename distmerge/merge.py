@@ -20,7 +20,7 @@ from .plan import MergePlan, build_plan, fingerprint
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
 from .runtime import Runtime, make_runtime
-from .writer import TOKENIZER_FILES, OutputDir, ShardRecord
+from .writer import OutputDir, ShardRecord
 
 
 def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: bool = False,
@@ -67,13 +67,7 @@ def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) ->
     config_json = output_config(plan)
     if config_json is not None:
         files["config.json"] = (json.dumps(config_json, indent=2) + "\n").encode()
-    generation = plan.reference.path / "generation_config.json"
-    if generation.is_file():
-        files["generation_config.json"] = generation
-    if plan.tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (plan.tokenizer_dir / name).is_file():
-                files[name] = plan.tokenizer_dir / name
+    files.update(plan.copied_files)  # generation config and tokenizer, located and checked when planned
     files["README.md"] = model_card(plan).encode()
     files[REPORT_NAME] = report_bytes(report_rows(plan, records), [ckpt.ref for ckpt in plan.models])
     out_dir.finalize(weight_map, bytes_written(plan), files)

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, resolve_model_dir
+from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, layer_position
 from .errors import CheckpointError, ConfigError
 from .estimates import tensor_cost
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .params import check_parameter_names, resolve_params
+from .writer import TOKENIZER_FILES
 
 TIED_HEAD = "lm_head.weight"
 
@@ -79,6 +80,9 @@ class MergePlan:
     dropped: tuple[str, ...] = ()  # tensors left out on purpose (a tied lm_head)
     tokenizer_dir: Path | None = None
     first_pass: FirstPass | None = None  # the method's first pass, when these parameters need it
+    # The small files the output copies from the inputs (generation config, tokenizer): (name in the output, real
+    # path to copy), located and checked by `checkpoint_file` when planned.
+    copied_files: tuple[tuple[str, Path], ...] = ()
 
     @property
     def reference(self) -> Checkpoint:
@@ -106,6 +110,12 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
     spec = get_method(config.merge_method)
     base, models, entries, model_ids = _open_inputs(config, spec, config_only)
     reference = base or models[0]
+    if not config_only and not reference.config:
+        role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
+        raise CheckpointError(
+            f"model {reference.ref}: {reference.path / 'config.json'} is missing or empty; the merged model takes "
+            f"its config.json from {role}, and could not be loaded without it. Put the checkpoint's config.json "
+            "there (re-download the model)")
     check_parameter_names(config, spec, entries)
     _check_same_tensors(reference, base, models)
 
@@ -126,11 +136,23 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
                               work=spec.work(name, info.shape, params, len(models))))
 
+    tokenizer_dir = _tokenizer_dir(config, base, models)
     return MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
-        tokenizer_dir=_tokenizer_dir(config, base, models), first_pass=_first_pass(spec, jobs),
+        tokenizer_dir=tokenizer_dir, first_pass=_first_pass(spec, jobs),
+        copied_files=_copied_files(config, reference, tokenizer_dir),
     )
+
+
+def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path | None) -> tuple:
+    """generation_config.json from the reference model, the tokenizer files from the tokenizer's source; each
+    through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end."""
+    found = [("generation_config.json", reference.file("generation_config.json"))]
+    if tokenizer_dir is not None:
+        source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
+        found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
+    return tuple((name, path) for name, path in found if path is not None)
 
 
 def _first_pass(spec: MethodSpec, jobs: list[TensorJob]) -> FirstPass | None:
@@ -149,12 +171,15 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
     if spec.needs_base and base is None:
         raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
     models, entries, model_ids = [], [], []
+    listed: dict[Path, int] = {}  # each model's real directory -> its first position in `models:`
     for index, entry in enumerate(config.models):
         if base is not None and spec.needs_base and _same_model(entry.model, config, base):
             if entry.parameters:
                 raise ConfigError(f"`models[{index}]` is the base model; {spec.name} takes no parameters for it")
+            _check_listed_once(config, spec, listed, index, base, is_base=True)
             continue  # mergekit configs list the base among the models
         models.append(Checkpoint.open(entry.model, config.base_dir, config_only))
+        _check_listed_once(config, spec, listed, index, models[-1])
         entries.append(entry)
         model_ids.append(index)
     if len(models) < spec.min_models or (spec.max_models is not None and len(models) > spec.max_models):
@@ -165,6 +190,23 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
         raise ConfigError(f"`merge_method: {spec.name}` needs {wanted} model(s){extra} under `models`, "
                           f"got {len(models)}")
     return base, models, entries, model_ids
+
+
+def _check_listed_once(config: MergeConfig, spec: MethodSpec, listed: dict, index: int, ckpt: Checkpoint,
+                       is_base: bool = False) -> None:
+    """Refuse a model listed twice under `models:` (the same directory, whatever the spelling, or the same hub id):
+    mergekit would merge it twice, silently doubling its weight; a weight says that explicitly."""
+    first = listed.setdefault(ckpt.path.resolve(), index)
+    if first == index:
+        return
+    weight = any(p.name == "weight" and p.per_model for p in spec.params)
+    how = ("; list the base model once" if is_base
+           else "; to give it more weight, list it once with `parameters: {weight: 2.0}`" if weight
+           else f"; {spec.name} has no per-model weight, so list it once")
+    named = config.models[first].model
+    where = named if named == str(ckpt.path) else f"{named}, {ckpt.path}"
+    raise ConfigError(f"`models[{index}]` ({config.models[index].model}) is the same model as `models[{first}]` "
+                      f"({where}); a model listed twice would be merged twice, counting it double{how}")
 
 
 def _same_model(ref: str, config: MergeConfig, base: Checkpoint) -> bool:

@@ -224,3 +224,167 @@ def test_not_enough_disk_space(tmp_path, family_fp32_single, monkeypatch):
     with pytest.raises(StorageError, match="free but the merge writes"):
         merge(load_config(cfg), tmp_path / "out", quiet=True)
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+# ---- safetensors headers: checked completely when the checkpoint is opened ----------------------------------------
+
+def rewrite_header(file: Path, edit, data_edit=lambda data: data) -> None:
+    """Rewrite `file`'s JSON header with `edit(header)` (entries other than __metadata__, in file order; returns
+    nothing) and its data section with `data_edit(data)`."""
+    raw = file.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    edit({k: v for k, v in header.items() if k != "__metadata__"})
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data_edit(raw[8 + header_len:]))
+
+
+def by_offset(header: dict) -> list[str]:
+    return sorted(header, key=lambda name: header[name]["data_offsets"])
+
+
+def shift_last(header: dict, by: int) -> None:
+    last = header[by_offset(header)[-1]]
+    last["data_offsets"] = [o + by for o in last["data_offsets"]]
+
+
+def overlap(header):  # the last tensor starts 8 bytes early, inside the one before it
+    shift_last(header, -8)
+
+
+def set_shape(shape):
+    def edit(header):
+        header[by_offset(header)[0]]["shape"] = shape
+    return edit
+
+
+def backwards(header):  # offsets [end, begin]
+    name = by_offset(header)[0]
+    header[name]["data_offsets"] = header[name]["data_offsets"][::-1]
+
+
+HEADER_DEFECTS = [
+    ("overlap", overlap, None, ["overlaps tensor"]),
+    ("gap", lambda h: shift_last(h, 8), lambda d: d + bytes(8), ["bytes", "belong to no tensor", "between tensor"]),
+    ("trailing bytes", lambda h: None, lambda d: d + bytes(16), ["16 bytes after tensor", "belong to no tensor"]),
+    ("out of the file", lambda h: shift_last(h, 8), None, ["truncated or its header is corrupt", "ends at byte"]),
+    ("negative shape", set_shape([-64, -32]), None, ["shape [-64, -32]", "non-negative integers"]),
+    ("garbage shape", set_shape(["64", 32]), None, ["shape ['64', 32]", "non-negative integers"]),
+    ("fractional shape", set_shape([64.0, 32]), None, ["shape [64.0, 32]", "non-negative integers"]),
+    ("offsets backwards", backwards, None, ["end before they begin"]),
+]
+
+
+@pytest.mark.parametrize("case,edit,data_edit,fragments", HEADER_DEFECTS, ids=[c[0] for c in HEADER_DEFECTS])
+def test_every_header_defect_is_refused_before_work(tmp_path, family_fp32_single, case, edit, data_edit, fragments):
+    """Each defect is one safetensors itself refuses (checked here with its own loader), found by `validate` and
+    by `merge` when the checkpoint is opened, named with model, file and tensor; the merge writes nothing."""
+    from safetensors import safe_open
+
+    bad_file = {}
+
+    def corrupt(d: Path):
+        file = d / "model.safetensors"
+        names = []
+        rewrite_header(file, lambda h: (names.extend(by_offset(h)), edit(h)), data_edit or (lambda data: data))
+        bad_file.update(path=file, names=names)
+
+    models = first_expert_replaced(tmp_path, family_fp32_single, corrupt)
+    with pytest.raises(Exception):  # the independent check: safetensors refuses the file too
+        with safe_open(str(bad_file["path"]), framework="pt") as handle:
+            [handle.get_tensor(name) for name in handle.keys()]
+    cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, models=models)
+    out = tmp_path / "out"
+    for command in (["validate", cfg], ["merge", cfg, "-o", out]):
+        proc = run_cli(*command, check=False)
+        assert_user_error(proc, "bad_expert", str(bad_file["path"]), "re-download", *fragments)
+        assert any(f"tensor {name} " in proc.stderr for name in bad_file["names"]), proc.stderr
+    assert not out.exists()
+
+
+def test_header_checks_accept_what_safetensors_writes(tmp_path):
+    """Zero-size tensors, scalars and tensors in any order of offsets pass, as safetensors reads them."""
+    from distmerge.checkpoint import read_safetensors_header
+
+    file = tmp_path / "x.safetensors"
+    save_file({"b": torch.ones(3), "a": torch.zeros(0, 4), "c": torch.tensor(2.0), "d": torch.ones(2, 0)}, str(file))
+    rewrite_header(file, lambda h: None)  # a re-serialised header, entries in another order than their bytes
+    header = read_safetensors_header(file)
+    assert {name: entry["shape"] for name, entry in header.items()} == {"b": [3], "a": [0, 4], "c": [], "d": [2, 0]}
+    assert {k: v.shape for k, v in load_file(str(file)).items()} == {
+        "b": torch.Size([3]), "a": torch.Size([0, 4]), "c": torch.Size([]), "d": torch.Size([2, 0])}
+
+
+# ---- configs that would make a broken or surprising model -----------------------------------------------------
+
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_reference_model_without_config_json_is_refused_but_still_planned(tmp_path, family_fp32_single, method):
+    """ties takes config.json from its base, linear (no base) from models[0]; without it the merged model could
+    not be loaded. `plan` still runs: it writes nothing."""
+    no_config = copy_model(family_fp32_single["base"] if method == "ties" else family_fp32_single["experts"][0],
+                           tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    if method == "ties":
+        cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, base=no_config)
+    else:
+        cfg = write_config(tmp_path / "c.yaml", "linear", family_fp32_single, base=None,
+                           models=[{"model": str(no_config)}] + [{"model": str(p)}
+                                                                 for p in family_fp32_single["experts"][1:]])
+    for command in (["validate", cfg], ["merge", cfg, "-o", tmp_path / "out"]):
+        assert_user_error(run_cli(*command, check=False), str(no_config / "config.json"), "missing",
+                          "base model" if method == "ties" else "models[0]", "could not be loaded")
+    assert not (tmp_path / "out").exists()
+    assert "tensors       21" in run_cli("plan", cfg).stdout
+
+
+def test_a_model_listed_twice_is_refused(tmp_path, family_fp32_single):
+    """Whatever the spelling (here a link to the same directory): merged twice, it would count double."""
+    expert = family_fp32_single["experts"][1]
+    alias = tmp_path / "alias"
+    alias.symlink_to(expert, target_is_directory=True)
+    models = [{"model": str(family_fp32_single["experts"][0])}, {"model": str(expert)},
+              {"model": "alias", "parameters": {"weight": 0.5}}]
+    cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, models=models)
+    for command in (["validate", cfg], ["plan", cfg], ["merge", cfg, "-o", tmp_path / "out"]):
+        assert_user_error(run_cli(*command, check=False), "`models[2]` (alias)", f"`models[1]` ({expert}",
+                          "weight: 2.0")
+    assert not (tmp_path / "out").exists()
+    same_string = write_config(tmp_path / "s.yaml", "model_stock", family_fp32_single,
+                               models=[{"model": str(expert)}, {"model": str(expert)}])
+    assert_user_error(run_cli("validate", same_string, check=False), "`models[1]`", "`models[0]`",
+                      "model_stock has no per-model weight, so list it once")
+
+
+# ---- command-line usage errors: one line, like every other user error --------------------------------------------
+
+USAGE_ERRORS = [
+    ("unknown option", ["merge", "{cfg}", "-o", "{out}", "--forc"], ["--forc", "--force", "distmerge merge --help"]),
+    ("unknown command", ["marge", "{cfg}"], ["marge", "distmerge --help"]),
+    ("missing argument", ["validate"], ["Missing argument 'CONFIG'", "distmerge validate --help"]),
+    ("missing option", ["merge", "{cfg}"], ["Missing option '-o' / '--out'"]),
+    ("option without value", ["merge", "{cfg}", "-o"], ["'-o' requires an argument"]),
+    ("bad choice", ["merge", "{cfg}", "-o", "{out}", "--runtime", "slurm"], ["--runtime", "'slurm'", "'local', 'ray'"]),
+    ("bad int", ["merge", "{cfg}", "-o", "{out}", "--seed", "abc"], ["--seed", "'abc' is not a valid integer"]),
+    ("out of range", ["plan", "{cfg}", "--gpus", "0"], ["--gpus", "0 is not in the range"]),
+    ("bad float", ["plan", "{cfg}", "--read-gbps", "fast"], ["--read-gbps", "'fast'"]),
+]
+
+
+@pytest.mark.parametrize("case,args,fragments", USAGE_ERRORS, ids=[c[0] for c in USAGE_ERRORS])
+def test_usage_errors_are_one_error_line(tmp_path, family_fp32_single, case, args, fragments):
+    cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single)
+    args = [a.format(cfg=cfg, out=tmp_path / "out") for a in args]
+    proc = run_cli(*args, check=False)
+    assert_user_error(proc, *fragments)
+    assert "Usage:" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_still_works():
+    for args in (["--help"], ["merge", "--help"], ["plan", "-h"]):
+        proc = run_cli(*args)
+        assert proc.stdout.startswith("Usage: distmerge") and "--help" in proc.stdout and proc.stderr == "", args
+    assert "merge " in run_cli("--help").stdout and "--shard-size" in run_cli("merge", "--help").stdout
+    bare = run_cli(check=False)  # no command: the help, not an error line
+    assert "Usage: distmerge" in bare.stdout + bare.stderr and "error:" not in bare.stderr
