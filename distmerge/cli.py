@@ -1,11 +1,14 @@
 """The `distmerge` command line.
 
-User errors print one line, `error: ...`, and exit 2; an interrupted merge exits 130 and resumes when rerun.
+User errors print one line, `error: ...`, and exit 2; an interrupted merge (Ctrl-C: 130, SIGTERM: 143) stops
+cleanly and resumes when rerun.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 import click
@@ -149,21 +152,51 @@ def report(out_dir, plots):
             click.echo(f"wrote {path}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a merge stops as on Ctrl-C (partial shard removed, finished shards kept,
+    the output's lock released), and the process exits 143."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (signals are delivered to the main thread only); returns the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted(exc: BaseException, prefix: str = "") -> None:
+    if isinstance(exc, Terminated):
+        click.echo(f"{prefix}terminated (SIGTERM); rerun the same command to resume", err=True)
+        sys.exit(143)
+    click.echo(f"{prefix}interrupted; rerun the same command to resume", err=True)
+    sys.exit(130)
+
+
 def main(argv=None) -> None:
+    previous_sigterm = _catch_sigterm()
     try:
         cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and SIGTERM) into Abort
+            _interrupted(exc.__cause__)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, prefix="\n")
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":
