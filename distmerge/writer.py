@@ -206,16 +206,18 @@ class OutputLock:
             self._created.append(missing)
             missing = missing.parent
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self._remove_created()
-            raise storage_error(exc, "creating", self.out) from None
-        try:
             import fcntl
         except ImportError:  # no flock on this platform
-            self._unlocked("this platform has no flock")
-            return
+            fcntl = None
         while True:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)  # again after a holder released and removed it
+            except OSError as exc:
+                self._remove_created()
+                raise storage_error(exc, "creating", self.out) from None
+            if fcntl is None:
+                self._unlocked("this platform has no flock")
+                return
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
@@ -228,16 +230,16 @@ class OutputLock:
                 os.close(fd)
                 raise OutputError(f"{self.out} is being written by another distmerge merge ({holder}); wait for it "
                                   "to finish or stop it, or choose another -o") from None
-            except OSError as exc:
-                os.close(fd)
+            except OSError as exc:  # this filesystem has no flock: keep the file as a record, removed on release
                 self._unlocked(exc.strerror or str(exc))
-                return
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
                 break
+            else:
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
             os.close(fd)  # released and removed by its holder between our open and our flock: open the new one
         self._fd = fd
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -318,11 +320,14 @@ class OutputDir:
                 raise OutputError(
                     f"{self.path} holds an unfinished merge of a different config or different inputs; "
                     "rerun that merge to resume it, or pass --force to start this one over")
-        elif self._entries() and not force:
+        elif [p for p in self._entries() if p.name != STATE_DIR] and not force:
             what = "a finished merge" if (self.path / INDEX_NAME).exists() else "files"
             raise OutputError(f"{self.path} already holds {what}; pass --force to replace it, or choose another -o")
         if force and self._entries():
             self._clear()
+        elif self.state.exists():  # without run.json: left by a start that failed, or by a finished merge's end
+            with storage_errors("removing", self.state):
+                shutil.rmtree(self.state)
         with storage_errors("creating", self.state / "shards"):
             (self.state / "shards").mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}))
