@@ -53,7 +53,8 @@ def cli():
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads per worker (default: all cores locally, 1 per Ray CPU worker).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output directory (an unfinished run of this same merge is resumed).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def merge(config_path, out, runtime, device, seed, shard_size, workers, address, threads, force, quiet):
     """Merge the models of CONFIG into OUT."""

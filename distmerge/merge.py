@@ -10,6 +10,8 @@ This is the public API behind `distmerge merge`:
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -29,8 +31,11 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     plan = build_plan(config)  # every check that needs no tensor data, before anything starts
     engine = config.engine
     out_dir = OutputDir(out)
-    with out_dir.lock(log):  # one merge per output, held until the index is written; a second one fails here
+    with out_dir.lock(log):  # one merge per output, held to the end; a second one fails here
+        sigterm = signal.getsignal(signal.SIGTERM)
         runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); the caller's handler stays
         try:
             placement = runner.placement
             finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,

@@ -449,6 +449,34 @@ def test_a_read_only_output_location(tmp_path, family_bf16_sharded, reference, m
     assert_same_as_reference(out, reference)
 
 
+def test_the_runtime_does_not_replace_the_sigterm_handler(tmp_path, family_bf16_sharded, reference, monkeypatch):
+    """ray.init installs its own SIGTERM handler (sys.exit(15)) in the driver; the CLI's must stay in force."""
+    from distmerge import cli
+    from distmerge import merge as merge_module
+
+    real_make_runtime = merge_module.make_runtime
+
+    def make_runtime_like_ray(*args, **kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        return real_make_runtime(*args, **kwargs)
+
+    seen = []
+    real_run_unit = local_runtime.run_unit
+
+    def run_unit(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_run_unit(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "make_runtime", make_runtime_like_ray)
+    monkeypatch.setattr(local_runtime, "run_unit", run_unit)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    run_cli(*merge_args(make_config(tmp_path, family_bf16_sharded), out))
+    assert seen and all(handler is cli._on_sigterm for handler in seen)
+    assert signal.getsignal(signal.SIGTERM) is before, "cli.main restores the handler it replaced"
+    assert_same_as_reference(out, reference)
+
+
 # ---- the real process: SIGTERM, SIGKILL ---------------------------------------------------------------------------
 
 SLOW_SITECUSTOMIZE = '''
