@@ -1,11 +1,14 @@
 """The `distmerge` command line.
 
-User errors print one line, `error: ...`, and exit 2; an interrupted merge exits 130 and resumes when rerun.
+User errors print one line, `error: ...`, and exit 2; an interrupted merge (Ctrl-C: 130, SIGTERM: 143) stops
+cleanly and resumes when rerun.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 import click
@@ -50,7 +53,8 @@ def cli():
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads per worker (default: all cores locally, 1 per Ray CPU worker).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output directory (an unfinished run of this same merge is resumed).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def merge(config_path, out, runtime, device, seed, shard_size, workers, address, threads, force, quiet):
     """Merge the models of CONFIG into OUT."""
@@ -162,20 +166,50 @@ def _usage_error(exc: click.ClickException) -> None:
     sys.exit(2)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a merge stops as on Ctrl-C (partial shard removed, finished shards kept,
+    the output's lock released), and the process exits 143."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (signals are delivered to the main thread only); returns the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted(exc: BaseException, prefix: str = "") -> None:
+    if isinstance(exc, Terminated):
+        click.echo(f"{prefix}terminated (SIGTERM); rerun the same command to resume", err=True)
+        sys.exit(143)
+    click.echo(f"{prefix}interrupted; rerun the same command to resume", err=True)
+    sys.exit(130)
+
+
 def main(argv=None) -> None:
+    previous_sigterm = _catch_sigterm()
     try:
         cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and SIGTERM) into Abort
+            _interrupted(exc.__cause__)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         _usage_error(exc)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, prefix="\n")
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

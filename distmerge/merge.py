@@ -10,6 +10,8 @@ This is the public API behind `distmerge merge`:
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -28,28 +30,32 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine."""
     plan = build_plan(config)  # every check that needs no tensor data, before anything starts
     engine = config.engine
-    runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
-    try:
-        out_dir = OutputDir(out)
-        placement = runner.placement
-        finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
-                                   [ckpt.path for ckpt in plan.inputs()])
-        pending = [unit for unit in plan.units if unit.shard not in finished]
-        out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
-        if finished and not quiet:
-            log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
-        first_pass = None
-        if plan.first_pass is not None:
-            first_pass = out_dir.remember("first_pass", lambda: run_first_pass(plan, runner, out_dir, quiet))
-        progress = Progress("merging", len(plan.tensors), bytes_read(plan), quiet=quiet)
-        for unit in plan.units:
-            if unit.shard in finished:
-                progress.skip(len(unit.tensors), unit_read_bytes(plan, unit))
-        records = list(finished.values()) + runner.merge(plan, pending, out_dir, first_pass, progress)
-        progress.close()
-    finally:
-        runner.close()
-    finalize(plan, out_dir, records)
+    out_dir = OutputDir(out)
+    with out_dir.lock(log):  # one merge per output, held to the end; a second one fails here
+        sigterm = signal.getsignal(signal.SIGTERM)
+        runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); the caller's handler stays
+        try:
+            placement = runner.placement
+            finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
+                                       [ckpt.path for ckpt in plan.inputs()])
+            pending = [unit for unit in plan.units if unit.shard not in finished]
+            out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
+            if finished and not quiet:
+                log(f"resuming: {len(finished)} of {len(plan.units)} shards are already done")
+            first_pass = None
+            if plan.first_pass is not None:
+                first_pass = out_dir.remember("first_pass", lambda: run_first_pass(plan, runner, out_dir, quiet))
+            progress = Progress("merging", len(plan.tensors), bytes_read(plan), quiet=quiet)
+            for unit in plan.units:
+                if unit.shard in finished:
+                    progress.skip(len(unit.tensors), unit_read_bytes(plan, unit))
+            records = list(finished.values()) + runner.merge(plan, pending, out_dir, first_pass, progress)
+            progress.close()
+        finally:
+            runner.close()
+        finalize(plan, out_dir, records)
     return plan
 
 

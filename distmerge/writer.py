@@ -3,18 +3,25 @@
 `ShardWriter` streams one safetensors file: the plan knows every name, dtype and shape up front, so the header
 is written first and each tensor's bytes follow as soon as it is merged; nothing but the current tensor is held.
 
-`OutputDir` owns the directory's life cycle. Shards are written under `.distmerge/tmp/` and renamed into place
-when complete; a small record per finished shard lets a rerun of the same command resume; the index is written
-last (a loader sees no model before it is whole), and then the state directory is removed.
+`OutputDir` owns the directory's life cycle. One merge at a time holds `OUT/.distmerge.lock` (an flock, which
+dies with its process) from before anything is touched until the end. Shards are written under `.distmerge/tmp/`
+and renamed into place when complete; a small record per finished shard lets a rerun of the same command resume;
+the small files, then the index, are written last, each to a temporary file, flushed to disk and renamed (a
+loader sees no model before it is whole), and then the state directory is removed. `--force` removes an old
+index before anything else. Every failed write raises a `StorageError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from .config import format_bytes
 from .errors import OutputError, StorageError
 
 STATE_DIR = ".distmerge"
+LOCK_NAME = ".distmerge.lock"  # beside STATE_DIR, so that clearing or removing the state keeps the lock
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -58,17 +66,18 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % ALIGNMENT)
         self.size = 8 + len(raw) + offset
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "wb")
+        self._fd: int | None = None
+        with storage_errors("writing", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data) -> None:
         try:
-            self._file.write(data)
+            _write_all(self._fd, data)
         except OSError as exc:
-            self._file.close()
-            raise StorageError(f"writing {self.path} failed: {exc.strerror}; check free space and permissions") \
-                from None
+            self.abort()
+            raise storage_error(exc, "writing", self.path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Append `tensor` (CPU, the declared dtype and shape); returns the sha256 of its bytes."""
@@ -81,25 +90,193 @@ class ShardWriter:
         return hashlib.sha256(memoryview(data)).hexdigest()
 
     def abort(self) -> None:
-        """Give up on the shard: close and delete the partial file."""
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Give up on the shard: close and delete the partial file (best effort: this runs while failing)."""
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            if fd is not None:
+                os.close(fd)
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Flush to stable storage; the caller renames the file into place."""
         if self._expected:
             raise AssertionError(f"shard {self.path.name}: {len(self._expected)} tensors were not written")
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        except OSError as exc:
+            self.abort()
+            raise storage_error(exc, "writing", self.path) from None
+
+
+def storage_error(exc: OSError, doing: str, path: Path) -> StorageError:
+    """One line naming the file, why it failed and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space on that filesystem, then rerun the same command to resume"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make it writable or choose another -o, then rerun the same command"
+    else:
+        hint = "fix the cause, then rerun the same command to resume"
+    return StorageError(f"{doing} {path} failed: {reason}; {hint}")
+
+
+@contextlib.contextmanager
+def storage_errors(doing: str, path: Path):
+    """Turn an OSError of the block into a StorageError about `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, doing, path) from None
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames and removals in `path` durable (a no-op where the filesystem cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durably(temp: Path, path: Path, data: bytes) -> None:
+    """Write `data` to `temp`, flush it to disk, rename it to `path`: readers see the old file or the whole new one,
+    never a part. On failure the temporary file is removed and a StorageError names `path`."""
+    with storage_errors("writing", path):
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            raise
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    _write_durably(path.with_name(f".{path.name}.tmp"), path, text.encode())
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None where it is missing or unreadable (a file cut short by a crash)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class OutputLock:
+    """`OUT/.distmerge.lock`: an exclusive flock held by the one merge writing OUT, recording its pid and host.
+
+    The kernel drops an flock when its process ends, however it ends, so a lock left by a crash is stale and the
+    next merge takes it over. The file is removed on release while still locked; a process that opened it
+    before then and locks it afterwards sees that the path no longer names the file it locked and starts over, so
+    two holders never coexist. Only the driver of a Ray merge locks; its workers write under the lock it holds.
+    Where the filesystem has no flock (some network filesystems), the merge runs unlocked after a warning.
+    """
+
+    def __init__(self, out: Path, log=print):
+        self.out = out
+        self.path = out / LOCK_NAME
+        self.log = log
+        self._fd: int | None = None
+        self._created: list[Path] = []  # directories made for the lock, deepest first: removed again if left empty
+
+    def acquire(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"output {self.out} exists and is not a directory; choose another -o")
+        missing = self.out
+        while not missing.exists():
+            self._created.append(missing)
+            missing = missing.parent
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform
+            fcntl = None
+        while True:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)  # again after a holder released and removed it
+            except OSError as exc:
+                self._remove_created()
+                raise storage_error(exc, "creating", self.out) from None
+            if fcntl is None:
+                self._unlocked("this platform has no flock")
+                return
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                self._remove_created()
+                raise storage_error(exc, "creating", self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._describe(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out} is being written by another distmerge merge ({holder}); wait for it "
+                                  "to finish or stop it, or choose another -o") from None
+            except OSError as exc:  # this filesystem has no flock: keep the file as a record, removed on release
+                self._unlocked(exc.strerror or str(exc))
+                break
+            else:
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+            os.close(fd)  # released and removed by its holder between our open and our flock: open the new one
+        self._fd = fd
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except OSError as exc:
+            self.release()
+            raise storage_error(exc, "writing", self.path) from None
+
+    def _describe(self, fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has just started"
+
+    def _unlocked(self, why: str) -> None:
+        self.log(f"warning: cannot lock {self.path} ({why}); nothing stops a second merge into {self.out} "
+                 "from running at the same time")
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still locked: see the class docstring
+            os.close(fd)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in self._created:
+            try:
+                directory.rmdir()  # only if nothing was written there
+            except OSError:
+                break
+        self._created = []
 
 
 class OutputDir:
@@ -109,10 +286,24 @@ class OutputDir:
         self.path = Path(path).absolute()
         self.state = self.path / STATE_DIR
 
+    @contextlib.contextmanager
+    def lock(self, log=print):
+        """Hold OUT's lock for the block: a second merge into OUT is refused at once (OutputError)."""
+        lock = OutputLock(self.path, log)
+        lock.acquire()
+        try:
+            yield lock
+        finally:
+            lock.release()
+
     # ---- before the work ----------------------------------------------------------------------------------
 
     def prepare(self, fingerprint: str, force: bool, input_dirs: list[Path]) -> dict[str, ShardRecord]:
-        """Make the directory ready; return the shards already finished by an interrupted run of the same merge."""
+        """Make the directory ready; return the shards already finished by an interrupted run of the same merge.
+
+        An unfinished run of the same merge is resumed, with or without `force` (its finished shards are exactly
+        what this run would write); anything else in the directory needs `force` and is then removed, the index
+        first, so that an interrupted `--force` never leaves a directory that looks like a whole model."""
         for directory in input_dirs:
             resolved = self.path.resolve()
             if resolved == directory or directory in resolved.parents or resolved in directory.parents:
@@ -121,37 +312,59 @@ class OutputDir:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"output {self.path} exists and is not a directory; choose another -o")
         if run_file.is_file():
-            if json.loads(run_file.read_text()).get("fingerprint") == fingerprint and not force:
-                shutil.rmtree(self.state / "tmp", ignore_errors=True)  # partial shards of the interrupted run
+            run = _read_json(run_file)
+            if isinstance(run, dict) and run.get("fingerprint") == fingerprint:
+                shutil.rmtree(self.state / "tmp", ignore_errors=True)  # partial files of the interrupted run
                 return self._finished_shards()
             if not force:
                 raise OutputError(
                     f"{self.path} holds an unfinished merge of a different config or different inputs; "
                     "rerun that merge to resume it, or pass --force to start this one over")
-        elif self.path.is_dir() and any(self.path.iterdir()) and not force:
+        elif [p for p in self._entries() if p.name != STATE_DIR] and not force:
             what = "a finished merge" if (self.path / INDEX_NAME).exists() else "files"
             raise OutputError(f"{self.path} already holds {what}; pass --force to replace it, or choose another -o")
-        if force and self.path.is_dir():
+        if force and self._entries():
             self._clear()
-        (self.state / "shards").mkdir(parents=True, exist_ok=True)
+        elif self.state.exists():  # without run.json: left by a start that failed, or by a finished merge's end
+            with storage_errors("removing", self.state):
+                shutil.rmtree(self.state)
+        with storage_errors("creating", self.state / "shards"):
+            (self.state / "shards").mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}))
         return {}
 
+    def _entries(self) -> list[Path]:
+        """What the directory holds, its lock aside."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if p.name != LOCK_NAME]
+
     def _clear(self) -> None:
-        foreign = [p for p in self.path.iterdir() if p.is_dir() and not p.is_symlink() and p.name != STATE_DIR]
+        """Remove a previous output: the index first (the sign that a model is whole), durably, then the rest."""
+        entries = self._entries()
+        foreign = [p for p in entries if p.is_dir() and not p.is_symlink() and p.name != STATE_DIR]
         if foreign:
             raise OutputError(f"--force would delete {self.path}, but it holds directories a merge never writes "
                               f"(e.g. {foreign[0].name}); remove them yourself or choose another -o")
-        for entry in self.path.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        index = self.path / INDEX_NAME
+        with storage_errors("removing", index):
+            if index.is_file() or index.is_symlink():
+                index.unlink()
+                _fsync_dir(self.path)
+        for entry in sorted(entries, key=lambda p: p.name == STATE_DIR):  # the old state last
+            with storage_errors("removing", entry):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def _finished_shards(self) -> dict[str, ShardRecord]:
         finished = {}
         for record_file in sorted((self.state / "shards").glob("*.json")):
-            record = ShardRecord(**json.loads(record_file.read_text()))
+            data = _read_json(record_file)
+            if not isinstance(data, dict):
+                continue  # cut short by a crash: the shard is merged again
+            record = ShardRecord(**data)
             shard = self.path / record.shard
             if shard.is_file() and shard.stat().st_size == record.size:
                 finished[record.shard] = record
@@ -161,7 +374,9 @@ class OutputDir:
         """A value computed once per run and kept in the state directory, so that a resumed run reuses it."""
         file = self.state / f"{key}.json"
         if file.is_file():
-            return json.loads(file.read_text())
+            value = _read_json(file)
+            if value is not None:
+                return value
         value = compute()
         _atomic_write_text(file, json.dumps(value))
         return value
@@ -178,21 +393,28 @@ class OutputDir:
         return self.state / "tmp" / f"{shard}.{os.getpid()}.partial"
 
     def commit_shard(self, temp: Path, record: ShardRecord) -> None:
-        os.replace(temp, self.path / record.shard)
+        with storage_errors("writing", self.path / record.shard):
+            os.replace(temp, self.path / record.shard)
         _atomic_write_text(self.state / "shards" / f"{record.shard}.json", json.dumps(asdict(record)))
 
     # ---- after the work (driver) ------------------------------------------------------------------------------
 
     def finalize(self, weight_map: dict[str, str], total_size: int, files: dict[str, bytes | Path]) -> None:
         """Write the small files (bytes, or a Path to copy), then the index (the sign that the model is whole),
-        then drop the state directory."""
+        then drop the state directory. Each file goes to a temporary file in the state directory, is flushed to
+        disk and renamed into place; a failure leaves no index, and the shards and state for a rerun to finish."""
+        temp = self.state / "tmp"
+        with storage_errors("creating", temp):
+            temp.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
-            temp = self.path / f".{name}.tmp"
             if isinstance(content, Path):
-                shutil.copyfile(content, temp)
-            else:
-                temp.write_bytes(content)
-            os.replace(temp, self.path / name)
+                with storage_errors("reading", content):
+                    content = content.read_bytes()
+            _write_durably(temp / name, self.path / name, content)
+        _fsync_dir(self.path)  # the small files and the shards are on disk before the index says the model is whole
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_text(self.path / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        _write_durably(temp / INDEX_NAME, self.path / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        _fsync_dir(self.path)
+        with contextlib.suppress(OSError):
+            (self.state / "run.json").unlink()  # from here on the directory is a finished merge, whatever remains
         shutil.rmtree(self.state, ignore_errors=True)
