@@ -26,8 +26,8 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="session")
 def ray_address():
     """One Ray for the session: 2 CPUs, a small object store, no dashboard."""
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)  # a new Ray of its own, even if one runs on the machine
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
