@@ -78,7 +78,6 @@ class MergePlan:
     model_ids: tuple[int, ...]  # their positions in `models:` (random streams are keyed by these)
     units: tuple[WorkUnit, ...]
     dropped: tuple[str, ...] = ()  # tensors left out on purpose (a tied lm_head)
-    tokenizer_dir: Path | None = None
     first_pass: FirstPass | None = None  # the method's first pass, when these parameters need it
     # The small files the output copies from the inputs (generation config, tokenizer): (name in the output, real
     # path to copy), located and checked by `checkpoint_file` when planned.
@@ -136,22 +135,20 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
                               work=spec.work(name, info.shape, params, len(models))))
 
-    tokenizer_dir = _tokenizer_dir(config, base, models)
     return MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
-        tokenizer_dir=tokenizer_dir, first_pass=_first_pass(spec, jobs),
-        copied_files=_copied_files(config, reference, tokenizer_dir),
+        first_pass=_first_pass(spec, jobs),
+        copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models)),
     )
 
 
-def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path | None) -> tuple:
+def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path) -> tuple:
     """generation_config.json from the reference model, the tokenizer files from the tokenizer's source; each
     through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end."""
+    source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
     found = [("generation_config.json", reference.file("generation_config.json"))]
-    if tokenizer_dir is not None:
-        source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
-        found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
+    found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
     return tuple((name, path) for name, path in found if path is not None)
 
 
@@ -267,7 +264,7 @@ def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[
     return tuple(sorted(units, key=lambda u: (-u.cost, u.index)))
 
 
-def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> Path | None:
+def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> Path:
     source = config.tokenizer_source
     if source is None or source == "base":
         if source == "base" and base is None:
