@@ -161,12 +161,17 @@ def test_too_many_workers_is_a_clear_error(tmp_path, family_fp32_single, ray_add
 
 class FlakyWorker:
     """Runs a unit by name, writing one file per start; the first time it starts a unit listed in `dies_on`, the
-    whole worker process dies."""
+    whole worker process dies. With `dies_coming_up`, the first replacement actor dies before it is up (as one
+    placed on a node that is going away)."""
 
-    def __init__(self, log_dir: str):
-        self.log = Path(log_dir)
+    def __init__(self, log_dir: str, dies_coming_up: bool = False):
+        self.log, self.dies_coming_up = Path(log_dir), dies_coming_up
 
     def where(self) -> str:
+        actors = len(list(self.log.glob("actor*")))
+        (self.log / f"actor{actors}").touch()
+        if self.dies_coming_up and actors == 1:
+            os._exit(1)
         return "this machine"
 
     def run(self, name: str, dies_on: tuple[str, ...]) -> str:
@@ -178,16 +183,19 @@ class FlakyWorker:
 
 
 @pytest.mark.slow
-def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_address):
+@pytest.mark.parametrize("replacement_dies_coming_up", [False, True])
+def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_address, replacement_dies_coming_up):
     """One actor slot, two units in flight: B kills its worker when it starts; C, queued behind it on the same
-    actor, never started. B is charged one attempt, C none; A, finished before the death, is not run again."""
+    actor, never started. B is charged one attempt, C none; A, finished before the death, is not run again.
+    A replacement that dies before it is up lost no work: it is neither a death nor a replacement, and the slot
+    starts another actor."""
     from ray import cloudpickle
 
     from distmerge.plan import WorkUnit
 
     cloudpickle.register_pickle_by_value(__import__(__name__))
     actor_class = ray.remote(num_cpus=1)(FlakyWorker)
-    pool = WorkerPool(ray, lambda slot: actor_class.remote(str(tmp_path)), workers=1)
+    pool = WorkerPool(ray, lambda slot: actor_class.remote(str(tmp_path), replacement_dies_coming_up), workers=1)
     units = [WorkUnit(index=i, shard=name, tensors=(), cost=0.0) for i, name in enumerate("ABC")]
     done = []
     try:
@@ -196,6 +204,7 @@ def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_addres
         for actor in pool.actors:
             ray.kill(actor)
     assert sorted(done) == ["A", "B", "C"]
-    assert pool.charged == {1: 1} and pool.replacements == 1
+    assert pool.charged == {1: 1} and pool.replacements == 1 and len(pool.deaths) == 1
+    assert len(list(tmp_path.glob("actor*"))) == 2 + replacement_dies_coming_up
     starts = {name: len(list(tmp_path.glob(f"{name}.start*"))) for name in "ABC"}
     assert starts == {"A": 1, "B": 2, "C": 1}

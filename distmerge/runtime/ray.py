@@ -139,11 +139,18 @@ class WorkerPool:
         return events[ready[0]] if ready else None
 
     def _started(self, index: int, ref) -> None:
+        slot = self.slots[index]
         try:
-            self.slots[index].node = self.ray.get(ref)
-            self.slots[index].starting = None
+            slot.node = self.ray.get(ref)
+            slot.starting = None
         except self.ray.exceptions.RayActorError:
-            self._worker_died(index, on_done=None)
+            if slot.deadline is None:
+                self._worker_died(index, on_done=None)
+            else:
+                # A replacement placed on the lost node before Ray marked it dead: no worker was lost, so the
+                # slot tries again until the same deadline.
+                self.slots[index] = self._start(index, deadline=slot.deadline)
+                self.slots[index].node = slot.node
 
     def _collect(self, index: int, ref, on_done: Callable) -> None:
         try:
