@@ -99,7 +99,7 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
              on_tensor: Callable[[TensorJob], None] | None = None) -> ShardRecord:
     """Merge every tensor of `unit` into its shard; returns the shard's record."""
     temp = out.temp_path(unit.shard)
-    writer = ShardWriter(temp, [(t.name, t.out_dtype, t.shape) for t in unit.tensors])
+    writer = ShardWriter(temp, [(t.name, t.out_dtype, t.shape) for t in unit.tensors], out.path / unit.shard)
     record = ShardRecord(shard=unit.shard, size=writer.size)
     inputs = InputStack()
     try:

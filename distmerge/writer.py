@@ -50,10 +50,11 @@ class ShardRecord:
 
 
 class ShardWriter:
-    """Writes one safetensors file, header first, tensors in the declared order."""
+    """Writes one safetensors file, header first, tensors in the declared order, to `path`; errors name `shard`,
+    where the caller renames it once closed (a user knows the shard, not the temporary file)."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
-        self.path = path
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], shard: Path):
+        self.path, self.shard = path, shard
         self._expected = list(entries)
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -67,7 +68,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % ALIGNMENT)
         self.size = 8 + len(raw) + offset
         self._fd: int | None = None
-        with storage_errors("writing", path):
+        with storage_errors("writing", shard):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._write(struct.pack("<Q", len(raw)) + raw)
@@ -77,7 +78,7 @@ class ShardWriter:
             _write_all(self._fd, data)
         except OSError as exc:
             self.abort()
-            raise storage_error(exc, "writing", self.path) from None
+            raise storage_error(exc, "writing", self.shard) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Append `tensor` (CPU, the declared dtype and shape); returns the sha256 of its bytes."""
@@ -107,7 +108,7 @@ class ShardWriter:
             self._fd = None
         except OSError as exc:
             self.abort()
-            raise storage_error(exc, "writing", self.path) from None
+            raise storage_error(exc, "writing", self.shard) from None
 
 
 def storage_error(exc: OSError, doing: str, path: Path) -> StorageError:

@@ -378,6 +378,7 @@ def test_a_failed_write_is_one_error_and_a_rerun_finishes(tmp_path, family_bf16_
     proc = run_cli(*merge_args(cfg, out), check=False)
     assert seen, "the fault was never reached"
     assert_user_error(proc, str(out), os.strerror(err), "rerun the same command")
+    assert not any(temp in proc.stderr for temp in (".partial", ".tmp", f"{STATE_DIR}/tmp")), "names a temporary file"
     assert_not_complete(out)
     assert not (out / LOCK_NAME).exists()
     if fault in SMALL_FILES:  # every shard and the state survive for the rerun
