@@ -40,6 +40,7 @@ def test_bench_gpu_layer_on_a_scaled_down_layer(tmp_path):
     assert all(row["seconds_per_layer"] > 0 for row in rows)
 
 
+@pytest.mark.slow  # starts a Ray cluster of its own
 def test_bench_scaling_with_one_ray_worker(tmp_path):
     run_script("bench_scaling.py", "--method", "ties", "--workers", "1", "--hidden", "64", "--layers", "2",
                "--experts", "2", "--repeats", "1", "--shard-size", "100KB", "--cache", str(tmp_path / "cache"),
