@@ -14,7 +14,7 @@ from dataclasses import replace
 import click
 
 from . import __version__
-from .config import load_config, parse_device, parse_seed, parse_size
+from .config import load_config, parse_device, parse_mergekit_size, parse_seed, parse_size
 from .errors import UserError
 
 
@@ -42,29 +42,82 @@ def cli():
     """Merge fine-tuned checkpoints of one base model, training-free (R-TSVM, TSV-M, TIES, DARE, ...)."""
 
 
+# mergekit-yaml flags that have no meaning here, accepted so that a mergekit command line runs unchanged
+# (each says why in the README's "Coming from mergekit").
+MERGEKIT_NO_OPS = ("--lazy-unpickle/--no-lazy-unpickle", "--low-cpu-memory/--no-low-cpu-memory",
+                   "--read-to-gpu/--no-read-to-gpu", "--clone-tensors/--no-clone-tensors",
+                   "--async-write/--no-async-write", "--safe-serialization")
+# mergekit-yaml flags refused, with what to do instead.
+MERGEKIT_REFUSED = {
+    "--no-safe-serialization": "distmerge only writes safetensors (pickled weights can run code when loaded)",
+    "--trust-remote-code": "distmerge never runs code from a model repository; it needs none to merge",
+    "--unsafe-truncate-embeddings": "vocabularies of different sizes are not merged yet; give models whose "
+                                    "embeddings have the same shape",
+    "--lora-merge-cache": "LoRA adapters are not read yet; merge the adapter into its model first",
+    "--lora-merge-dtype": "LoRA adapters are not read yet; merge the adapter into its model first",
+    "--transformers-cache": "hub ids are looked up in the Hugging Face cache: set HF_HUB_CACHE=DIR instead",
+}
+
+
+def _mergekit_no_op(f):
+    for flag in MERGEKIT_NO_OPS:
+        f = click.option(flag, hidden=True, default=None, expose_value=False)(f)
+    f = click.option("--write-threads", hidden=True, type=int, expose_value=False)(f)
+    return click.option("-v", "verbosity", count=True, hidden=True, expose_value=False)(f)
+
+
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.argument("out_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (or give it as OUT).")
 @click.option("--runtime", type=click.Choice(["local", "ray"]), help="local: this process. ray: one actor per GPU.")
 @click.option("--device", help="cpu or cuda (default: the config's distmerge.device, else cpu).")
-@click.option("--seed", type=int, help="Seed for random methods (DARE, DELLA).")
+@click.option("--cuda", is_flag=True, help="Same as --device cuda.")
+@click.option("--multi-gpu", is_flag=True, help="Same as --runtime ray: one worker per GPU of this machine.")
+@click.option("--gpu-rich", is_flag=True, help="Same as --cuda --multi-gpu.")
+@click.option("--seed", "--random-seed", "seed", type=int, help="Seed for random methods (DARE, DELLA).")
 @click.option("--shard-size", help="Output shard size, e.g. 2GB (default 5GB).")
+@click.option("--out-shard-size", help="Output shard size as mergekit writes it: 5B is 5e9 bytes, also K and M.")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray runtime: number of actors (default: one per GPU).")
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", "-j", "--num-threads", "threads", type=click.IntRange(min=1),
               help="CPU threads per worker (default: all cores locally, 1 per Ray CPU worker).")
+@click.option("--allow-crimes", is_flag=True, default=None,
+              help="Merge models whose config.json architectures differ (their tensors must still match).")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Write the tokenizer files (default yes).")
+@click.option("--write-model-card/--no-write-model-card", default=None, help="Write README.md (default yes).")
 @click.option("--force", is_flag=True,
               help="Replace an existing output directory (an unfinished run of this same merge is resumed).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def merge(config_path, out, runtime, device, seed, shard_size, workers, address, threads, force, quiet):
-    """Merge the models of CONFIG into OUT."""
+@_mergekit_no_op
+def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich, seed, shard_size, out_shard_size,
+          workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, force, quiet):
+    """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too)."""
     from .merge import merge as run_merge
 
+    out = _one_value("the output directory", ("OUT", out_path), ("-o/--out", out))
+    if out is None:
+        raise click.UsageError("Missing the output directory: give it as OUT or with -o.")
+    device = _one_value("the device", ("--device", device), ("--cuda", "cuda" if cuda or gpu_rich else None))
+    runtime = _one_value("the runtime", ("--runtime", runtime), ("--multi-gpu", "ray" if multi_gpu or gpu_rich else None))
+    if out_shard_size is not None:
+        shard_size = _one_value("the shard size", ("--shard-size", shard_size),
+                                ("--out-shard-size", parse_mergekit_size(out_shard_size, "--out-shard-size")))
     config = _load(config_path, seed, shard_size, device, runtime, workers, threads)
+    flags = {"allow_crimes": allow_crimes, "copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
+    config = replace(config, engine=replace(config.engine, **{k: v for k, v in flags.items() if v is not None}))
     plan = run_merge(config, out, force=force, quiet=quiet, address=address,
                      log=lambda msg: click.echo(msg, err=True))
     if not quiet:
         click.echo(f"merged {len(plan.tensors)} tensors into {out}", err=True)
+
+
+def _one_value(what: str, *given: tuple[str, object]):
+    """The value given by one or more spellings of the same setting; they must agree."""
+    values = {name: value for name, value in given if value is not None}
+    if len(set(map(str, values.values()))) > 1:
+        raise click.UsageError(f"{' and '.join(values)} give different values for {what}; give one.")
+    return next(iter(values.values()), None)
 
 
 @cli.command()
@@ -160,6 +213,8 @@ def _usage_error(exc: click.ClickException) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     message = " ".join(exc.format_message().split())
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in MERGEKIT_REFUSED:
+        message = f"{exc.option_name} is a mergekit option distmerge refuses: {MERGEKIT_REFUSED[exc.option_name]}."
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "distmerge"
     click.echo(f"error: {message} See `{command} --help`.", err=True)

@@ -65,6 +65,9 @@ class EngineSettings:
     runtime: str = "local"
     workers: int | None = None
     threads: int | None = None  # CPU threads per worker; None: all cores locally, 1 per Ray CPU worker
+    allow_crimes: bool = False  # mergekit's --allow-crimes: merge models whose config.json architectures differ
+    copy_tokenizer: bool = True  # write the tokenizer files of `tokenizer_source` into the output
+    write_model_card: bool = True  # write README.md describing the merge
 
     @staticmethod
     def parse(raw: Any) -> "EngineSettings":
@@ -72,7 +75,8 @@ class EngineSettings:
             return EngineSettings()
         if not isinstance(raw, dict):
             raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
-        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads"}
+        flags = ("allow_crimes", "copy_tokenizer", "write_model_card")
+        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", *flags}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
@@ -89,6 +93,9 @@ class EngineSettings:
             settings = replace(settings, workers=parse_positive_int(raw["workers"], "distmerge.workers"))
         if "threads" in raw:
             settings = replace(settings, threads=parse_positive_int(raw["threads"], "distmerge.threads"))
+        for flag in flags:
+            if flag in raw:
+                settings = replace(settings, **{flag: parse_bool(raw[flag], f"distmerge.{flag}")})
         return settings
 
 
@@ -256,6 +263,12 @@ def parse_positive_int(value: Any, key: str) -> int:
     return value
 
 
+def parse_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{key}: {value!r}` must be true or false")
+    return value
+
+
 def parse_choice(value: Any, choices: tuple[str, ...], key: str) -> str:
     if value not in choices:
         raise ConfigError(f"`{key}: {value!r}` is not allowed; choose one of: {', '.join(choices)}")
@@ -280,6 +293,14 @@ def parse_size(value: Any, key: str) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"`{key}: {value!r}` is not a size; write for example 2GB, 500MB or 1GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_mergekit_size(value: Any, key: str) -> int:
+    """mergekit's --out-shard-size: bytes, with K, M or B for thousands, millions and billions ('5B')."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"`{key} {value}` is not a size; write for example 5B (5e9 bytes), 500M or 2000000000")
+    return int(float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()])
 
 
 def format_bytes(n: float) -> str:

@@ -74,7 +74,8 @@ def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) ->
     if config_json is not None:
         files["config.json"] = (json.dumps(config_json, indent=2) + "\n").encode()
     files.update(plan.copied_files)  # generation config and tokenizer, located and checked when planned
-    files["README.md"] = model_card(plan).encode()
+    if plan.config.engine.write_model_card:
+        files["README.md"] = model_card(plan).encode()
     files[REPORT_NAME] = report_bytes(report_rows(plan, records), [ckpt.ref for ckpt in plan.models])
     out_dir.finalize(weight_map, bytes_written(plan), files)
 

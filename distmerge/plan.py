@@ -116,6 +116,8 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
             f"its config.json from {role}, and could not be loaded without it. Put the checkpoint's config.json "
             "there (re-download the model)")
     check_parameter_names(config, spec, entries)
+    if not config.engine.allow_crimes:
+        _check_same_architecture(reference, base, models)
     _check_same_tensors(reference, base, models)
 
     dropped = []
@@ -148,7 +150,8 @@ def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Pat
     through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end."""
     source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
     found = [("generation_config.json", reference.file("generation_config.json"))]
-    found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
+    if config.engine.copy_tokenizer:
+        found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
     return tuple((name, path) for name, path in found if path is not None)
 
 
@@ -213,6 +216,19 @@ def _same_model(ref: str, config: MergeConfig, base: Checkpoint) -> bool:
         return resolve_model_dir(ref, config.base_dir) == base.path
     except CheckpointError:
         return False
+
+
+def _check_same_architecture(reference: Checkpoint, base: Checkpoint | None, models: list[Checkpoint]) -> None:
+    """As mergekit: models whose config.json name different architectures are refused unless the user allows
+    it, even when their tensors happen to match (a Llama and a Mistral of the same shapes)."""
+    ours = reference.config.get("architectures")
+    for ckpt in ([base] if base is not None else []) + models:
+        theirs = ckpt.config.get("architectures")
+        if ours and theirs and theirs != ours:
+            raise CheckpointError(
+                f"model {ckpt.ref} is a {', '.join(theirs)} but {reference.ref} is a {', '.join(ours)} "
+                "(`architectures` in their config.json); to merge different architectures anyway, pass "
+                "--allow-crimes (or set `distmerge: {allow_crimes: true}`)")
 
 
 def _check_same_tensors(reference: Checkpoint, base: Checkpoint | None, models: list[Checkpoint]) -> None:

@@ -362,7 +362,7 @@ USAGE_ERRORS = [
     ("unknown option", ["merge", "{cfg}", "-o", "{out}", "--forc"], ["--forc", "--force", "distmerge merge --help"]),
     ("unknown command", ["marge", "{cfg}"], ["marge", "distmerge --help"]),
     ("missing argument", ["validate"], ["Missing argument 'CONFIG'", "distmerge validate --help"]),
-    ("missing option", ["merge", "{cfg}"], ["Missing option '-o' / '--out'"]),
+    ("missing output", ["merge", "{cfg}"], ["Missing the output directory", "distmerge merge --help"]),
     ("option without value", ["merge", "{cfg}", "-o"], ["'-o' requires an argument"]),
     ("bad choice", ["merge", "{cfg}", "-o", "{out}", "--runtime", "slurm"], ["--runtime", "'slurm'", "'local', 'ray'"]),
     ("bad int", ["merge", "{cfg}", "-o", "{out}", "--seed", "abc"], ["--seed", "'abc' is not a valid integer"]),
