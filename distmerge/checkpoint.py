@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, StorageError
+from .lora import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_adapter_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -232,21 +233,33 @@ class Checkpoint:
     files, so a Checkpoint travels to Ray actors cheaply.
     """
 
-    def __init__(self, ref: str, path: Path, tensors: dict[str, TensorInfo], config: dict):
+    def __init__(self, ref: str, path: Path, tensors: dict[str, TensorInfo], config: dict,
+                 adapter: LoraAdapter | None = None):
         self.ref = ref
         self.path = path
         self.tensors = tensors
         self.config = config
+        self.adapter = adapter  # a LoRA adapter applied to the tensors as they are read
 
     @classmethod
     def open(cls, ref: str, base_dir: str = ".", config_only: bool = False) -> "Checkpoint":
-        """`config_only`: when the directory has a config.json but no weights (planning a merge before the
-        checkpoints are downloaded), derive the tensors from the architecture instead of refusing."""
-        path = resolve_model_dir(ref, base_dir)
+        """`ref` is a model, `model+adapter` (mergekit's LoRA syntax) or a LoRA adapter directory. `config_only`:
+        when the directory has a config.json but no weights (planning a merge before the checkpoints are
+        downloaded), derive the tensors from the architecture instead of refusing."""
+        model_ref, adapter_path = _split_adapter(ref, base_dir)
+        path = resolve_model_dir(model_ref, base_dir)
         config = _read_config(ref, path)
         if config_only and config and not any(path.glob("*.safetensors")):
-            return cls(ref, path, _tensors_from_config(ref, config), config)
-        return cls(ref, path, _index_tensors(ref, path), config)
+            tensors = _tensors_from_config(ref, config)
+        else:
+            tensors = _index_tensors(ref, path)
+        adapter = LoraAdapter.open(ref, adapter_path, tensors) if adapter_path is not None else None
+        return cls(ref, path, tensors, config, adapter)
+
+    @property
+    def identity(self) -> tuple[Path, Path | None]:
+        """What makes two references the same model: the real directories of the model and of its adapter."""
+        return self.path.resolve(), self.adapter.path.resolve() if self.adapter else None
 
     def file(self, name: str) -> Path | None:
         """The real path of file `name` of this checkpoint (e.g. `tokenizer.json`), None when it has none;
@@ -259,7 +272,7 @@ class Checkpoint:
 
     @property
     def files(self) -> list[str]:
-        return sorted({info.file for info in self.tensors.values()})
+        return sorted({info.file for info in self.tensors.values()} | ({self.adapter.file} if self.adapter else set()))
 
     @property
     def num_layers(self) -> int | None:
@@ -275,11 +288,37 @@ class Checkpoint:
         info = self.tensors[name]
         try:
             with safe_open(info.file, framework="pt", device="cpu") as handle:
-                if rows is None:
-                    return handle.get_tensor(name)
-                return handle.get_slice(name)[rows[0]:rows[1]]
+                tensor = handle.get_tensor(name) if rows is None or self.adapter else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as exc:
             raise StorageError(f"model {self.ref}: reading tensor {name} from {info.file} failed: {exc}") from None
+        if self.adapter is None:
+            return tensor
+        tensor = self.adapter.apply(name, tensor)  # the update needs the whole product B @ A
+        return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def _split_adapter(ref: str, base_dir: str) -> tuple[str, Path | None]:
+    """(model reference, adapter directory or None) for `model+adapter`, an adapter directory or a model."""
+    model_ref, plus, adapter_ref = ref.partition("+")
+    if plus:
+        if "+" in adapter_ref:
+            raise CheckpointError(f"model {ref!r}: write one model and one LoRA adapter as `model+adapter`")
+        adapter = resolve_model_dir(adapter_ref, base_dir)
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"model {ref!r}: {adapter} has no {ADAPTER_CONFIG}, so it is not a LoRA adapter "
+                                  "(`model+adapter` applies a PEFT LoRA adapter to its model)")
+        return model_ref, adapter
+    try:
+        directory = resolve_model_dir(ref, base_dir)
+    except CheckpointError:
+        return ref, None  # resolving it again gives the error
+    if not is_adapter_dir(directory):
+        return ref, None
+    base = read_adapter_config(ref, directory).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"LoRA adapter {ref}: {directory / ADAPTER_CONFIG} names no `base_model_name_or_path`; "
+                              "write the model as `base+adapter`")
+    return base, directory
 
 
 def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:

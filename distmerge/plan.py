@@ -196,7 +196,7 @@ def _check_listed_once(config: MergeConfig, spec: MethodSpec, listed: dict, inde
                        is_base: bool = False) -> None:
     """Refuse a model listed twice under `models:` (the same directory, whatever the spelling, or the same hub id):
     mergekit would merge it twice, silently doubling its weight; a weight says that explicitly."""
-    first = listed.setdefault(ckpt.path.resolve(), index)
+    first = listed.setdefault(ckpt.identity, index)
     if first == index:
         return
     weight = any(p.name == "weight" and p.per_model for p in spec.params)
@@ -286,7 +286,7 @@ def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Ch
         if source == "base" and base is None:
             raise ConfigError("`tokenizer_source: base` needs `base_model`")
         return (base or models[0]).path
-    return resolve_model_dir(source, config.base_dir)
+    return resolve_model_dir(source.partition("+")[0], config.base_dir)  # a `model+adapter` has its tokenizer
 
 
 def fingerprint(plan: MergePlan, device: str, threads: int | None) -> str:
