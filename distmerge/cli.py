@@ -46,15 +46,15 @@ def cli():
 # (each says why in the README's "Coming from mergekit").
 MERGEKIT_NO_OPS = ("--lazy-unpickle/--no-lazy-unpickle", "--low-cpu-memory/--no-low-cpu-memory",
                    "--read-to-gpu/--no-read-to-gpu", "--clone-tensors/--no-clone-tensors",
-                   "--async-write/--no-async-write", "--safe-serialization")
+                   "--async-write/--no-async-write", "--safe-serialization", "--lora-merge-cache")
 # mergekit-yaml flags refused, with what to do instead.
 MERGEKIT_REFUSED = {
     "--no-safe-serialization": "distmerge only writes safetensors (pickled weights can run code when loaded)",
     "--trust-remote-code": "distmerge never runs code from a model repository; it needs none to merge",
     "--unsafe-truncate-embeddings": "vocabularies of different sizes are not merged yet; give models whose "
                                     "embeddings have the same shape",
-    "--lora-merge-cache": "LoRA adapters are not read yet; merge the adapter into its model first",
-    "--lora-merge-dtype": "LoRA adapters are not read yet; merge the adapter into its model first",
+    "--lora-merge-dtype": "a LoRA adapter is applied in its model's stored dtype, as PEFT's merge_and_unload "
+                          "does on the model as saved; convert the model to that dtype first",
     "--transformers-cache": "hub ids are looked up in the Hugging Face cache: set HF_HUB_CACHE=DIR instead",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,17 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, proc.stderr)
+
+
+def make_adapter(base: Path, out: Path, lora: dict, dtype=torch.float32, seed: int = 0) -> Path:
+    """A random LoRA adapter of `base` (B is not zero, so it changes the model), saved as PEFT saves it."""
+    import peft
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    config = peft.LoraConfig(init_lora_weights=False, **lora)
+    peft.get_peft_model(model, config).save_pretrained(out)
+    settings = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(base)}))
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, assert_user_error, run_cli, write_config
+from conftest import TINY, assert_user_error, make_adapter, run_cli, write_config
 
 from distmerge.synthetic import make_family
 
@@ -26,17 +26,6 @@ def shard_tensors(path: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
-
-
-def make_adapter(base: Path, out: Path, lora: dict, dtype=torch.float32, seed: int = 0) -> Path:
-    """A random LoRA adapter of `base` (B is not zero, so it changes the model), saved as PEFT saves it."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    config = peft.LoraConfig(init_lora_weights=False, **lora)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    settings = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(base)}))
-    return out
 
 
 def merged_by_peft(base: Path, adapter: Path, out: Path, dtype=torch.float32) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import make_adapter, run_cli, write_config
 
 from distmerge.config import load_config
 from distmerge.merge import finalize, merge
@@ -86,6 +86,17 @@ def test_ray_writes_the_same_bytes_as_local(tmp_path, family_bf16_sharded, ray_a
     assert merged(cfg, tmp_path / "ray2", runtime="ray", workers=2, shard_size=6000) == local
     if case in ("ties_global", "dare_ties", "rtsvm"):  # the two-pass, random and SVD paths with one worker too
         assert merged(cfg, tmp_path / "ray1", runtime="ray", workers=1, shard_size=6000) == local
+
+
+@pytest.mark.slow
+def test_a_lora_input_under_ray_writes_the_local_bytes(tmp_path, family_bf16_sharded, ray_address):
+    pytest.importorskip("peft")
+    base = family_bf16_sharded["base"]
+    adapter = make_adapter(base, tmp_path / "adapter", {"r": 4, "target_modules": ["q_proj", "down_proj"]})
+    models = [{"model": f"{base}+{adapter}"}, {"model": str(family_bf16_sharded["experts"][0])}]
+    cfg = write_config(tmp_path / "lora.yaml", "ties", family_bf16_sharded, models=models, parameters={"density": 0.5})
+    local = merged(cfg, tmp_path / "local", shard_size=6000)
+    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
 
 
 def linear_that_kills_its_worker_once(marker: Path):
