@@ -41,7 +41,8 @@ DTYPE_NAMES = {
 }
 
 TOP_LEVEL_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "distmerge",
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template",
+    "distmerge",
 )
 # mergekit keys that describe merges distmerge does not do; each gets its own explanation.
 UNSUPPORTED_KEYS = {
@@ -49,7 +50,6 @@ UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported: list whole models under `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported: use `tokenizer_source: base` "
                  "or name one of the models",
-    "chat_template": "`chat_template` is not supported: the tokenizer files of `tokenizer_source` are copied as-is",
 }
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -114,6 +114,7 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None  # auto, a built-in name or a Jinja template (see chat_templates.py)
     engine: EngineSettings = field(default_factory=EngineSettings)
     base_dir: str = "."  # relative model paths resolve against the config file's directory
 
@@ -132,6 +133,7 @@ class MergeConfig:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
+            "chat_template": self.chat_template,
             "seed": self.engine.seed,
             "shard_size": self.engine.shard_size,
         }
@@ -145,7 +147,7 @@ class MergeConfig:
         doc["models"] = [
             {"model": m.model, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
         ]
-        for key in ("parameters", "dtype", "out_dtype", "tokenizer_source"):
+        for key in ("parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template"):
             value = getattr(self, key)
             if value:
                 doc[key] = value
@@ -211,9 +213,16 @@ def parse_config(text: str, base_dir: str = ".", source: str = "config") -> Merg
         dtype=parse_dtype(raw["dtype"], "dtype") if raw.get("dtype") is not None else None,
         out_dtype=parse_dtype(raw["out_dtype"], "out_dtype") if raw.get("out_dtype") is not None else None,
         tokenizer_source=tokenizer_source,
+        chat_template=_parse_chat_template(raw.get("chat_template")),
         engine=EngineSettings.parse(raw.get("distmerge")),
         base_dir=base_dir,
     )
+
+
+def _parse_chat_template(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"`chat_template: {value!r}` must be auto, a built-in template name or a Jinja template")
+    return value
 
 
 def _parse_model_ref(value: Any, key: str) -> str:

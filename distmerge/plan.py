@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .chat_templates import TOKENIZER_CONFIG, resolve_chat_template, tokenizer_files_with_template
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, layer_position
 from .errors import CheckpointError, ConfigError
@@ -81,7 +82,7 @@ class MergePlan:
     first_pass: FirstPass | None = None  # the method's first pass, when these parameters need it
     # The small files the output copies from the inputs (generation config, tokenizer): (name in the output, real
     # path to copy), located and checked by `checkpoint_file` when planned.
-    copied_files: tuple[tuple[str, Path], ...] = ()
+    copied_files: tuple[tuple[str, Path | bytes], ...] = ()  # name in the output -> file to copy, or its bytes
 
     @property
     def reference(self) -> Checkpoint:
@@ -141,18 +142,33 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
         first_pass=_first_pass(spec, jobs),
-        copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models)),
+        copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models),
+                                   ([base] if base else []) + models),
     )
 
 
-def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path) -> tuple:
-    """generation_config.json from the reference model, the tokenizer files from the tokenizer's source; each
-    through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end."""
+def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path,
+                  inputs: list[Checkpoint]) -> tuple:
+    """generation_config.json from the reference model, the tokenizer files from the tokenizer's source (each
+    through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end),
+    and the chat template the config asks for, as bytes."""
     source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
     found = [("generation_config.json", reference.file("generation_config.json"))]
     if config.engine.copy_tokenizer:
         found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
-    return tuple((name, path) for name, path in found if path is not None)
+    files = {name: path for name, path in found if path is not None}
+    if config.chat_template is not None:
+        if not config.engine.copy_tokenizer:
+            raise ConfigError("`chat_template` is written into the output's tokenizer, and --no-copy-tokenizer "
+                              "leaves it out: drop one of them")
+        if TOKENIZER_CONFIG not in files:
+            raise CheckpointError(f"model {source}: {tokenizer_dir} has no {TOKENIZER_CONFIG}, so the merged "
+                                  "model has no tokenizer to put `chat_template` into; name a `tokenizer_source` "
+                                  "that has one")
+        template = resolve_chat_template(config.chat_template, [(ckpt.ref, ckpt.path) for ckpt in inputs])
+        if template is not None:
+            files.update(tokenizer_files_with_template(template, files[TOKENIZER_CONFIG]))
+    return tuple(files.items())
 
 
 def _first_pass(spec: MethodSpec, jobs: list[TensorJob]) -> FirstPass | None:
