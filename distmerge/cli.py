@@ -10,16 +10,22 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
 from . import __version__
 from .config import load_config, parse_device, parse_mergekit_size, parse_seed, parse_size
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 
 def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=None, workers=None, threads=None):
-    config = load_config(config_path)
+    return _with_overrides(load_config(config_path), seed, shard_size, device, runtime, workers, threads)
+
+
+def _with_overrides(config, seed=None, shard_size=None, device=None, runtime=None, workers=None, threads=None,
+                    **flags):
+    """The config with the command line's settings in place of its `distmerge:` block's."""
     engine = config.engine
     if seed is not None:
         engine = replace(engine, seed=parse_seed(seed, "--seed"))
@@ -33,6 +39,7 @@ def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=Non
         engine = replace(engine, workers=workers)
     if threads is not None:
         engine = replace(engine, threads=threads)
+    engine = replace(engine, **{name: value for name, value in flags.items() if value is not None})
     return replace(config, engine=engine)
 
 
@@ -86,14 +93,23 @@ def _mergekit_no_op(f):
               help="Merge models whose config.json architectures differ (their tensors must still match).")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Write the tokenizer files (default yes).")
 @click.option("--write-model-card/--no-write-model-card", default=None, help="Write README.md (default yes).")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False),
+              help="Multi-stage configs: where the named stages are written (default: OUT.stages).")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Multi-stage configs: reuse a stage whose config and inputs are unchanged.")
 @click.option("--force", is_flag=True,
               help="Replace an existing output directory (an unfinished run of this same merge is resumed).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_mergekit_no_op
 def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich, seed, shard_size, out_shard_size,
-          workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, force, quiet):
-    """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too)."""
+          workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir, lazy, force,
+          quiet):
+    """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too). A CONFIG of several YAML
+    documents is a multi-stage merge, as mergekit-multi runs it: the named ones go to the intermediate
+    directory, the unnamed one to OUT."""
     from .merge import merge as run_merge
+    from .merge import merge_stages
+    from .stages import is_multi_stage, load_stages
 
     out = _one_value("the output directory", ("OUT", out_path), ("-o/--out", out))
     if out is None:
@@ -103,13 +119,28 @@ def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich
     if out_shard_size is not None:
         shard_size = _one_value("the shard size", ("--shard-size", shard_size),
                                 ("--out-shard-size", parse_mergekit_size(out_shard_size, "--out-shard-size")))
-    config = _load(config_path, seed, shard_size, device, runtime, workers, threads)
-    flags = {"allow_crimes": allow_crimes, "copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
-    config = replace(config, engine=replace(config.engine, **{k: v for k, v in flags.items() if v is not None}))
-    plan = run_merge(config, out, force=force, quiet=quiet, address=address,
-                     log=lambda msg: click.echo(msg, err=True))
+    settings = dict(seed=seed, shard_size=shard_size, device=device, runtime=runtime, workers=workers,
+                    threads=threads, allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
+                    write_model_card=write_model_card)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if is_multi_stage(_read_text(config_path), config_path):
+        intermediate_dir = Path(intermediate_dir or f"{Path(out)}.stages")
+        stages = [replace(stage, config=_with_overrides(stage.config, **settings))
+                  for stage in load_stages(Path(config_path), intermediate_dir)]
+        plan = merge_stages(stages, out, intermediate_dir, force=force, redo=not lazy, quiet=quiet,
+                            address=address, log=log)
+    else:
+        plan = run_merge(_with_overrides(load_config(config_path), **settings), out, force=force, quiet=quiet,
+                         address=address, log=log)
     if not quiet:
         click.echo(f"merged {len(plan.tensors)} tensors into {out}", err=True)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
 
 
 def _one_value(what: str, *given: tuple[str, object]):
@@ -128,14 +159,35 @@ def validate(config_path, deep):
     from .estimates import describe
     from .plan import build_plan
 
-    config = _load(config_path)
-    plan = build_plan(config)
-    if deep:
-        from .validate import scan_inputs
+    for label, config in _each_stage(config_path):
+        plan = build_plan(config)
+        if deep:
+            from .validate import scan_inputs
 
-        scan_inputs(plan)
-    click.echo(describe(plan, config.engine.device or "cpu"))
+            scan_inputs(plan)
+        click.echo(label + describe(plan, config.engine.device or "cpu"))
     click.echo("ok")
+
+
+def _each_stage(config_path: str, **overrides):
+    """(heading, config) of each merge in CONFIG that can be planned now: the config itself, or each stage of a
+    multi-stage config whose inputs exist (one that reads another stage's output is checked as far as it can be,
+    and said so)."""
+    from .merge import check_stage
+    from .stages import is_multi_stage, load_stages
+
+    if not is_multi_stage(_read_text(config_path), config_path):
+        yield "", _load(config_path, **overrides)
+        return
+    intermediate_dir = Path(config_path).parent / "stages"  # not created: only names the stages' outputs
+    for stage in load_stages(Path(config_path), intermediate_dir):
+        label = "final merge" if stage.name is None else f"stage {stage.name}"
+        check_stage(stage, intermediate_dir)
+        if stage.needs:
+            click.echo(f"{label}: {stage.config.merge_method} of stage(s) {', '.join(stage.needs)}: its method, "
+                       "parameters and other models are checked; the rest is planned when they have run\n")
+            continue
+        yield f"{label}:\n", _with_overrides(stage.config, **overrides)
 
 
 @cli.command()
@@ -154,11 +206,11 @@ def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers):
     from .estimates import Cluster, describe
     from .plan import build_plan
 
-    config = _load(config_path, device="cuda" if gpus else None)
-    merge_plan = build_plan(config, config_only=True)
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
-    click.echo(describe(merge_plan, config.engine.device or "cpu", cluster))
+    for label, config in _each_stage(config_path, device="cuda" if gpus else None):
+        merge_plan = build_plan(config, config_only=True)
+        click.echo(label + describe(merge_plan, config.engine.device or "cpu", cluster))
 
 
 @cli.command()

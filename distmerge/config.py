@@ -169,6 +169,11 @@ def parse_config(text: str, base_dir: str = ".", source: str = "config") -> Merg
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    return config_from_document(raw, base_dir, source)
+
+
+def config_from_document(raw: Any, base_dir: str = ".", source: str = "config") -> MergeConfig:
+    """A MergeConfig from one parsed YAML document (`source` names it in errors)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping with at least `merge_method` and `models`")
 

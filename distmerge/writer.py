@@ -170,7 +170,7 @@ def _write_durably(temp: Path, path: Path, data: bytes) -> None:
             raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     _write_durably(path.with_name(f".{path.name}.tmp"), path, text.encode())
 
 
@@ -331,7 +331,7 @@ class OutputDir:
                 shutil.rmtree(self.state)
         with storage_errors("creating", self.state / "shards"):
             (self.state / "shards").mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}))
+        atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}))
         return {}
 
     def _entries(self) -> list[Path]:
@@ -379,7 +379,7 @@ class OutputDir:
             if value is not None:
                 return value
         value = compute()
-        _atomic_write_text(file, json.dumps(value))
+        atomic_write_text(file, json.dumps(value))
         return value
 
     def check_free_space(self, bytes_needed: int) -> None:
@@ -396,7 +396,7 @@ class OutputDir:
     def commit_shard(self, temp: Path, record: ShardRecord) -> None:
         with storage_errors("writing", self.path / record.shard):
             os.replace(temp, self.path / record.shard)
-        _atomic_write_text(self.state / "shards" / f"{record.shard}.json", json.dumps(asdict(record)))
+        atomic_write_text(self.state / "shards" / f"{record.shard}.json", json.dumps(asdict(record)))
 
     # ---- after the work (driver) ------------------------------------------------------------------------------
 
