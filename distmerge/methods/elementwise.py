@@ -39,8 +39,8 @@ def aggregate(default: str) -> Param:
 
 def rescale(default: str, choices: tuple[str, ...] = ("inverse", "l1", "none")) -> Param:
     return Param("rescale", choices, default,
-                 "survivors of dropping: inverse = divide by keep probability, l1 = restore the L1 norm "
-                 "(mergekit's `rescale: true`), none", bool_map={True: "l1", False: "none"})
+                 "survivors of dropping: l1 = restore the L1 norm (mergekit's `rescale: true`), inverse = divide by "
+                 "the keep probability (the DARE and DELLA papers), none", bool_map={True: "l1", False: "none"})
 
 
 TRIM_SCOPE = Param("trim_scope", ("tensor", "global"), "tensor",
@@ -218,7 +218,7 @@ def ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "magnitude", elect_sign=True)
 
 
-DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, rescale("inverse"), INT8_MASK)
+DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, rescale("l1"), INT8_MASK)
 
 
 @merge_method("dare_linear", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
@@ -228,9 +228,9 @@ def dare_linear(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "random", elect_sign=False)
 
 
-@merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("mean"),), random=True,
+@merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
               reference="https://arxiv.org/abs/2311.03099",
-              summary="DARE drop and rescale, then TIES sign election and disjoint mean")
+              summary="DARE drop and rescale, then TIES sign election; agreeing entries summed (or averaged)")
 def dare_ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "random", elect_sign=True)
 
@@ -245,9 +245,9 @@ def breadcrumbs(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "breadcrumbs", elect_sign=False)
 
 
-@merge_method("breadcrumbs_ties", needs_base=True, params=BREADCRUMBS_PARAMS + (aggregate("mean"),),
+@merge_method("breadcrumbs_ties", needs_base=True, params=BREADCRUMBS_PARAMS + (aggregate("sum"),),
               reference="https://arxiv.org/abs/2312.06795",
-              summary="breadcrumbs mask, then TIES sign election and disjoint mean")
+              summary="breadcrumbs mask, then TIES sign election; agreeing entries summed (or averaged)")
 def breadcrumbs_ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "breadcrumbs", elect_sign=True)
 
@@ -260,7 +260,7 @@ def check_della(p: dict) -> str | None:
     return None
 
 
-DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("inverse"), INT8_MASK)
+DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("l1"), INT8_MASK)
 
 
 @merge_method("della", needs_base=True, params=DELLA_PARAMS + (aggregate("mean"),), random=True, check=check_della,
