@@ -11,7 +11,7 @@
     dtype: float32                               # compute precision (never below float32)
     out_dtype: bfloat16                          # saved dtype
     tokenizer_source: base                       # base, or a model reference
-    distmerge: {seed: 0, shard_size: 2GB, device: cpu}
+    distmerge: {seed: 0, shard_size: 2GB, device: cpu}   # rng: mergekit draws as `mergekit-yaml --random-seed`
 
 Parameter values follow mergekit: a scalar; a list of numbers, interpolated over the layers (the first value
 applies to tensors outside the layers); or a list of `{filter, value}` pairs where the first filter that is a
@@ -53,6 +53,7 @@ UNSUPPORTED_KEYS = {
 }
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
+RNG_CHOICES = ("distmerge", "mergekit")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class EngineSettings:
     runtime: str = "local"
     workers: int | None = None
     threads: int | None = None  # CPU threads per worker; None: all cores locally, 1 per Ray CPU worker
+    # random draws: "distmerge" (counter-based, keyed by seed, tensor and model) or "mergekit" (torch's CPU
+    # generator, seeded and advanced as `mergekit-yaml --random-seed SEED` does; docs/methods.md, Random draws)
+    rng: str = "distmerge"
 
     @staticmethod
     def parse(raw: Any) -> "EngineSettings":
@@ -72,7 +76,7 @@ class EngineSettings:
             return EngineSettings()
         if not isinstance(raw, dict):
             raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
-        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads"}
+        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", "rng"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
@@ -89,6 +93,8 @@ class EngineSettings:
             settings = replace(settings, workers=parse_positive_int(raw["workers"], "distmerge.workers"))
         if "threads" in raw:
             settings = replace(settings, threads=parse_positive_int(raw["threads"], "distmerge.threads"))
+        if "rng" in raw:
+            settings = replace(settings, rng=parse_choice(raw["rng"], RNG_CHOICES, "distmerge.rng"))
         return settings
 
 
@@ -126,6 +132,7 @@ class MergeConfig:
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
             "seed": self.engine.seed,
+            "rng": self.engine.rng,
             "shard_size": self.engine.shard_size,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -142,7 +149,7 @@ class MergeConfig:
             value = getattr(self, key)
             if value:
                 doc[key] = value
-        doc["distmerge"] = {"seed": self.engine.seed, "shard_size": self.engine.shard_size}
+        doc["distmerge"] = {"seed": self.engine.seed, "rng": self.engine.rng, "shard_size": self.engine.shard_size}
         return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -9,6 +9,8 @@ that agree with sign(sum_t w_t d_t); summed, and divided by sum_t w_t (over agre
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .registry import FirstPass, Param, TensorContext, merge_method
@@ -89,7 +91,9 @@ def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> Non
                 rescale_kept(delta, kept, p["rescale"], keep_probability=density)
         elif how == "della":
             if density < 1:
-                probability = della_keep_probability(delta.abs(), density, p["epsilon"][t])
+                # mergekit's draws fall on mergekit's ranks: equal magnitudes ordered as its (unstable) sort does
+                probability = della_keep_probability(delta.abs(), density, p["epsilon"][t],
+                                                     stable=not ctx.draws_as_mergekit)
                 kept = ctx.uniform(t, delta.shape, delta.device) < probability
                 rescale_kept(delta, kept, p["rescale"], keep_probability=probability)
         else:
@@ -221,7 +225,13 @@ def ties(base, models, p, ctx):
 DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, rescale("l1"), INT8_MASK)
 
 
+def mergekit_bernoulli_draws(shape: tuple[int, ...], p: dict) -> int:
+    """mergekit draws one Bernoulli mask the size of the tensor per model whose density is below 1."""
+    return math.prod(shape) * sum(density < 1 for density in p["density"])
+
+
 @merge_method("dare_linear", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2311.03099",
               summary="drop entries with probability 1 - density, rescale survivors, task arithmetic")
 def dare_linear(base, models, p, ctx):
@@ -229,6 +239,7 @@ def dare_linear(base, models, p, ctx):
 
 
 @merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2311.03099",
               summary="DARE drop and rescale, then TIES sign election; agreeing entries summed (or averaged)")
 def dare_ties(base, models, p, ctx):
@@ -264,6 +275,7 @@ DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("l1"), INT8_MASK)
 
 
 @merge_method("della", needs_base=True, params=DELLA_PARAMS + (aggregate("mean"),), random=True, check=check_della,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2406.11617",
               summary="per-row keep probability rising with magnitude rank (MagPrune), rescale, TIES election")
 def della(base, models, p, ctx):
@@ -271,7 +283,7 @@ def della(base, models, p, ctx):
 
 
 @merge_method("della_linear", needs_base=True, params=DELLA_PARAMS + (aggregate("sum"),), random=True,
-              check=check_della,
+              check=check_della, mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2406.11617", summary="DELLA's MagPrune and rescale, task arithmetic")
 def della_linear(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "della", elect_sign=False)
