@@ -14,6 +14,9 @@ leaves open written down where they are chosen:
   [density - epsilon, density + epsilon];
 - random methods take their randomness explicitly: DARE a keep mask per task, DELLA uniform draws per task
   (kept where draw < keep probability).
+
+Default arguments are the methods' defaults, which are mergekit 0.1.5's (L1 rescale for DARE and DELLA; the mean
+for linear, ties and della, the sum for the other task-vector methods).
 """
 
 from __future__ import annotations
