@@ -27,7 +27,7 @@ def verdict(result: CaseResult) -> str:
     if result.error:
         return "error"
     if result.sampling is not None:
-        return "sampling error" if result.sampling.agrees else "DIFFERS"
+        return "within sampling error" if result.sampling.agrees else "DIFFERS"
     if result.identical:
         return "identical"
     if result.within_roundoff:
