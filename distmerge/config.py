@@ -11,7 +11,7 @@
     dtype: float32                               # compute precision (never below float32)
     out_dtype: bfloat16                          # saved dtype
     tokenizer_source: base                       # base, or a model reference
-    distmerge: {seed: 0, shard_size: 2GB, device: cpu}
+    distmerge: {seed: 0, shard_size: 2GB, device: cpu}   # rng: mergekit draws as `mergekit-yaml --random-seed`
 
 Parameter values follow mergekit: a scalar; a list of numbers, interpolated over the layers (the first value
 applies to tensors outside the layers); or a list of `{filter, value}` pairs where the first filter that is a
@@ -53,6 +53,7 @@ UNSUPPORTED_KEYS = {
 }
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
+RNG_CHOICES = ("distmerge", "mergekit")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class EngineSettings:
     allow_crimes: bool = False  # mergekit's --allow-crimes: merge models whose config.json architectures differ
     copy_tokenizer: bool = True  # write the tokenizer files of `tokenizer_source` into the output
     write_model_card: bool = True  # write README.md describing the merge
+    # random draws: "distmerge" (counter-based, keyed by seed, tensor and model) or "mergekit" (torch's CPU
+    # generator, seeded and advanced as `mergekit-yaml --random-seed SEED` does; docs/methods.md, Random draws)
+    rng: str = "distmerge"
 
     @staticmethod
     def parse(raw: Any) -> "EngineSettings":
@@ -76,7 +80,7 @@ class EngineSettings:
         if not isinstance(raw, dict):
             raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
         flags = ("allow_crimes", "copy_tokenizer", "write_model_card")
-        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", *flags}
+        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", "rng", *flags}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
@@ -96,6 +100,8 @@ class EngineSettings:
         for flag in flags:
             if flag in raw:
                 settings = replace(settings, **{flag: parse_bool(raw[flag], f"distmerge.{flag}")})
+        if "rng" in raw:
+            settings = replace(settings, rng=parse_choice(raw["rng"], RNG_CHOICES, "distmerge.rng"))
         return settings
 
 
@@ -135,6 +141,7 @@ class MergeConfig:
             "tokenizer_source": self.tokenizer_source,
             "chat_template": self.chat_template,
             "seed": self.engine.seed,
+            "rng": self.engine.rng,
             "shard_size": self.engine.shard_size,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -151,7 +158,7 @@ class MergeConfig:
             value = getattr(self, key)
             if value:
                 doc[key] = value
-        doc["distmerge"] = {"seed": self.engine.seed, "shard_size": self.engine.shard_size}
+        doc["distmerge"] = {"seed": self.engine.seed, "rng": self.engine.rng, "shard_size": self.engine.shard_size}
         return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -20,7 +20,7 @@ from .config import MergeConfig
 from .estimates import bytes_read, bytes_written, unit_read_bytes
 from .methods import get_method
 from .params import check_parameter_names
-from .plan import MergePlan, build_plan, fingerprint
+from .plan import MergePlan, build_plan, fingerprint, with_mergekit_draws
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
 from .runtime import Runtime, make_runtime
@@ -32,6 +32,8 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
           address: str | None = None, log=print) -> MergePlan:
     """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine."""
     plan = build_plan(config)  # every check that needs no tensor data, before anything starts
+    if config.engine.rng == "mergekit" and plan.spec.mergekit_draws is not None:
+        plan = with_mergekit_draws(plan)
     engine = config.engine
     out_dir = OutputDir(out)
     with out_dir.lock(log):  # one merge per output, held to the end; a second one fails here

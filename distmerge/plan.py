@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
@@ -25,6 +25,7 @@ from .config import MergeConfig, layer_position
 from .errors import CheckpointError, ConfigError
 from .estimates import tensor_cost
 from .methods import FirstPass, MethodSpec, Work, get_method
+from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params
 from .writer import TOKENIZER_FILES
 
@@ -42,6 +43,7 @@ class TensorJob:
     params: dict
     merge: bool = True  # False: copied from the base (integer buffers and the like)
     work: Work = Work()
+    draw_state: bytes | None = None  # `rng: mergekit`: torch's CPU generator state where this tensor's draws start
 
     @property
     def numel(self) -> int:
@@ -138,6 +140,7 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
                               work=spec.work(name, info.shape, params, len(models))))
 
+    _check_mergekit_rng(config, spec, dropped)
     return MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
@@ -145,6 +148,29 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models),
                                    ([base] if base else []) + models),
     )
+
+
+def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str]) -> None:
+    """`rng: mergekit` holds only where distmerge knows the method's draws in mergekit and draws for the same
+    tensors in the same order."""
+    if config.engine.rng != "mergekit" or not spec.random:
+        return
+    if spec.mergekit_draws is None:
+        raise ConfigError(f"`distmerge.rng: mergekit`: distmerge does not reproduce mergekit's random draws for "
+                          f"`{spec.name}`; remove `rng: mergekit` (the default draws are distmerge's own)")
+    if dropped:
+        raise ConfigError(f"`distmerge.rng: mergekit`: {dropped[0]} is tied to the embedding and not merged here, so "
+                          "the tensors that draw are not mergekit's; remove `rng: mergekit`")
+
+
+def with_mergekit_draws(plan: MergePlan) -> MergePlan:
+    """The plan with every drawing tensor's generator state for `rng: mergekit` (sampling.mergekit_generator_states:
+    one pass of the generator over every draw of the merge, before any tensor is read)."""
+    draws = {job.name: plan.spec.mergekit_draws(job.shape, job.params) for job in plan.tensors if job.merge}
+    states = mergekit_generator_states(plan.config.engine.seed, draws)
+    units = tuple(replace(unit, tensors=tuple(replace(job, draw_state=states.get(job.name)) for job in unit.tensors))
+                  for unit in plan.units)
+    return replace(plan, units=units)
 
 
 def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path,

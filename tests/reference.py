@@ -14,6 +14,9 @@ leaves open written down where they are chosen:
   [density - epsilon, density + epsilon];
 - random methods take their randomness explicitly: DARE a keep mask per task, DELLA uniform draws per task
   (kept where draw < keep probability).
+
+Default arguments are the methods' defaults, which are mergekit 0.1.5's (L1 rescale for DARE and DELLA; the mean
+for linear, ties and della, the sum for the other task-vector methods).
 """
 
 from __future__ import annotations
@@ -167,14 +170,14 @@ def _dare_deltas(base, models, density, keep_masks, rescale_how):
     return out
 
 
-def dare_linear(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="inverse",
+def dare_linear(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="l1",
                 aggregate="sum"):
     deltas = _dare_deltas(base, models, density, keep_masks, rescale_how)
     return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)
 
 
-def dare_ties(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="inverse",
-              aggregate="mean"):
+def dare_ties(base, models, keep_masks, weights=1.0, density=1.0, lam=1.0, rescale_how="l1",
+              aggregate="sum"):
     deltas = _dare_deltas(base, models, density, keep_masks, rescale_how)
     return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
 
@@ -193,12 +196,12 @@ def breadcrumbs(base, models, weights=1.0, density=1.0, gamma=0.01, lam=1.0, res
 
 
 def breadcrumbs_ties(base, models, weights=1.0, density=1.0, gamma=0.01, lam=1.0, rescale_how="none",
-                     aggregate="mean"):
+                     aggregate="sum"):
     deltas = _breadcrumbs_deltas(base, models, density, gamma, rescale_how)
     return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
 
 
-def della_deltas(base, models, draws, density=1.0, epsilon=0.15, rescale_how="inverse"):
+def della_deltas(base, models, draws, density=1.0, epsilon=0.15, rescale_how="l1"):
     deltas = task_vectors(base, models)
     n = len(deltas)
     out = []
@@ -211,13 +214,13 @@ def della_deltas(base, models, draws, density=1.0, epsilon=0.15, rescale_how="in
     return out
 
 
-def della(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="inverse",
+def della(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="l1",
           aggregate="mean"):
     deltas = della_deltas(base, models, draws, density, epsilon, rescale_how)
     return f64(base) + lam * elect_and_merge(deltas, per_model(weights, len(deltas)), aggregate)
 
 
-def della_linear(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="inverse",
+def della_linear(base, models, draws, weights=1.0, density=1.0, epsilon=0.15, lam=1.0, rescale_how="l1",
                  aggregate="sum"):
     deltas = della_deltas(base, models, draws, density, epsilon, rescale_how)
     return f64(base) + lam * weighted_combine(deltas, per_model(weights, len(deltas)), aggregate)

@@ -102,16 +102,19 @@ CASES = {
         dict(density=[1.0, 0.5, 0.3], aggregate="sum", rescale="l1"),
     ],
     "dare_linear": [
-        dict(density=[0.5, 0.5, 0.5]),
-        dict(density=[0.3, 0.75, 0.9], weight=[1.0, 0.5, 2.0], **{"lambda": 0.8}),
+        dict(density=[0.5, 0.5, 0.5]),  # mergekit's defaults: L1 rescale
+        dict(density=[0.5, 0.5, 0.5], rescale="inverse"),  # the paper's 1/p
+        dict(density=[0.3, 0.75, 0.9], weight=[1.0, 0.5, 2.0], rescale="inverse", **{"lambda": 0.8}),
         dict(density=[0.4, 0.6, 0.25], rescale="l1", aggregate="mean"),
         dict(density=[0.7, 0.2, 1.0], rescale="none", weight=[0.3, 0.7, 1.1]),
     ],
     "dare_ties": [
-        dict(density=[0.5, 0.5, 0.5]),
-        dict(density=[0.3, 0.75, 0.9], weight=[1.0, 0.5, 2.0], **{"lambda": 0.8}),
+        dict(density=[0.5, 0.5, 0.5]),  # mergekit's defaults: L1 rescale, agreeing entries summed
+        dict(density=[0.5, 0.5, 0.5], rescale="inverse", aggregate="mean"),  # the paper's 1/p, disjoint mean
+        dict(density=[0.3, 0.75, 0.9], weight=[1.0, 0.5, 2.0], rescale="inverse", aggregate="mean",
+             **{"lambda": 0.8}),
         dict(density=[0.4, 0.6, 0.25], rescale="l1", aggregate="sum"),
-        dict(density=[0.7, 0.2, 1.0], rescale="none"),
+        dict(density=[0.7, 0.2, 1.0], rescale="none", aggregate="mean"),
     ],
     "breadcrumbs": [
         dict(density=[0.5, 0.5, 0.5]),
@@ -119,19 +122,24 @@ CASES = {
         dict(density=[0.9, 0.6, 0.4], gamma=[0.2, 0.0, 0.1], rescale="l1", aggregate="mean"),
     ],
     "breadcrumbs_ties": [
-        dict(density=[0.5, 0.5, 0.5], gamma=[0.1, 0.1, 0.1]),
+        dict(density=[0.5, 0.5, 0.5], gamma=[0.1, 0.1, 0.1]),  # mergekit's default: agreeing entries summed
+        dict(density=[0.5, 0.5, 0.5], gamma=[0.1, 0.1, 0.1], aggregate="mean"),  # the disjoint mean
         dict(density=[0.5, 0.3, 0.8], gamma=[0.1, 0.05, 0.25], weight=[1.0, 0.5, 2.0], aggregate="sum"),
-        dict(density=[0.9, 0.6, 0.4], gamma=[0.2, 0.0, 0.1], rescale="l1", **{"lambda": 1.2}),
+        dict(density=[0.9, 0.6, 0.4], gamma=[0.2, 0.0, 0.1], rescale="l1", aggregate="mean", **{"lambda": 1.2}),
     ],
     "della": [
-        dict(density=[0.5, 0.5, 0.5]),
-        dict(density=[0.4, 0.6, 0.3], epsilon=[0.1, 0.3, 0.2], weight=[1.0, 0.5, 2.0], **{"lambda": 0.8}),
+        dict(density=[0.5, 0.5, 0.5]),  # mergekit's defaults: L1 rescale
+        dict(density=[0.5, 0.5, 0.5], rescale="inverse"),  # the paper's 1/p
+        dict(density=[0.4, 0.6, 0.3], epsilon=[0.1, 0.3, 0.2], weight=[1.0, 0.5, 2.0], rescale="inverse",
+             **{"lambda": 0.8}),
         dict(density=[0.5, 0.7, 0.35], epsilon=[0.05, 0.2, 0.3], rescale="l1", aggregate="sum"),
         dict(density=[0.5, 1.0, 0.6], rescale="none"),
     ],
     "della_linear": [
-        dict(density=[0.5, 0.5, 0.5]),
-        dict(density=[0.4, 0.6, 0.3], epsilon=[0.1, 0.3, 0.2], weight=[1.0, 0.5, 2.0], aggregate="mean"),
+        dict(density=[0.5, 0.5, 0.5]),  # mergekit's defaults: L1 rescale
+        dict(density=[0.5, 0.5, 0.5], rescale="inverse"),  # the paper's 1/p
+        dict(density=[0.4, 0.6, 0.3], epsilon=[0.1, 0.3, 0.2], weight=[1.0, 0.5, 2.0], rescale="inverse",
+             aggregate="mean"),
         dict(density=[0.5, 0.7, 0.35], epsilon=[0.05, 0.2, 0.3], rescale="l1", **{"lambda": 1.4}),
         dict(density=[0.5, 1.0, 0.6], rescale="none"),
     ],
@@ -281,12 +289,16 @@ FLOAT64_CASES = [
     ("ties", dict(density=[1.0, 1.0, 1.0], weight=[0.3, 0.7, 1.1])),
     pytest.param("ties", dict(density=[0.5, 0.3, 0.7]), id="ties-trimmed"),
     pytest.param("breadcrumbs", dict(density=[0.5, 0.3, 0.7], gamma=[0.1, 0.1, 0.1]), id="breadcrumbs-trimmed"),
-    pytest.param("breadcrumbs_ties", dict(density=[0.5, 0.3, 0.7], gamma=[0.1, 0.1, 0.1]), id="breadcrumbs_ties-trimmed"),
+    pytest.param("breadcrumbs_ties", dict(density=[0.5, 0.3, 0.7], gamma=[0.1, 0.1, 0.1], aggregate="mean"),
+                 id="breadcrumbs_ties-trimmed"),
     pytest.param("consensus_ties", dict(density=[0.5, 0.3, 0.7], k=1), id="consensus_ties-trimmed"),
-    ("dare_linear", dict(density=[0.5, 0.3, 0.7])),
-    ("dare_ties", dict(density=[0.5, 0.3, 0.7], rescale="l1")),
-    pytest.param("della", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1]), id="della"),
-    pytest.param("della_linear", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1]), id="della_linear"),
+    ("dare_linear", dict(density=[0.5, 0.3, 0.7], rescale="inverse")),
+    ("dare_ties", dict(density=[0.5, 0.3, 0.7], rescale="l1", aggregate="mean")),
+    ("dare_ties", dict(density=[0.5, 0.3, 0.7])),
+    pytest.param("della", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1], rescale="inverse"), id="della"),
+    pytest.param("della_linear", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1], rescale="inverse"),
+                 id="della_linear"),
+    pytest.param("della_linear", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1]), id="della_linear-l1"),
     ("della", dict(density=[0.5, 0.3, 0.7], epsilon=[0.1, 0.2, 0.1], rescale="none")),
     ("consensus_ta", dict(k=2)),
     ("model_stock", dict()),
@@ -351,17 +363,19 @@ def test_ties_hand_worked(weights, aggregate, lam, want):
 
 
 def test_dare_hand_worked():
-    """density 0.5, rescale inverse: kept entries doubled. Draws for this tensor decide which are kept."""
+    """density 0.5, rescale inverse: kept entries doubled; l1: scaled to the L1 norm of d. Draws for this tensor
+    decide which are kept."""
     base = np.zeros(6)
     d = np.array([1.0, -2.0, 3.0, -4.0, 5.0, -6.0])
     u = draws_for(0, "dare.w", (0,), (6,))[0]
     kept = u < 0.5
     assert 0 < kept.sum() < 6  # some kept, some dropped, else the case shows nothing
-    got, _ = run("dare_linear", base, [base + d], name="dare.w", density=[0.5])
+    got, _ = run("dare_linear", base, [base + d], name="dare.w", density=[0.5], rescale="inverse")
     np.testing.assert_allclose(got, np.where(kept, 2 * d, 0.0), atol=1e-6)
-    got, _ = run("dare_linear", base, [base + d], name="dare.w", density=[0.5], rescale="l1")
-    # L1 of d is 21; survivors scaled to it
-    np.testing.assert_allclose(got, np.where(kept, d, 0.0) * 21 / np.abs(d[kept]).sum(), atol=1e-5)
+    # L1 of d is 21; survivors scaled to it (the default, mergekit's `rescale: true`)
+    for l1 in ({}, {"rescale": "l1"}):
+        got, _ = run("dare_linear", base, [base + d], name="dare.w", density=[0.5], **l1)
+        np.testing.assert_allclose(got, np.where(kept, d, 0.0) * 21 / np.abs(d[kept]).sum(), atol=1e-5)
 
 
 def test_breadcrumbs_hand_worked():
@@ -380,7 +394,8 @@ def test_della_hand_worked_probabilities():
     p = np.array([[0.4, 0.7, 0.5, 0.3, 0.6]])
     np.testing.assert_allclose(ref.della_probability(d, 0.5, 0.2), p, atol=1e-12)
     u = draws_for(2, "della.w", (0,), (1, 5))[0]
-    got, _ = run("della_linear", np.zeros((1, 5)), [d], name="della.w", seed=2, density=[0.5], epsilon=[0.2])
+    got, _ = run("della_linear", np.zeros((1, 5)), [d], name="della.w", seed=2, density=[0.5], epsilon=[0.2],
+                 rescale="inverse")
     np.testing.assert_allclose(got, np.where(u < p, d / p, 0.0), rtol=1e-6)
 
 
@@ -546,8 +561,20 @@ def test_defaults_are_the_documented_ones():
     assert p["mask_lambda"] == [0.6] * 3 and p["k"] == 2
     p = get_method("ties").defaults(2)
     assert p["aggregate"] == "mean" and p["trim_scope"] == "tensor" and p["lambda"] == 1.0 and p["weight"] == [1.0] * 2
+    # mergekit 0.1.5's defaults (its registry.py): `rescale: true` (L1) for DARE and DELLA; `normalize` true for
+    # ties and della, false for the others
     for method in ("dare_linear", "dare_ties", "della", "della_linear"):
-        assert get_method(method).defaults(2)["rescale"] == "inverse", method
+        assert get_method(method).defaults(2)["rescale"] == "l1", method
+    for method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert get_method(method).defaults(2)["rescale"] == "none", method
+    aggregates = {method: get_method(method).defaults(2)["aggregate"]
+                  for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                                 "breadcrumbs_ties", "della", "della_linear")}
+    assert aggregates == {"task_arithmetic": "sum", "ties": "mean", "dare_linear": "sum", "dare_ties": "sum",
+                          "breadcrumbs": "sum", "breadcrumbs_ties": "sum", "della": "mean", "della_linear": "sum"}
+    assert all(get_method(m).defaults(2)["lambda"] == 1.0 and get_method(m).defaults(2)["int8_mask"] is False
+               and get_method(m).defaults(2)["density"] == [1.0, 1.0] for m in aggregates if m != "task_arithmetic")
+    assert get_method("model_stock").defaults(3)["filter_wise"] is False
     assert get_method("linear").defaults(2)["normalize"] is True
 
 

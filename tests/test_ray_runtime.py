@@ -53,6 +53,10 @@ METHOD_CONFIGS = {
     "breadcrumbs_ties": dict(models="density", values=(0.5, 0.6, 0.7)),
     "della": dict(models="density", values=(0.5, 0.4, 0.6)),
     "della_linear": dict(models="density", values=(0.5, 0.4, 0.6), parameters={"rescale": "l1"}),
+    # mergekit's draws: one generator state per tensor, found before the merge, so any worker merges any tensor
+    "dare_ties_rng_mergekit": dict(method="dare_ties", models="density", values=(0.5, 0.3, 0.7),
+                                   engine={"rng": "mergekit"}),
+    "della_rng_mergekit": dict(method="della", models="density", values=(0.5, 0.4, 0.6), engine={"rng": "mergekit"}),
     "consensus_ta": dict(),
     "consensus_ties": dict(models="density", values=(0.5, 0.5, 0.5)),
     "slerp": dict(n_models=1, parameters={"t": 0.3}),
@@ -73,8 +77,9 @@ def method_config(tmp_path: Path, family: dict, case: str) -> Path:
     values = spec.get("values", (None,) * len(experts))
     models = [{"model": str(p), **({"parameters": {spec["models"]: v}} if "models" in spec else {})}
               for p, v in zip(experts, values)]
+    engine = {"distmerge": spec["engine"]} if "engine" in spec else {}
     return write_config(tmp_path / f"{case}.yaml", spec.get("method", case), family, models=models,
-                        base=spec.get("base", "family"), parameters=spec.get("parameters", {}))
+                        base=spec.get("base", "family"), parameters=spec.get("parameters", {}), **engine)
 
 
 @pytest.mark.slow
@@ -84,7 +89,7 @@ def test_ray_writes_the_same_bytes_as_local(tmp_path, family_bf16_sharded, ray_a
     local = merged(cfg, tmp_path / "local", shard_size=6000, threads=1 if case in SPECTRAL else None)
     assert len(local) >= 3
     assert merged(cfg, tmp_path / "ray2", runtime="ray", workers=2, shard_size=6000) == local
-    if case in ("ties_global", "dare_ties", "rtsvm"):  # the two-pass, random and SVD paths with one worker too
+    if case in ("ties_global", "dare_ties", "dare_ties_rng_mergekit", "rtsvm"):  # two-pass, random, SVD: 1 worker too
         assert merged(cfg, tmp_path / "ray1", runtime="ray", workers=1, shard_size=6000) == local
 
 

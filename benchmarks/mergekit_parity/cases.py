@@ -1,5 +1,11 @@
 """What compare_mergekit.py compares: the input families, every method both tools have with its parameters, and
-the input variants each method runs on (one mergekit YAML per method and variant)."""
+the input variants each method runs on (one mergekit YAML per method and variant).
+
+Besides the input variants, every method runs with mergekit's defaults: a config that sets only what the user must
+or means to (per model `weight` and `density`; slerp's `t`), everything else left to each tool's default. The
+random methods (DARE, DELLA) run that at density 1, where both tools must give the same bytes, and below density
+1 twice: with distmerge's own draws (the kept share and the norm of the merged task vector must agree within
+sampling error) and with `distmerge: {rng: mergekit}` (the same bytes as `mergekit-yaml --random-seed`)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import common
 
 SMALL_SCALE = 0.002  # task vectors of ~1e-4 (norms) in the vectors and ~1e-3 in the matrices: gentle fine-tunes
 WEIGHTS = (1.0, 0.7, 0.4)  # 0.7 and 0.4 are not binary fractions: rounding shows
+SEED = 5  # `--random-seed` for mergekit and `distmerge: seed` for the random methods below density 1
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,14 @@ def make_small_family(family: Family, directory: Path) -> Family:
     return Family("f32-small", "float32", False, str(directory / "base"), experts)
 
 
-# method -> models: per-model parameters (None: slerp's base + one model); top: top-level parameters;
-#           differing_defaults: keys set only because the two tools' defaults differ; base: needs base_model
+# method -> models: per-model parameters (None: slerp's base + one model); top: top-level parameters (every one
+#           a mergekit default or not, set explicitly in the input variants); required: top-level parameters
+#           mergekit requires (kept with its defaults); sampled: per-model parameters below density 1, for the
+#           random methods; base: needs base_model
 BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
                       for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
 DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
+SAMPLED = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, (0.5, 0.3, 0.7))]  # DELLA: epsilon 0.15 fits
 
 METHODS: dict[str, dict] = {
     "linear": {"models": [{"weight": w} for w in WEIGHTS], "top": {"normalize": True}, "base": False},
@@ -74,19 +84,18 @@ METHODS: dict[str, dict] = {
                         {"weight": 0.4, "density": 0.7}],
              "top": {"normalize": True, "int8_mask": True, "lambda": 1.1}},
     "breadcrumbs": {"models": BREADCRUMBS_MODELS, "top": {"lambda": 0.9}},
-    "breadcrumbs_ties": {"models": BREADCRUMBS_MODELS, "top": {"int8_mask": True},
-                         "differing_defaults": {"normalize": False}},
-    "dare_linear": {"models": DENSITY_1, "top": {"int8_mask": True}, "differing_defaults": {"rescale": True}},
-    "dare_ties": {"models": DENSITY_1, "top": {"int8_mask": True},
-                  "differing_defaults": {"rescale": True, "normalize": False}},
-    "della": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"normalize": True, "lambda": 1.0},
-              "differing_defaults": {"rescale": True}},
-    "della_linear": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"lambda": 0.9},
-                     "differing_defaults": {"rescale": True}},
+    "breadcrumbs_ties": {"models": BREADCRUMBS_MODELS, "top": {"int8_mask": True, "normalize": False}},
+    "dare_linear": {"models": DENSITY_1, "top": {"int8_mask": True, "rescale": True}, "sampled": SAMPLED},
+    "dare_ties": {"models": DENSITY_1, "top": {"int8_mask": True, "rescale": True, "normalize": False},
+                  "sampled": SAMPLED},
+    "della": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1],
+              "top": {"normalize": True, "lambda": 1.0, "rescale": True}, "sampled": SAMPLED},
+    "della_linear": {"models": [{**m, "epsilon": 0.1} for m in DENSITY_1], "top": {"lambda": 0.9, "rescale": True},
+                     "sampled": SAMPLED},
     # the classic mergekit SLERP recipe: per-module gradients over the layers, 0.5 elsewhere
     "slerp": {"models": None, "top": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                                            {"value": 0.5}]}},
+                                            {"value": 0.5}]}, "required": ("t",)},
     "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
 }
 
@@ -99,11 +108,20 @@ class Variant:
     family: str
     dtype: str
     out_dtype: str | None = None
-    defaults: bool = False  # leave out the keys whose defaults differ (shows the default differences)
+    defaults: bool = False  # only weight, density and required parameters: everything else is each tool's default
+    sampled: bool = False  # the random methods below density 1 (their `sampled` models), seeded
+    rng: str | None = None  # `distmerge: rng`
 
     @property
     def gated(self) -> bool:
-        return self.family.startswith("f32") and not self.defaults
+        """Float32 inputs must give identical bytes or round-off (a sampled case with distmerge's own draws: the
+        same statistics within sampling error)."""
+        return self.family.startswith("f32")
+
+    @property
+    def statistical(self) -> bool:
+        """Different random draws: compared by the kept share and the norm of the merged task vector."""
+        return self.sampled and self.rng != "mergekit"
 
 
 VARIANTS = (
@@ -114,6 +132,9 @@ VARIANTS = (
     Variant("bf16 sharded in, f32 compute, bf16 out", "bf16-sharded", "float32", out_dtype="bfloat16"),
     Variant("bf16 in, dtype bf16", "bf16-single", "bfloat16"),
     Variant("f32, mergekit defaults", "f32-single", "float32", defaults=True),
+    Variant("f32, mergekit defaults, density < 1", "f32-single", "float32", defaults=True, sampled=True),
+    Variant("f32, mergekit defaults, density < 1, rng: mergekit", "f32-single", "float32", defaults=True,
+            sampled=True, rng="mergekit"),
 )
 
 
@@ -124,34 +145,46 @@ class Case:
 
     @property
     def slug(self) -> str:
-        return f"{self.method}__{self.variant.label.replace(',', '').replace(' ', '_')}"
+        label = self.variant.label
+        for old, new in ((",", ""), (":", ""), (" < ", "_below_"), (" ", "_")):
+            label = label.replace(old, new)
+        return f"{self.method}__{label}"
+
+    @property
+    def mergekit_arguments(self) -> list[str]:
+        """What mergekit-yaml needs besides the YAML: the seed of the random cases."""
+        return ["--random-seed", str(SEED)] if self.variant.sampled else []
 
 
 def cases_for(methods: list[str]) -> list[Case]:
-    """Every variant of every method; the defaults variant only where some default differs."""
+    """Every variant of every method; the variants below density 1 only for the random methods."""
     return [Case(method, variant) for method in methods for variant in VARIANTS
-            if not variant.defaults or METHODS[method].get("differing_defaults")]
+            if not variant.sampled or "sampled" in METHODS[method]]
 
 
 def mergekit_config(case: Case, family: Family) -> dict:
     """The YAML document a mergekit user would write for this case."""
-    spec = METHODS[case.method]
+    spec, variant = METHODS[case.method], case.variant
     doc: dict = {"merge_method": case.method}
     if spec.get("base", True):
         doc["base_model"] = family.base
-    if spec["models"] is None:  # slerp: the base and one other model
+    models = spec["sampled"] if variant.sampled else spec["models"]
+    parameters = dict(spec["top"])
+    if variant.defaults:
+        models = models and [{k: v for k, v in m.items() if k in ("weight", "density")} for m in models]
+        parameters = {k: v for k, v in parameters.items() if k in spec.get("required", ())}
+    if models is None:  # slerp: the base and one other model
         doc["models"] = [{"model": family.base}, {"model": family.experts[0]}]
     else:
         doc["models"] = [{"model": path, **({"parameters": params} if params else {})}
-                         for path, params in zip(family.experts, spec["models"])]
-    parameters = dict(spec["top"])
-    if not case.variant.defaults:
-        parameters.update(spec.get("differing_defaults", {}))
+                         for path, params in zip(family.experts, models)]
     if parameters:
         doc["parameters"] = parameters
-    doc["dtype"] = case.variant.dtype
-    if case.variant.out_dtype:
-        doc["out_dtype"] = case.variant.out_dtype
+    doc["dtype"] = variant.dtype
+    if variant.out_dtype:
+        doc["out_dtype"] = variant.out_dtype
+    if variant.sampled:  # mergekit ignores this block; it gets the seed as --random-seed
+        doc["distmerge"] = {"seed": SEED, **({"rng": variant.rng} if variant.rng else {})}
     return doc
 
 

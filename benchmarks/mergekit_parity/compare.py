@@ -1,10 +1,14 @@
-"""compare_mergekit.py's measurements: every output tensor of distmerge against mergekit's, and a probe of how
-torch's default sort breaks exact ties at a top-k boundary (where the two tools may keep different entries)."""
+"""compare_mergekit.py's measurements: every output tensor of distmerge against mergekit's; for random merges
+whose draws differ, the kept share and the norm of the merged task vector against mergekit's, within sampling
+error; and a probe of how torch's default sort breaks exact ties at a top-k boundary (where the two tools may keep
+different entries)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import math
 
 import torch
 
@@ -15,6 +19,13 @@ from .cases import SMALL_SCALE, Case, Family
 # float32 round-off: differences up to this many float32 epsilons of the tensor's largest magnitude pass.
 ROUNDOFF_EPS = 16
 FLOAT32_EPS = torch.finfo(torch.float32).eps
+# Two merges with independent draws agree within sampling error when their statistics differ by at most this many
+# standard deviations of the difference (an upper bound on it, see SamplingCheck): 5 sigma of a normal is a false
+# alarm once in 1.7 million comparisons. What it can see, measured on the parity run's dare_ties case: leaving out
+# the rescale puts the norm 69 sigma away; `rescale: inverse` instead of L1 (0.2 sigma) and, with its weights, a
+# mean instead of a sum (1.1 sigma) it cannot tell apart; the density-1 and `rng: mergekit` columns (identical
+# bytes) pin those.
+SAMPLING_Z = 5.0
 
 
 @dataclass
@@ -45,12 +56,77 @@ def compare_tensor(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> Tenso
                       max_abs <= ROUNDOFF_EPS * FLOAT32_EPS * scale)
 
 
+@dataclass(frozen=True)
+class TaskVectorStatistics:
+    """One tool's merged task vector m = merged - base, over every merged (floating-point) tensor, in float64."""
+
+    numel: int
+    kept: int  # entries where the merge moved away from the base
+    square_sum: float  # ||m||^2
+    fourth_sum: float  # sum of m_i^4
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept / self.numel
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(self.square_sum)
+
+
+def task_vector_statistics(merged: dict, base: dict) -> TaskVectorStatistics:
+    numel = kept = 0
+    square_sum = fourth_sum = 0.0
+    for name, tensor in merged.items():
+        if not tensor.is_floating_point():
+            continue
+        m = tensor.double() - base[name].double()
+        numel += m.numel()
+        kept += int((m != 0).sum())
+        squares = m.square()
+        square_sum += float(squares.sum())
+        fourth_sum += float(squares.square().sum())
+    return TaskVectorStatistics(numel, kept, square_sum, fourth_sum)
+
+
+@dataclass(frozen=True)
+class SamplingCheck:
+    """Do two merges that drew independently agree within sampling error?
+
+    Entries are dropped independently, so the kept count K is a sum of independent 0/1 variables with keep
+    probabilities p_i: Var K = sum p_i (1 - p_i) <= n pbar (1 - pbar) (concavity), estimated with pbar = K / n.
+    The squared norm S = sum m_i^2 is a sum of independent terms (given the per-tensor rescale factors), and
+    Var(m_i^2) <= E[m_i^4], estimated by the observed m_i^4: Var S <= sum m_i^4. Each z is the difference over the
+    square root of the two tools' variances summed. The L1 rescale factor of a tensor, shared by its entries, adds
+    a variance the bound's slack covers: distmerge against itself over 8 seeds (28 pairs, each of the parity run's
+    four random cases) gave share z up to 2.6, as a standard normal does, and norm z up to 1.05.
+    """
+
+    ours: TaskVectorStatistics
+    theirs: TaskVectorStatistics
+
+    @property
+    def share_z(self) -> float:
+        variance = sum(s.numel * s.kept_share * (1 - s.kept_share) for s in (self.ours, self.theirs))
+        return abs(self.ours.kept - self.theirs.kept) / math.sqrt(variance) if variance else 0.0
+
+    @property
+    def norm_z(self) -> float:
+        variance = self.ours.fourth_sum + self.theirs.fourth_sum
+        return abs(self.ours.square_sum - self.theirs.square_sum) / math.sqrt(variance) if variance else 0.0
+
+    @property
+    def agrees(self) -> bool:
+        return self.share_z <= SAMPLING_Z and self.norm_z <= SAMPLING_Z
+
+
 @dataclass
 class CaseResult:
     case: Case
     error: str | None = None
     tensors: list[TensorDiff] = field(default_factory=list)
     dtypes: str = ""
+    sampling: SamplingCheck | None = None  # the cases whose random draws differ between the tools
 
     @property
     def max_abs(self) -> float:
@@ -77,13 +153,21 @@ class CaseResult:
         return self.error is None and all(t.within_roundoff for t in self.tensors)
 
     @property
+    def passes(self) -> bool:
+        """What the gate asks: no error, and round-off (or agreement within sampling error where draws differ)."""
+        if self.sampling is not None:
+            return self.error is None and self.sampling.agrees
+        return self.within_roundoff
+
+    @property
     def worst(self) -> str:
         worst = max(self.tensors, key=lambda t: t.max_abs, default=None)
         return worst.name if worst and worst.max_abs > 0 else ""
 
 
-def compare_case(case: Case, ours_dir: Path, theirs_dir: Path) -> CaseResult:
-    """distmerge's output against mergekit's, tensor by tensor (names and dtypes must match)."""
+def compare_case(case: Case, ours_dir: Path, theirs_dir: Path, base_dir: Path) -> CaseResult:
+    """distmerge's output against mergekit's, tensor by tensor (names and dtypes must match); for a case whose
+    draws differ, also their task vectors' statistics (against the base in `base_dir`)."""
     ours, theirs = load_checkpoint(ours_dir), load_checkpoint(theirs_dir)
     if set(ours) != set(theirs):
         only = sorted(set(ours) ^ set(theirs))
@@ -93,6 +177,9 @@ def compare_case(case: Case, ours_dir: Path, theirs_dir: Path) -> CaseResult:
     result.dtypes = ", ".join(f"{o.removeprefix('torch.')}/{t.removeprefix('torch.')}" for o, t in sorted(dtypes))
     if any(o != t for o, t in dtypes):
         result.error = f"output dtypes differ (distmerge/mergekit): {result.dtypes}"
+    if case.variant.statistical:
+        base = load_checkpoint(base_dir)
+        result.sampling = SamplingCheck(task_vector_statistics(ours, base), task_vector_statistics(theirs, base))
     return result
 
 

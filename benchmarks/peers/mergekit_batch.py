@@ -2,7 +2,7 @@
 
     python mergekit_batch.py JOBS.json FAILURES.json
 
-JOBS.json: a list of [config, output directory]. FAILURES.json gets {output directory: traceback} for the merges
+JOBS.json: a list of [config, output directory, mergekit-yaml arguments...]. FAILURES.json gets {output directory: traceback} for the merges
 that raised. Run by the mergekit venv's python (compare_mergekit.py): one start-up of Python and torch for all
 the merges instead of one each.
 """
@@ -17,9 +17,10 @@ from mergekit.scripts.run_yaml import main
 
 def run_all(jobs: list) -> dict:
     failures = {}
-    for config, out in jobs:
+    for config, out, *arguments in jobs:
         try:
-            main([config, out, "--no-lazy-unpickle", "--quiet", "--no-write-model-card"], standalone_mode=False)
+            main([config, out, "--no-lazy-unpickle", "--quiet", "--no-write-model-card", *arguments],
+                 standalone_mode=False)
         except BaseException:  # however a merge fails, it is reported and the next one runs
             failures[out] = traceback.format_exc(limit=4)
     return failures

@@ -9,6 +9,8 @@ that agree with sign(sum_t w_t d_t); summed, and divided by sum_t w_t (over agre
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .registry import FirstPass, Param, TensorContext, merge_method
@@ -39,8 +41,8 @@ def aggregate(default: str) -> Param:
 
 def rescale(default: str, choices: tuple[str, ...] = ("inverse", "l1", "none")) -> Param:
     return Param("rescale", choices, default,
-                 "survivors of dropping: inverse = divide by keep probability, l1 = restore the L1 norm "
-                 "(mergekit's `rescale: true`), none", bool_map={True: "l1", False: "none"})
+                 "survivors of dropping: l1 = restore the L1 norm (mergekit's `rescale: true`), inverse = divide by "
+                 "the keep probability (the DARE and DELLA papers), none", bool_map={True: "l1", False: "none"})
 
 
 TRIM_SCOPE = Param("trim_scope", ("tensor", "global"), "tensor",
@@ -89,7 +91,9 @@ def sparsify(deltas: torch.Tensor, p: dict, ctx: TensorContext, how: str) -> Non
                 rescale_kept(delta, kept, p["rescale"], keep_probability=density)
         elif how == "della":
             if density < 1:
-                probability = della_keep_probability(delta.abs(), density, p["epsilon"][t])
+                # mergekit's draws fall on mergekit's ranks: equal magnitudes ordered as its (unstable) sort does
+                probability = della_keep_probability(delta.abs(), density, p["epsilon"][t],
+                                                     stable=not ctx.draws_as_mergekit)
                 kept = ctx.uniform(t, delta.shape, delta.device) < probability
                 rescale_kept(delta, kept, p["rescale"], keep_probability=probability)
         else:
@@ -218,19 +222,26 @@ def ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "magnitude", elect_sign=True)
 
 
-DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, rescale("inverse"), INT8_MASK)
+DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, rescale("l1"), INT8_MASK)
+
+
+def mergekit_bernoulli_draws(shape: tuple[int, ...], p: dict) -> int:
+    """mergekit draws one Bernoulli mask the size of the tensor per model whose density is below 1."""
+    return math.prod(shape) * sum(density < 1 for density in p["density"])
 
 
 @merge_method("dare_linear", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2311.03099",
               summary="drop entries with probability 1 - density, rescale survivors, task arithmetic")
 def dare_linear(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "random", elect_sign=False)
 
 
-@merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("mean"),), random=True,
+@merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2311.03099",
-              summary="DARE drop and rescale, then TIES sign election and disjoint mean")
+              summary="DARE drop and rescale, then TIES sign election; agreeing entries summed (or averaged)")
 def dare_ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "random", elect_sign=True)
 
@@ -245,9 +256,9 @@ def breadcrumbs(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "breadcrumbs", elect_sign=False)
 
 
-@merge_method("breadcrumbs_ties", needs_base=True, params=BREADCRUMBS_PARAMS + (aggregate("mean"),),
+@merge_method("breadcrumbs_ties", needs_base=True, params=BREADCRUMBS_PARAMS + (aggregate("sum"),),
               reference="https://arxiv.org/abs/2312.06795",
-              summary="breadcrumbs mask, then TIES sign election and disjoint mean")
+              summary="breadcrumbs mask, then TIES sign election; agreeing entries summed (or averaged)")
 def breadcrumbs_ties(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "breadcrumbs", elect_sign=True)
 
@@ -260,10 +271,11 @@ def check_della(p: dict) -> str | None:
     return None
 
 
-DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("inverse"), INT8_MASK)
+DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("l1"), INT8_MASK)
 
 
 @merge_method("della", needs_base=True, params=DELLA_PARAMS + (aggregate("mean"),), random=True, check=check_della,
+              mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2406.11617",
               summary="per-row keep probability rising with magnitude rank (MagPrune), rescale, TIES election")
 def della(base, models, p, ctx):
@@ -271,7 +283,7 @@ def della(base, models, p, ctx):
 
 
 @merge_method("della_linear", needs_base=True, params=DELLA_PARAMS + (aggregate("sum"),), random=True,
-              check=check_della,
+              check=check_della, mergekit_draws=mergekit_bernoulli_draws,
               reference="https://arxiv.org/abs/2406.11617", summary="DELLA's MagPrune and rescale, task arithmetic")
 def della_linear(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "della", elect_sign=False)

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .linalg import Decomposition
-from .sampling import uniform
+from .sampling import generator_from_state, uniform
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ class TensorContext:
 
     `stats` is filled by the method (ranks kept, outlier share, ...) and ends up in the merge report.
     `first_pass` is the result of the method's first pass over the whole model (None when it has none).
+    `rng` is `distmerge: rng`; with "mergekit", `draw_state` is the state of torch's CPU generator where mergekit
+    starts drawing for this tensor (None for a tensor that draws nothing).
     """
 
     name: str
@@ -111,12 +113,29 @@ class TensorContext:
     model_ids: tuple[int, ...] = ()
     first_pass: Any = None
     stats: dict = field(default_factory=dict)
+    rng: str = "distmerge"
+    draw_state: bytes | None = None
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    @property
+    def draws_as_mergekit(self) -> bool:
+        return self.rng == "mergekit"
 
     def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0,
                 stream: str = "") -> torch.Tensor:
         """Uniform [0, 1) draws for task `task`, keyed by (seed, tensor name, model index, stream): any worker,
         device or processing order gives the same numbers. `start` offsets into the flat element stream (row
-        chunks); `stream` names an independent stream for another use (e.g. "svd" sketches)."""
+        chunks); `stream` names an independent stream for another use (e.g. "svd" sketches).
+
+        With `rng: mergekit` the main stream is mergekit's instead: torch.rand from this tensor's generator state,
+        on the CPU, consumed in call order (a method asks for its tasks in model order, as mergekit draws them);
+        `start` must then be 0."""
+        if self.draws_as_mergekit and not stream:
+            if self.draw_state is None or start:
+                raise ValueError(f"{self.name}: mergekit's draws are one sequence per tensor, from the start")
+            if self._generator is None:
+                self._generator = generator_from_state(self.draw_state)
+            return torch.rand(shape, generator=self._generator).to(device)
         name = f"{self.name}#{stream}" if stream else self.name
         return uniform(self.seed, name, self.model_ids[task], shape, device, start)
 
@@ -171,6 +190,9 @@ class MethodSpec:
     details: str = ""  # the exact formulas, where the summary cannot hold them
     work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work
     first_pass: FirstPass | None = None
+    # how many uniforms mergekit 0.1.5 draws for a tensor of this shape with these parameters, for
+    # `rng: mergekit`; None for a random method whose draws distmerge cannot reproduce (or that mergekit lacks)
+    mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None
 
     def defaults(self, n_models: int, **overrides) -> dict:
         """Every parameter at its default (per-model ones as lists), with `overrides` applied as given."""
@@ -194,12 +216,13 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
                  max_models: int | None = None, random: bool = False, reference: str = "",
                  check: Callable[[dict], str | None] | None = None, details: str = "",
                  work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work,
-                 first_pass: FirstPass | None = None):
+                 first_pass: FirstPass | None = None,
+                 mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None):
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
         _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, random,
-                                     reference, check, details, work, first_pass)
+                                     reference, check, details, work, first_pass, mergekit_draws)
         return fn
 
     return register

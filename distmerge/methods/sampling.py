@@ -4,6 +4,9 @@ A stream is keyed by (seed, tensor name, model index), so DARE and DELLA masks d
 or device computes a tensor, nor on the order tensors are processed, nor on whether a tensor is processed whole
 or in row chunks. The hash is SplitMix64's finaliser, computed with wrapping int64 arithmetic, which CPU and
 CUDA kernels implement identically.
+
+`distmerge: {rng: mergekit}` replaces these streams, for DARE and DELLA, by the draws mergekit makes
+(`mergekit_generator_states`); see TensorContext.uniform.
 """
 
 from __future__ import annotations
@@ -57,3 +60,35 @@ def uniform(seed: int, tensor_name: str, model_index: int, shape, device, start:
         x.bitwise_xor_(_shift_right(x, 31, scratch))
         out[lo:hi].copy_(_shift_right(x, 40, scratch)).mul_(2.0**-24)
     return out.reshape(shape)
+
+
+# ---- `distmerge: {rng: mergekit}`: mergekit's own draws ----------------------------------------------------------
+
+_MERGEKIT_SKIP_CHUNK = 1 << 20  # uniforms generated per step while advancing the generator
+
+
+def mergekit_generator_states(seed: int, draws: dict[str, int]) -> dict[str, bytes]:
+    """For each tensor that draws, the state of torch's CPU generator just before mergekit draws for it.
+
+    `mergekit-yaml --random-seed SEED` seeds torch's global CPU generator with SEED, merges the tensors in the order
+    of their names (its scheduler orders tasks by tensor name), and each DARE/DELLA sparsification calls
+    torch.bernoulli once per model with density < 1: one 32-bit Mersenne-Twister output per entry, the same
+    consumption as torch.rand. `draws` maps a tensor's name to the uniforms it takes (0: none). The generator is
+    advanced through every tensor's draws once, here, so that any worker can merge any tensor from its state.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scratch = torch.empty(min(_MERGEKIT_SKIP_CHUNK, max(draws.values(), default=0)))
+    states = {}
+    for name in sorted(draws):
+        if not draws[name]:
+            continue
+        states[name] = bytes(generator.get_state().numpy())
+        for lo in range(0, draws[name], scratch.numel()):
+            scratch[:min(scratch.numel(), draws[name] - lo)].uniform_(generator=generator)
+    return states
+
+
+def generator_from_state(state: bytes) -> torch.Generator:
+    generator = torch.Generator()
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator

@@ -113,10 +113,12 @@ def breadcrumbs_mask(values: torch.Tensor, density: float, gamma: float) -> torc
     return at_least_bottom & ~in_top
 
 
-def della_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: float,
+                           stable: bool = True) -> torch.Tensor:
     """DELLA's MagPrune: per row, keep probability rises linearly with the magnitude's rank, from
     density - epsilon (smallest) to density + epsilon (largest). Ranks within a row come from one stable
-    row-wise sort (rows are short); 1-D tensors are one row."""
+    row-wise sort (rows are short); 1-D tensors are one row. `stable=False` orders equal magnitudes as torch's
+    default sort does (mergekit's ranks)."""
     rows = magnitudes.reshape(1, -1) if magnitudes.dim() < 2 else magnitudes.reshape(magnitudes.shape[0], -1)
     n_cols = rows.shape[1]
     dtype = torch.promote_types(rows.dtype, torch.float32)  # float64 compute keeps float64 probabilities
@@ -125,7 +127,7 @@ def della_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: fl
     ramp = torch.arange(n_cols, dtype=dtype, device=rows.device)
     ramp = ramp / max(1, n_cols - 1) * (2 * epsilon) + (density - epsilon)
     for lo in range(0, rows.shape[0], step):
-        order = torch.sort(rows[lo:lo + step], dim=1, stable=True).indices
+        order = torch.sort(rows[lo:lo + step], dim=1, stable=stable).indices
         probability[lo:lo + step].scatter_(1, order, ramp.expand(order.shape[0], -1))
     return probability.reshape(magnitudes.shape)
 
