@@ -85,7 +85,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: 
     if not job.merge:
         return plan.reference.read(job.name), {}
     base, models = inputs.load(plan, job, device)
-    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass)
+    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, transposed=job.transposed)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .architecture import stored_transposed
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, layer_position
 from .errors import CheckpointError, ConfigError
@@ -41,6 +42,7 @@ class TensorJob:
     params: dict
     merge: bool = True  # False: copied from the base (integer buffers and the like)
     work: Work = Work()
+    transposed: bool = False  # a linear layer's weight stored [in, out] (architecture.stored_transposed)
 
     @property
     def numel(self) -> int:
@@ -132,8 +134,10 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
             jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=info.dtype, params={}, merge=False))
             continue
         params = resolve_params(config, spec, entries, name, layer_position(name, num_layers))
+        transposed = stored_transposed(reference.config, name)
+        as_merged = info.shape[::-1] if transposed else info.shape  # the [out, in] matrix the method sees
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
-                              work=spec.work(name, info.shape, params, len(models))))
+                              work=spec.work(name, as_merged, params, len(models)), transposed=transposed))
 
     return MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),

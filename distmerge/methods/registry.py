@@ -104,6 +104,7 @@ class TensorContext:
 
     `stats` is filled by the method (ranks kept, outlier share, ...) and ends up in the merge report.
     `first_pass` is the result of the method's first pass over the whole model (None when it has none).
+    `transposed`: the tensor is a linear layer's weight stored [in, out] (GPT-2's Conv1D), not [out, in].
     """
 
     name: str
@@ -111,6 +112,7 @@ class TensorContext:
     model_ids: tuple[int, ...] = ()
     first_pass: Any = None
     stats: dict = field(default_factory=dict)
+    transposed: bool = False
 
     def uniform(self, task: int, shape: torch.Size, device: torch.device, start: int = 0,
                 stream: str = "") -> torch.Tensor:
