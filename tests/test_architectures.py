@@ -1,0 +1,220 @@
+"""The architectures distmerge merges, each as a tiny random model built with transformers: a base and two
+fine-tunes (perturbed copies), merged with ties and rtsvm, and loaded back with transformers.
+
+Every family must come back with no missing, unexpected or mismatched keys, its tied weights still tied and its
+`config.json` architecture kept; ties' output must equal the NumPy reference tensor by tensor (as stored); and
+`distmerge plan` must plan the same tensors from config.json alone as from the weights. Mixture-of-experts families
+come in both layouts transformers reads: one matrix per expert (what `save_pretrained` writes, as the published
+checkpoints are) and the fused 3-D tensors transformers 5 holds in memory (`save_original_format=False`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import reference as ref  # noqa: E402
+import reference_spectral as ref_spectral  # noqa: E402
+from conftest import run_cli, write_config  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_plan_work import DecompositionRecorder  # noqa: E402
+
+from distmerge.config import load_config  # noqa: E402
+from distmerge.estimates import describe, svd_count  # noqa: E402
+from distmerge.merge import merge  # noqa: E402
+from distmerge.plan import build_plan  # noqa: E402
+
+ATTENTION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, vocab_size=64, max_position_embeddings=64)
+MOE = dict(ATTENTION, moe_intermediate_size=8, num_experts_per_tok=2)
+
+# family -> (architecture, model_type, config); every model as small as its config allows
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "llama", ATTENTION),
+    "mistral": ("MistralForCausalLM", "mistral", ATTENTION),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", ATTENTION),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", ATTENTION),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", ATTENTION),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", ATTENTION),
+    "phi3": ("Phi3ForCausalLM", "phi3", dict(ATTENTION, pad_token_id=0)),
+    "gpt2": ("GPT2LMHeadModel", "gpt2", dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, vocab_size=64)),
+    "bert": ("BertForMaskedLM", "bert", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, vocab_size=64, max_position_embeddings=64)),
+    "mixtral": ("MixtralForCausalLM", "mixtral", dict(ATTENTION, intermediate_size=8, num_local_experts=4,
+                                                      num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2_moe", dict(MOE, num_experts=4, shared_expert_intermediate_size=8)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe", dict(MOE, num_experts=4)),
+    # layer 0 dense, layer 1 routed experts plus a shared one, multi-head latent attention
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3", dict(
+        MOE, num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+        topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+# what the tests run on: every family as save_pretrained writes it, and the MoE families fused as well
+CHECKPOINTS = list(FAMILIES) + [f"{family}:fused" for family in MOE_FAMILIES]
+
+
+def build_model(family: str):
+    architecture, model_type, config = FAMILIES[family]
+    hf_config = transformers.AutoConfig.for_model(model_type, architectures=[architecture], **config)
+    torch.manual_seed(0)
+    return getattr(transformers, architecture)(hf_config).eval()
+
+
+def fine_tune(model, seed: int):
+    """A perturbed copy: every parameter (a tied one once) moved by noise of 1% of its scale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            scale = float(parameter.abs().mean()) or 1.0
+            parameter.add_(0.01 * scale * torch.randn(parameter.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """checkpoint name -> {"base": dir, "experts": [dir, dir]}, written once for the whole module."""
+    root = tmp_path_factory.mktemp("architectures")
+    written = {}
+    for family in FAMILIES:
+        models = [build_model(family)] + [fine_tune(build_model(family), seed) for seed in (1, 2)]
+        layouts = {family: True}
+        if family in MOE_FAMILIES:
+            layouts[f"{family}:fused"] = False
+        for name, original_format in layouts.items():
+            dirs = [root / name.replace(":", "-") / role for role in ("base", "expert1", "expert2")]
+            for model, path in zip(models, dirs):
+                model.save_pretrained(path, save_original_format=original_format)
+            written[name] = {"base": dirs[0], "experts": dirs[1:]}
+    return written
+
+
+def stored(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def load_merged(path: Path):
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    model, info = getattr(transformers, architecture).from_pretrained(path, output_loading_info=True)
+    return model, info
+
+
+@pytest.fixture(scope="module")
+def merged(checkpoints, tmp_path_factory):
+    """(checkpoint, method) -> output directory, merged on first use."""
+    root = tmp_path_factory.mktemp("merged")
+    outputs = {}
+
+    def get(name: str, method: str, **parameters) -> Path:
+        if (name, method) not in outputs:
+            out = root / f"{name.replace(':', '-')}-{method}"
+            cfg = write_config(root / f"{out.name}.yaml", method, checkpoints[name], parameters=parameters)
+            run_cli("merge", cfg, "-o", out, "--quiet")
+            outputs[name, method] = out
+        return outputs[name, method]
+
+    return get
+
+
+PARAMETERS = {"ties": {"density": 0.5}, "rtsvm": {}}
+
+
+@pytest.mark.parametrize("method", sorted(PARAMETERS))
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_merged_model_loads_with_transformers(name, method, checkpoints, merged):
+    out = merged(name, method, **PARAMETERS[method])
+    model, info = load_merged(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    base_config = json.loads((checkpoints[name]["base"] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["architectures"] == base_config["architectures"]
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert set(stored(out)) == set(stored(checkpoints[name]["base"]))  # the layout it was given
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_ties_merges_every_tensor_as_stored(name, checkpoints, merged):
+    """Each stored tensor (a fused [experts, rows, cols] one as a whole, as mergekit trims it) against the
+    NumPy reference."""
+    out = stored(merged(name, "ties", **PARAMETERS["ties"]))
+    base = stored(checkpoints[name]["base"])
+    experts = [stored(path) for path in checkpoints[name]["experts"]]
+    for tensor, value in out.items():
+        expected = ref.ties(base[tensor], [e[tensor] for e in experts], density=0.5)
+        np.testing.assert_allclose(value.double().numpy(), expected, rtol=0, atol=1e-6, err_msg=tensor)
+
+
+def test_tsvm_decomposes_each_matrix_of_a_fused_expert_tensor(checkpoints, tmp_path, monkeypatch):
+    """A fused [experts, rows, cols] tensor is merged matrix by matrix (the reference on each), and `distmerge
+    plan` declares one set of SVDs per expert matrix, which is what the merge runs."""
+    family = checkpoints["mixtral:fused"]
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", "tsvm", family, parameters={"svd": "gram"}))
+    cfg = replace(cfg, engine=replace(cfg.engine, threads=1))
+    plan = build_plan(cfg)
+    base = stored(family["base"])
+    matrices = sum(t.shape[0] if t.dim() == 3 else 1 for t in base.values() if t.dim() >= 2)
+    assert svd_count(plan) == 2 * matrices  # two tasks: one SVD each per matrix
+    recorder = DecompositionRecorder(monkeypatch)
+    merge(cfg, tmp_path / "out", quiet=True)
+    assert sum(1 for calls in recorder.calls.values() for d in calls if d.is_svd) == svd_count(plan)
+
+    out = stored(tmp_path / "out")
+    experts = [stored(path) for path in family["experts"]]
+    fused = [name for name, t in base.items() if t.dim() == 3]
+    assert fused, "the fused layout has 3-D expert tensors"
+    for name in fused:
+        b = base[name].double().numpy()
+        for e in range(b.shape[0]):
+            deltas = [x[name][e].double().numpy() - b[e] for x in experts]
+            expected = ref_spectral.tsvm(b[e], deltas)
+            np.testing.assert_allclose(out[name][e].double().numpy(), expected, rtol=0, atol=2e-6,
+                                       err_msg=f"{name}[{e}]")
+
+
+def test_iso_cts_merges_conv1d_weights_as_out_by_in_matrices(checkpoints, tmp_path):
+    """GPT-2 stores its linear layers [in, out]; Iso-CTS is not symmetric in the two sides (the common subspace
+    is a left one), so it must see W^T."""
+    family = checkpoints["gpt2"]
+    cfg = write_config(tmp_path / "cfg.yaml", "iso_cts", family, parameters={"svd": "exact", "polar": "svd"})
+    run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet")
+    out, base = stored(tmp_path / "out"), stored(family["base"])
+    experts = [stored(path) for path in family["experts"]]
+    name = "transformer.h.0.attn.c_attn.weight"
+    b = base[name].double().numpy().T
+    expected = ref_spectral.iso_cts(b, [x[name].double().numpy().T - b for x in experts])
+    np.testing.assert_allclose(out[name].double().numpy().T, expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_plan_from_config_json_alone(name, checkpoints, tmp_path):
+    """Models that have only their config.json are planned with the tensors `save_pretrained` writes (for the
+    MoE families one matrix per expert: config.json does not say how a checkpoint not yet downloaded stores
+    them, and that is how they are published)."""
+    family = checkpoints[name]
+    config_only = {}
+    for role, path in [("base", family["base"])] + [(f"expert{i}", p) for i, p in enumerate(family["experts"])]:
+        (tmp_path / role).mkdir()
+        shutil.copy(path / "config.json", tmp_path / role / "config.json")
+        config_only[path] = tmp_path / role
+    with_weights = load_config(write_config(tmp_path / "real.yaml", "tsvm", family))
+    without = load_config(write_config(
+        tmp_path / "cfg.yaml", "tsvm", {"base": config_only[family["base"]],
+                                         "experts": [config_only[p] for p in family["experts"]]}))
+    real, planned = build_plan(with_weights), build_plan(without, config_only=True)
+    assert [(t.name, t.shape) for t in planned.tensors] == [(t.name, t.shape) for t in real.tensors]
+    assert svd_count(planned) == svd_count(real) > 0
+    printed = run_cli("plan", tmp_path / "cfg.yaml").stdout
+    assert f"SVDs          {svd_count(real)}" in printed and "derived from config.json" in printed
+    assert describe(planned, "cpu").splitlines()[1] == describe(real, "cpu").splitlines()[1]
