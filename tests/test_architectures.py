@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from distmerge.config import load_config  # noqa: E402
 from distmerge.estimates import describe, svd_count  # noqa: E402
 from distmerge.merge import merge  # noqa: E402
 from distmerge.plan import build_plan  # noqa: E402
+from distmerge.synthetic import write_tokenizer  # noqa: E402
 
 ATTENTION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8, vocab_size=64, max_position_embeddings=64)
@@ -93,6 +96,7 @@ def checkpoints(tmp_path_factory):
             dirs = [root / name.replace(":", "-") / role for role in ("base", "expert1", "expert2")]
             for model, path in zip(models, dirs):
                 model.save_pretrained(path, save_original_format=original_format)
+                write_tokenizer(path, model.config.vocab_size)  # mergekit copies the base model's
             written[name] = {"base": dirs[0], "experts": dirs[1:]}
     return written
 
@@ -218,3 +222,49 @@ def test_plan_from_config_json_alone(name, checkpoints, tmp_path):
     printed = run_cli("plan", tmp_path / "cfg.yaml").stdout
     assert f"SVDs          {svd_count(real)}" in printed and "derived from config.json" in printed
     assert describe(planned, "cpu").splitlines()[1] == describe(real, "cpu").splitlines()[1]
+
+
+@pytest.mark.peers
+def test_ties_matches_mergekit_on_every_moe_family_and_layout(checkpoints, tmp_path):
+    """mergekit 0.1.5 reads both layouts into transformers 5's fused tensors (its architecture definitions name
+    `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`; a per-expert checkpoint is converted on reading with
+    transformers' conversion mapping), merges the router like any weight, and writes the fused layout. On the
+    fused layout the two tools merge the same tensors and agree exactly. On the per-expert layout distmerge trims
+    each expert matrix where mergekit trims the fused tensor: they agree exactly everywhere else (routers
+    included), and on the experts too when nothing is trimmed (density 1). distmerge's output is compared as
+    transformers loads it (fused), mergekit's as written. mergekit leaves DeepSeek-V3's routed experts out of
+    its output when they are stored one matrix per expert (transformers then initialises them at random)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from peers.venvs import MERGEKIT, driver, ensure_peer_venv
+
+    python, _ = ensure_peer_venv(MERGEKIT)
+    cases = [(name, density) for name in CHECKPOINTS if name.split(":")[0] in MOE_FAMILIES for density in (0.5, 1.0)]
+    jobs, outputs = [], {}
+    for name, density in cases:
+        slug = f"{name.replace(':', '-')}-{density}"
+        cfg = write_config(tmp_path / f"{slug}.yaml", "ties", checkpoints[name], dtype="float32",
+                           parameters={"density": density, "weight": 1.0})  # mergekit wants the weight given
+        outputs[name, density] = {tool: tmp_path / tool / slug for tool in ("mergekit", "distmerge")}
+        jobs.append([str(cfg), str(outputs[name, density]["mergekit"])])
+        run_cli("merge", cfg, "-o", outputs[name, density]["distmerge"], "--quiet")
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run([str(python), str(driver("mergekit_batch.py")), str(tmp_path / "jobs.json"),
+                    str(tmp_path / "failures.json")], check=True, capture_output=True)
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
+    for (name, density), out in outputs.items():
+        per_expert = not name.endswith(":fused")
+        theirs = stored(out["mergekit"])
+        ours = load_merged(out["distmerge"])[0].state_dict() if per_expert else stored(out["distmerge"])
+        left_out = set(ours) - set(theirs)
+        if name == "deepseek_v3":
+            assert left_out == {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
+        else:
+            assert not left_out and set(theirs) == set(ours), (name, set(theirs) ^ set(ours))
+        differ = {key: float((ours[key] - theirs[key]).abs().max()) for key in theirs
+                  if not torch.equal(ours[key], theirs[key])}
+        if per_expert and density < 1:
+            assert all(".experts." in key for key in differ), (name, differ)
+            assert differ or name == "deepseek_v3", "trimming each expert matrix differs from trimming the fused tensor"
+        else:
+            assert not differ, (name, density, differ)
