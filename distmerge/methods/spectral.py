@@ -255,7 +255,7 @@ def median(values: torch.Tensor) -> float:
 
 
 RTSVM_DETAILS = """
-Per 2-D tensor, with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
+Per matrix (a 2-D tensor, or one expert of a 3-D stack), with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
   outlier weighting (outlier_weighting: true):
     tau_t = outlier_m * stat(|d_t|), stat = mean (default, as in OWL) or median of the tensor's magnitudes
     outlier share rho_t = fraction of entries with |d_t| > tau_t                         (reported)
