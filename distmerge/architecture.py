@@ -26,29 +26,33 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor a checkpoint with this config.json holds, as transformers'
     `save_pretrained` writes it (tied weights once, mixture-of-experts weights one matrix per expert, as the
     original checkpoints are published). Built on the meta device: no memory, no weights. Without transformers,
-    or for an architecture it does not know, the Llama family's table (`llama_tensor_shapes`)."""
+    or for a model type it does not know, the Llama family's table (`llama_tensor_shapes`)."""
     try:
-        from transformers import AutoConfig
+        import transformers
     except ImportError:
         return llama_tensor_shapes(config)
-    try:
-        hf_config = AutoConfig.for_model(**config)
-    except (ValueError, KeyError):
+    if config.get("model_type") not in transformers.CONFIG_MAPPING:
         return llama_tensor_shapes(config)
-    return _saved_shapes(hf_config)
+    names = config.get("architectures") or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise ValueError(f"its architecture {names[0] if names else None!r} is not one transformers "
+                         f"{transformers.__version__} has")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # config warnings about a model that is only being measured
+    try:
+        return _saved_shapes(model_class, transformers.AutoConfig.for_model(**config))
+    except Exception as exc:  # whatever transformers raises for a config it cannot build
+        raise ValueError(f"transformers cannot build {names[0]} from it: {exc}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
-def _saved_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+def _saved_shapes(model_class, hf_config) -> dict[str, tuple[int, ...]]:
     import torch
-    import transformers
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    names = getattr(hf_config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    if model_class is None:
-        raise ValueError(f"config.json names architecture {names[0] if names else None!r}, which transformers "
-                         f"{transformers.__version__} does not have")
     with torch.device("meta"):
         model = model_class(hf_config)
     state = model.state_dict()

@@ -332,8 +332,8 @@ def _tensors_from_config(ref: str, config: dict) -> dict[str, TensorInfo]:
         shapes = tensor_shapes(config)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"model {ref} has no weights, and distmerge cannot derive its tensors from its "
-                              f"config.json ({exc}); download the weights, or plan with transformers installed "
-                              "for architectures other than Llama's") from None
+                              f"config.json ({exc}); download the weights first (without transformers installed, only "
+                              "Llama-family configs are planned from config.json alone)") from None
     dtype = TORCH_TO_CODE.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), "BF16")
     return {name: TensorInfo(name, dtype, shape, "") for name, shape in shapes.items()}
 

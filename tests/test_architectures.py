@@ -25,9 +25,9 @@ transformers = pytest.importorskip("transformers")
 
 import reference as ref  # noqa: E402
 import reference_spectral as ref_spectral  # noqa: E402
-from conftest import run_cli, write_config  # noqa: E402
+from conftest import assert_user_error, run_cli, write_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_plan_work import DecompositionRecorder  # noqa: E402
+from test_plan_work import CASES, DecompositionRecorder, assert_the_plan_declares_what_the_merge_runs  # noqa: E402
 
 from distmerge.config import load_config  # noqa: E402
 from distmerge.estimates import describe, svd_count  # noqa: E402
@@ -187,6 +187,14 @@ def test_tsvm_decomposes_each_matrix_of_a_fused_expert_tensor(checkpoints, tmp_p
                                        err_msg=f"{name}[{e}]")
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", ["mixtral:fused", "gpt2"])
+def test_the_plan_declares_what_the_merge_runs_on_stacks_and_conv1d(name, case, checkpoints, tmp_path, monkeypatch):
+    """Every method and backend of test_plan_work, on fused experts (E decompositions per stack) and on GPT-2's
+    transposed weights (declared in the orientation they are decomposed)."""
+    assert_the_plan_declares_what_the_merge_runs(case, checkpoints[name], tmp_path, monkeypatch)
+
+
 def test_iso_cts_merges_conv1d_weights_as_out_by_in_matrices(checkpoints, tmp_path):
     """GPT-2 stores its linear layers [in, out]; Iso-CTS is not symmetric in the two sides (the common subspace
     is a left one), so it must see W^T."""
@@ -222,6 +230,14 @@ def test_plan_from_config_json_alone(name, checkpoints, tmp_path):
     printed = run_cli("plan", tmp_path / "cfg.yaml").stdout
     assert f"SVDs          {svd_count(real)}" in printed and "derived from config.json" in printed
     assert describe(planned, "cpu").splitlines()[1] == describe(real, "cpu").splitlines()[1]
+
+
+def test_a_config_transformers_cannot_build_is_one_error(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["Nope"]}))
+    cfg = write_config(tmp_path / "cfg.yaml", "ties", models=[{"model": str(tmp_path / "base")}],
+                       base=tmp_path / "base")
+    assert_user_error(run_cli("plan", cfg, check=False), str(tmp_path / "base"), "'Nope'", "download the weights")
 
 
 @pytest.mark.peers

@@ -153,6 +153,17 @@ def test_a_weight_stored_transposed_is_merged_as_its_transpose(problem):
     assert not np.allclose(run("iso_cts", base.T, [d.T for d in deltas], svd="exact").T, as_stored.T, atol=1e-4)
 
 
+def test_iso_cts_with_no_task_specific_rank_and_no_oversampling():
+    """A router [experts, hidden] of 4 rows and two tasks: the tasks' share rounds to 0 directions, so with
+    `oversample: 0` the randomized task SVDs have empty sketches (once an endless recursion of the exact SVD of
+    the empty projection); the merge is the common subspace alone."""
+    gen = np.random.default_rng(6)
+    base = gen.standard_normal((4, 16))
+    deltas = [gen.standard_normal((4, 16)) for _ in range(2)]
+    out = run("iso_cts", base, deltas, svd="randomized", oversample=0)
+    close(out - base, ref.iso_cts(base, deltas) - base, 1e-5)
+
+
 def test_tsvm_of_a_task_and_its_copy_is_that_task(problem):
     base, deltas = problem
     half = min(base.shape) // 2
