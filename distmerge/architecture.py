@@ -8,6 +8,8 @@ architecture transformers knows (read from a model built on the meta device), el
 from __future__ import annotations
 
 import fnmatch
+import functools
+import json
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -23,6 +25,17 @@ def stored_transposed(config: dict, name: str) -> bool:
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """name -> shape for every tensor of a checkpoint with this config.json (`shapes_from_config`; the experts
+    of a merge usually share their base's config, which is then built once)."""
+    return dict(_shapes_of(json.dumps(config, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_of(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(shapes_from_config(json.loads(config_json)).items())
+
+
+def shapes_from_config(config: dict) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor a checkpoint with this config.json holds, as transformers'
     `save_pretrained` writes it (tied weights once, mixture-of-experts weights one matrix per expert, as the
     original checkpoints are published). Built on the meta device: no memory, no weights. Without transformers,
@@ -103,6 +116,8 @@ def llama_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
                 p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
             })
+        if config.get("model_type") == "qwen3":
+            shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
     shapes["model.norm.weight"] = (hidden,)
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)

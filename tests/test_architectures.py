@@ -29,6 +29,7 @@ from conftest import assert_user_error, run_cli, write_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_plan_work import CASES, DecompositionRecorder, assert_the_plan_declares_what_the_merge_runs  # noqa: E402
 
+from distmerge.architecture import llama_tensor_shapes  # noqa: E402
 from distmerge.config import load_config  # noqa: E402
 from distmerge.estimates import describe, svd_count  # noqa: E402
 from distmerge.merge import merge  # noqa: E402
@@ -232,6 +233,14 @@ def test_plan_from_config_json_alone(name, checkpoints, tmp_path):
     assert describe(planned, "cpu").splitlines()[1] == describe(real, "cpu").splitlines()[1]
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_llama_table_planning_falls_back_on_agrees_with_transformers(name, checkpoints):
+    """Without transformers, config-only plans use distmerge's own table of the Llama family's tensors."""
+    config = json.loads((checkpoints[name]["base"] / "config.json").read_text())
+    saved = stored(checkpoints[name]["base"])
+    assert llama_tensor_shapes(config) == {tensor: tuple(value.shape) for tensor, value in saved.items()}
+
+
 def test_a_config_transformers_cannot_build_is_one_error(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["Nope"]}))
@@ -254,7 +263,8 @@ def test_ties_matches_mergekit_on_every_moe_family_and_layout(checkpoints, tmp_p
     from peers.venvs import MERGEKIT, driver, ensure_peer_venv
 
     python, _ = ensure_peer_venv(MERGEKIT)
-    cases = [(name, density) for name in CHECKPOINTS if name.split(":")[0] in MOE_FAMILIES for density in (0.5, 1.0)]
+    cases = [(name, density) for name in CHECKPOINTS if name.split(":")[0] in MOE_FAMILIES
+             for density in (0.5, 1.0)]
     jobs, outputs = [], {}
     for name, density in cases:
         slug = f"{name.replace(':', '-')}-{density}"
