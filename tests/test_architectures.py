@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,11 @@ import reference as ref  # noqa: E402
 import reference_spectral as ref_spectral  # noqa: E402
 from conftest import assert_user_error, run_cli, write_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_plan_work import CASES, DecompositionRecorder, assert_the_plan_declares_what_the_merge_runs  # noqa: E402
+from test_plan_work import CASES, assert_the_plan_declares_what_the_merge_runs  # noqa: E402
 
 from distmerge.architecture import llama_tensor_shapes  # noqa: E402
 from distmerge.config import load_config  # noqa: E402
 from distmerge.estimates import describe, svd_count  # noqa: E402
-from distmerge.merge import merge  # noqa: E402
 from distmerge.plan import build_plan  # noqa: E402
 from distmerge.synthetic import write_tokenizer  # noqa: E402
 
@@ -115,16 +113,19 @@ def load_merged(path: Path):
     return model, info
 
 
+PARAMETERS = {"ties": {"density": 0.5}, "rtsvm": {}}
+
+
 @pytest.fixture(scope="module")
 def merged(checkpoints, tmp_path_factory):
-    """(checkpoint, method) -> output directory, merged on first use."""
+    """merged(checkpoint, method): the output directory of that merge (with PARAMETERS), merged on first use."""
     root = tmp_path_factory.mktemp("merged")
     outputs = {}
 
-    def get(name: str, method: str, **parameters) -> Path:
+    def get(name: str, method: str) -> Path:
         if (name, method) not in outputs:
             out = root / f"{name.replace(':', '-')}-{method}"
-            cfg = write_config(root / f"{out.name}.yaml", method, checkpoints[name], parameters=parameters)
+            cfg = write_config(root / f"{out.name}.yaml", method, checkpoints[name], parameters=PARAMETERS[method])
             run_cli("merge", cfg, "-o", out, "--quiet")
             outputs[name, method] = out
         return outputs[name, method]
@@ -132,13 +133,10 @@ def merged(checkpoints, tmp_path_factory):
     return get
 
 
-PARAMETERS = {"ties": {"density": 0.5}, "rtsvm": {}}
-
-
 @pytest.mark.parametrize("method", sorted(PARAMETERS))
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_the_merged_model_loads_with_transformers(name, method, checkpoints, merged):
-    out = merged(name, method, **PARAMETERS[method])
+    out = merged(name, method)
     model, info = load_merged(out)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     base_config = json.loads((checkpoints[name]["base"] / "config.json").read_text())
@@ -153,7 +151,7 @@ def test_the_merged_model_loads_with_transformers(name, method, checkpoints, mer
 def test_ties_merges_every_tensor_as_stored(name, checkpoints, merged):
     """Each stored tensor (a fused [experts, rows, cols] one as a whole, as mergekit trims it) against the
     NumPy reference."""
-    out = stored(merged(name, "ties", **PARAMETERS["ties"]))
+    out = stored(merged(name, "ties"))
     base = stored(checkpoints[name]["base"])
     experts = [stored(path) for path in checkpoints[name]["experts"]]
     for tensor, value in out.items():
@@ -161,19 +159,16 @@ def test_ties_merges_every_tensor_as_stored(name, checkpoints, merged):
         np.testing.assert_allclose(value.double().numpy(), expected, rtol=0, atol=1e-6, err_msg=tensor)
 
 
-def test_tsvm_decomposes_each_matrix_of_a_fused_expert_tensor(checkpoints, tmp_path, monkeypatch):
+def test_tsvm_decomposes_each_matrix_of_a_fused_expert_tensor(checkpoints, tmp_path):
     """A fused [experts, rows, cols] tensor is merged matrix by matrix (the reference on each), and `distmerge
-    plan` declares one set of SVDs per expert matrix, which is what the merge runs."""
+    plan` declares one set of SVDs per expert matrix (that the merge runs them is
+    test_the_plan_declares_what_the_merge_runs_on_stacks_and_conv1d)."""
     family = checkpoints["mixtral:fused"]
-    cfg = load_config(write_config(tmp_path / "cfg.yaml", "tsvm", family, parameters={"svd": "gram"}))
-    cfg = replace(cfg, engine=replace(cfg.engine, threads=1))
-    plan = build_plan(cfg)
+    cfg = write_config(tmp_path / "cfg.yaml", "tsvm", family, parameters={"svd": "gram"})
     base = stored(family["base"])
     matrices = sum(t.shape[0] if t.dim() == 3 else 1 for t in base.values() if t.dim() >= 2)
-    assert svd_count(plan) == 2 * matrices  # two tasks: one SVD each per matrix
-    recorder = DecompositionRecorder(monkeypatch)
-    merge(cfg, tmp_path / "out", quiet=True)
-    assert sum(1 for calls in recorder.calls.values() for d in calls if d.is_svd) == svd_count(plan)
+    assert svd_count(build_plan(load_config(cfg))) == 2 * matrices  # two tasks: one SVD each per matrix
+    run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet")
 
     out = stored(tmp_path / "out")
     experts = [stored(path) for path in family["experts"]]
