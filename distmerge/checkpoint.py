@@ -365,13 +365,14 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensors_from_config(ref: str, config: dict) -> dict[str, TensorInfo]:
-    from .architecture import llama_tensor_shapes
+    from .architecture import tensor_shapes
 
     try:
-        shapes = llama_tensor_shapes(config)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"model {ref} has no weights, and its config.json does not describe a Llama-family "
-                              f"model distmerge can derive tensors from ({exc})") from None
+        shapes = tensor_shapes(config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"model {ref} has no weights, and distmerge cannot derive its tensors from its "
+                              f"config.json ({exc}); download the weights first (without transformers installed, only "
+                              "Llama-family configs are planned from config.json alone)") from None
     dtype = TORCH_TO_CODE.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), "BF16")
     return {name: TensorInfo(name, dtype, shape, "") for name, shape in shapes.items()}
 

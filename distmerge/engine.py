@@ -85,8 +85,8 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: 
     if not job.merge:
         return plan.reference.read(job.name), {}
     base, models = inputs.load(plan, job, device)
-    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, rng=plan.config.engine.rng,
-                        draw_state=job.draw_state)
+    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, transposed=job.transposed,
+                        rng=plan.config.engine.rng, draw_state=job.draw_state)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):

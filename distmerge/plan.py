@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
+from .architecture import stored_transposed
 from .chat_templates import TOKENIZER_CONFIG, resolve_chat_template, tokenizer_files_with_template
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, layer_position
@@ -44,6 +45,7 @@ class TensorJob:
     merge: bool = True  # False: copied from the base (integer buffers and the like)
     work: Work = Work()
     draw_state: bytes | None = None  # `rng: mergekit`: torch's CPU generator state where this tensor's draws start
+    transposed: bool = False  # a linear layer's weight stored [in, out] (architecture.stored_transposed)
 
     @property
     def numel(self) -> int:
@@ -137,8 +139,10 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
             jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=info.dtype, params={}, merge=False))
             continue
         params = resolve_params(config, spec, entries, name, layer_position(name, num_layers))
+        transposed = stored_transposed(reference.config, name)
+        as_merged = info.shape[::-1] if transposed else info.shape  # the [out, in] matrix the method sees
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
-                              work=spec.work(name, info.shape, params, len(models))))
+                              work=spec.work(name, as_merged, params, len(models)), transposed=transposed))
 
     _check_mergekit_rng(config, spec, dropped)
     return MergePlan(

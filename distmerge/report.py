@@ -60,6 +60,11 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def matrix_rank(shape: list[int]) -> int:
+    """min(rows, cols) of the matrices a spectral method decomposed: the tensor, or each of a stack's."""
+    return min(shape[-2:])
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -77,7 +82,7 @@ def summarize(rows: list[dict], models: list[str]) -> str:
     spectral = [r for r in rows if r.get("rank_kept")]
     if spectral:
         tasks = len(spectral[0]["rank_kept"])
-        rank_share = [_mean(r["rank_kept"][t] / min(r["shape"]) for r in spectral) for t in range(tasks)]
+        rank_share = [_mean(r["rank_kept"][t] / matrix_rank(r["shape"]) for r in spectral) for t in range(tasks)]
         lines.append(f"rank kept    {', '.join(f'{x:.1%}' for x in rank_share)} of min(rows, cols), per task "
                      f"(mean over {len(spectral)} SVD-merged tensors)")
         if spectral[0].get("energy_kept"):
@@ -97,7 +102,7 @@ def per_layer(rows: list[dict], key: str, normalise_by_rank: bool = False) -> di
     for r in rows:
         layer = layer_of(r["tensor"])
         if layer is not None and r.get(key):
-            values = [v / min(r["shape"]) for v in r[key]] if normalise_by_rank else r[key]
+            values = [v / matrix_rank(r["shape"]) for v in r[key]] if normalise_by_rank else r[key]
             grouped[layer].append(values)
     return {layer: [_mean(col) for col in zip(*values)] for layer, values in sorted(grouped.items())}
 

@@ -20,11 +20,12 @@ def low_rank_plus_noise(rows, cols, rank, noise, seed, decay=0.7):
     return (u * s) @ v.T + noise * gen.standard_normal((rows, cols))
 
 
-def run(method: str, base: np.ndarray, deltas: list[np.ndarray], name="layers.0.w", **params) -> np.ndarray:
+def run(method: str, base: np.ndarray, deltas: list[np.ndarray], name="layers.0.w", transposed=False,
+        **params) -> np.ndarray:
     spec = get_method(method)
     models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32)
     p = spec.defaults(len(deltas), **params)
-    ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))))
+    ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))), transposed=transposed)
     out = spec.fn(torch.tensor(base, dtype=torch.float32), models, p, ctx)
     run.stats = ctx.stats
     return out.double().numpy()
@@ -107,6 +108,60 @@ def test_a_matrix_narrower_than_the_task_count_keeps_no_triplets(method, unchang
         close(out - base, ref.iso_cts(base, deltas) - base, 1e-5)
     else:
         np.testing.assert_array_equal(out, base.astype(np.float32))
+
+
+STACK_CASES = {
+    "tsvm": ({"svd": "exact"}, lambda b, d: ref.tsvm(b, d)),
+    "tsvm randomized": ({"svd": "randomized", "oversample": 2}, None),
+    "rtsvm": ({}, None),
+    "iso_c": ({}, lambda b, d: ref.iso_c(b, d)),
+    "iso_cts": ({"svd": "exact"}, lambda b, d: ref.iso_cts(b, d)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STACK_CASES))
+def test_a_stack_of_expert_matrices_is_merged_matrix_by_matrix(case):
+    """A fused expert tensor [E, rows, cols]: each matrix exactly as if it were stored alone under the name
+    `name[e]` (the same bytes, random sketches included), and against the reference where there is one; its
+    statistics are the means over the matrices."""
+    method = case.split()[0]
+    params, reference = STACK_CASES[case]
+    gen = np.random.default_rng(11)
+    base = 0.02 * gen.standard_normal((3, 40, 24))
+    deltas = [np.stack([low_rank_plus_noise(40, 24, 24, 0.01, 10 * t + e) for e in range(3)]) for t in range(2)]
+    stacked = run(method, base, deltas, name="layers.0.mlp.experts.down_proj", **params)
+    stack_stats = run.stats
+    alone, alone_stats = [], []
+    for e in range(3):
+        alone.append(run(method, base[e], [d[e] for d in deltas], name=f"layers.0.mlp.experts.down_proj[{e}]",
+                         **params))
+        alone_stats.append(run.stats)
+        if reference is not None:
+            close(alone[e] - base[e], reference(base[e], [d[e] for d in deltas]) - base[e], rel=2e-5)
+    np.testing.assert_array_equal(stacked, np.stack(alone))
+    for key, value in stack_stats.items():
+        if isinstance(value, list) and not isinstance(value[0], str):
+            np.testing.assert_allclose(value, np.mean([s[key] for s in alone_stats], axis=0), err_msg=key)
+
+
+def test_a_weight_stored_transposed_is_merged_as_its_transpose(problem):
+    """Conv1D stores [in, out]: merged as the [out, in] matrix (Iso-CTS's common subspace is a left one, so the
+    orientation matters)."""
+    base, deltas = problem
+    as_stored = run("iso_cts", base.T, [d.T for d in deltas], transposed=True, svd="exact")
+    close(as_stored.T - base, ref.iso_cts(base, deltas) - base, rel=2e-5)
+    assert not np.allclose(run("iso_cts", base.T, [d.T for d in deltas], svd="exact").T, as_stored.T, atol=1e-4)
+
+
+def test_iso_cts_with_no_task_specific_rank_and_no_oversampling():
+    """A router [experts, hidden] of 4 rows and two tasks: the tasks' share rounds to 0 directions, so with
+    `oversample: 0` the randomized task SVDs have empty sketches (once an endless recursion of the exact SVD of
+    the empty projection); the merge is the common subspace alone."""
+    gen = np.random.default_rng(6)
+    base = gen.standard_normal((4, 16))
+    deltas = [gen.standard_normal((4, 16)) for _ in range(2)]
+    out = run("iso_cts", base, deltas, svd="randomized", oversample=0)
+    close(out - base, ref.iso_cts(base, deltas) - base, 1e-5)
 
 
 def test_tsvm_of_a_task_and_its_copy_is_that_task(problem):

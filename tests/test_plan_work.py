@@ -80,8 +80,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_plan_declares_every_decomposition_the_merge_runs(case, tmp_path, family_fp32_single, monkeypatch):
+    assert_the_plan_declares_what_the_merge_runs(case, family_fp32_single, tmp_path, monkeypatch)
+
+
+def assert_the_plan_declares_what_the_merge_runs(case: str, family: dict, tmp_path, monkeypatch) -> None:
+    """CASES[case] on `family`: per tensor, the decompositions the merge runs are those its plan declares."""
     method, parameters = CASES[case]
-    cfg = load_config(write_config(tmp_path / "cfg.yaml", method, family_fp32_single, parameters=parameters))
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", method, family, parameters=parameters))
     cfg = replace(cfg, engine=replace(cfg.engine, threads=1))
     plan = build_plan(cfg)
     recorder = DecompositionRecorder(monkeypatch)

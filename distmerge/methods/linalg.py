@@ -108,7 +108,7 @@ def exact_svd(matrix: torch.Tensor) -> Factors:
     QR, A = Q R, and R is decomposed: the same result, a third of the workspace, and no overflow of cuSOLVER's
     32-bit workspace size on embedding-sized matrices (128256 x 8192 fails without it)."""
     rows, cols = matrix.shape
-    if max(rows, cols) < 2 * min(rows, cols):
+    if max(rows, cols) < 2 * min(rows, cols) or min(rows, cols) == 0:  # an empty one: no QR to reduce by
         driver = CUDA_SVD_DRIVER if matrix.is_cuda else None
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
         return Factors(U, S, Vh.mT, "exact")

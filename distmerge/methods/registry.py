@@ -106,6 +106,7 @@ class TensorContext:
     `first_pass` is the result of the method's first pass over the whole model (None when it has none).
     `rng` is `distmerge: rng`; with "mergekit", `draw_state` is the state of torch's CPU generator where mergekit
     starts drawing for this tensor (None for a tensor that draws nothing).
+    `transposed`: the tensor is a linear layer's weight stored [in, out] (GPT-2's Conv1D), not [out, in].
     """
 
     name: str
@@ -113,6 +114,7 @@ class TensorContext:
     model_ids: tuple[int, ...] = ()
     first_pass: Any = None
     stats: dict = field(default_factory=dict)
+    transposed: bool = False
     rng: str = "distmerge"
     draw_state: bytes | None = None
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)

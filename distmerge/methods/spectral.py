@@ -8,7 +8,10 @@ iso_c     Iso-C (Marczak et al., 2025): the sum of task vectors with its spectru
 iso_cts   Iso-CTS: a common subspace of the sum plus each task's own directions outside it, orthogonalised,
           with a flat spectrum.
 
-Tensors that are not 2-D, and those matching `exclude`, are averaged instead: b + alpha * mean_t w_t d_t.
+A 3-D tensor (the fused experts of a mixture-of-experts layer, [experts, rows, cols]) is merged as its stack of
+matrices, each one decomposed on its own, exactly as the same matrices stored one per tensor. A weight stored
+transposed ([in, out], GPT-2's Conv1D) is merged as the [out, in] matrix it is. Tensors of any other rank (norms,
+biases), and those matching `exclude`, are averaged instead: b + alpha * mean_t w_t d_t.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ SPECTRAL_PARAMS = (WEIGHT, ALPHA, EXCLUDE, SVD, POLAR, OVERSAMPLE, POWER_ITERS)
 
 
 def goes_through_svd(name: str, shape: tuple[int, ...], exclude: tuple[str, ...]) -> bool:
-    return len(shape) == 2 and not matches_any(name, exclude)
+    """A matrix, or a stack of them (fused experts), not excluded."""
+    return len(shape) in (2, 3) and not matches_any(name, exclude)
 
 
 def weighted_task_vectors(base, models, weights) -> torch.Tensor:
@@ -66,6 +70,47 @@ def averaged(base, deltas, alpha) -> torch.Tensor:
     return base.add_(deltas.mean(0), alpha=alpha)
 
 
+def spectral_merge(merge_matrix, base, models, p, ctx: TensorContext) -> torch.Tensor:
+    """One spectral method on one tensor: `merge_matrix(b, d, p, ctx)` merges a matrix b with its weighted task
+    vectors d [T, rows, cols] and returns the result. A matrix is merged as it is; a stack of matrices
+    [E, rows, cols] one matrix at a time, each with its own context (its name gets `[e]`, so its random sketches
+    are its own); anything else is averaged. A matrix stored transposed (`ctx.transposed`) is merged as its
+    transpose, written back through the transposed view."""
+    deltas = weighted_task_vectors(base, models, p["weight"])
+    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
+        return averaged(base, deltas, p["alpha"])
+    matrices, deltas = (base.mT, deltas.mT) if ctx.transposed else (base, deltas)
+    if matrices.dim() == 2:
+        matrices.copy_(merge_matrix(matrices, deltas, p, ctx))
+        return base
+    per_matrix = []
+    for e in range(matrices.shape[0]):
+        matrix_ctx = TensorContext(f"{ctx.name}[{e}]", ctx.seed, ctx.model_ids, ctx.first_pass)
+        matrices[e].copy_(merge_matrix(matrices[e], deltas[:, e], p, matrix_ctx))
+        per_matrix.append(matrix_ctx.stats)
+    ctx.stats.update(mean_over_matrices(per_matrix))
+    return base
+
+
+def mean_over_matrices(stats: list[dict]) -> dict:
+    """The statistics of a stack's matrices as one tensor's: numbers (and per-task lists of them) averaged over
+    the matrices, labels (the SVD backend per task) joined where the matrices differ."""
+    combined = {}
+    for key in stats[0]:
+        values = [s[key] for s in stats]
+        if isinstance(values[0], list):
+            combined[key] = [_mean_or_join(column) for column in zip(*values)]
+        else:
+            combined[key] = _mean_or_join(values)
+    return combined
+
+
+def _mean_or_join(values):
+    if isinstance(values[0], str):
+        return "/".join(dict.fromkeys(values))
+    return sum(values) / len(values)
+
+
 def sketch_source(ctx: TensorContext, task: int, device):
     """Random test matrices for task `task`'s randomized SVD, keyed like every other draw."""
     return lambda shape: ctx.uniform(task, shape, device, stream="svd")
@@ -78,6 +123,22 @@ def averaged_work(shape: tuple[int, ...]) -> Work:
     return Work(scratch=math.prod(shape))
 
 
+def declared_per_matrix(matrix_work):
+    """A method's `work=` from what it runs on one rows x cols matrix, `matrix_work(rows, cols, p, n_tasks)`:
+    that for a matrix, E times its decompositions for a stack of E matrices (merged one after the other, so the
+    scratch is one matrix's), the averaging's for anything else."""
+    def work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+        if not goes_through_svd(name, shape, p["exclude"]):
+            return averaged_work(shape)
+        one = matrix_work(*shape[-2:], p, n_tasks)
+        if len(shape) == 2:
+            return one
+        return Work(one.decompositions * shape[0], one.scratch, one.scratch_float64, one.upper_bound)
+
+    work.__doc__ = matrix_work.__doc__
+    return work
+
+
 def stacked_factors_work(rows: int, cols: int, tasks: list[Decomposition], used: int, polar_method: str,
                          upper_bound: bool = False) -> Work:
     """Per-task decompositions, then the polar factors of the stacked U (rows x used) and V (cols x used); the
@@ -88,12 +149,10 @@ def stacked_factors_work(rows: int, cols: int, tasks: list[Decomposition], used:
                 upper_bound=upper_bound)
 
 
-def task_singular_vectors_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+@declared_per_matrix
+def task_singular_vectors_work(rows: int, cols: int, p: dict, n_tasks: int) -> Work:
     """tsvm: one top-floor(r/T) SVD per task. With `adaptive_rank`, the energy search may stop early and keep
     fewer triplets: the most it can run."""
-    if not goes_through_svd(name, shape, p["exclude"]):
-        return averaged_work(shape)
-    rows, cols = shape
     per_task = min(rows, cols) // n_tasks
     svd_args = (p["svd"], p["oversample"], p["power_iters"])
     if p.get("adaptive_rank"):
@@ -103,22 +162,19 @@ def task_singular_vectors_work(name: str, shape: tuple[int, ...], p: dict, n_tas
     return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"])
 
 
-def iso_c_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
+@declared_per_matrix
+def iso_c_work(rows: int, cols: int, p: dict, n_tasks: int) -> Work:
     """One SVD of the sum with `polar: svd`; with `polar: gram` none, only its Gram matrix's spectrum and polar
     factor."""
-    if not goes_through_svd(name, shape, p["exclude"]):
-        return averaged_work(shape)
-    tall = (max(shape), min(shape))
+    tall = (max(rows, cols), min(rows, cols))
     routes = (Decomposition("exact", *tall),) if p["polar"] == "svd" else (
         Decomposition("spectrum", *tall), Decomposition("polar", *tall))
-    return Work(routes, scratch=2 * math.prod(shape), scratch_float64=3 * min(shape) ** 2)
+    return Work(routes, scratch=2 * rows * cols, scratch_float64=3 * min(rows, cols) ** 2)
 
 
-def iso_cts_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
-    if not goes_through_svd(name, shape, p["exclude"]):
-        return averaged_work(shape)
-    rows, cols = shape
-    common, per_task = iso_cts_ranks(min(shape), n_tasks, p["common_fraction"])
+@declared_per_matrix
+def iso_cts_work(rows: int, cols: int, p: dict, n_tasks: int) -> Work:
+    common, per_task = iso_cts_ranks(min(rows, cols), n_tasks, p["common_fraction"])
     svd_args = (p["svd"], p["oversample"], p["power_iters"])
     tasks = [svd_route(rows, cols, common, *svd_args)] + [svd_route(rows, cols, per_task, *svd_args)] * n_tasks
     work = stacked_factors_work(rows, cols, tasks, common + n_tasks * per_task, p["polar"])
@@ -138,14 +194,13 @@ def _energy_kept(delta: torch.Tensor, factors) -> float:
               summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
                       "orthogonalised; b + alpha * U_o S V_o^T")
 def tsvm(base, models, p, ctx):
-    return task_singular_vectors(base, models, {**p, "outlier_weighting": False, "adaptive_rank": False}, ctx)
+    return spectral_merge(task_singular_vectors, base, models,
+                          {**p, "outlier_weighting": False, "adaptive_rank": False}, ctx)
 
 
-def task_singular_vectors(base, models, p, ctx):
-    """tsvm, with R-TSVM's two additions when their switches are on (both off: tsvm, the same bytes)."""
-    deltas = weighted_task_vectors(base, models, p["weight"])
-    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
-        return averaged(base, deltas, p["alpha"])
+def task_singular_vectors(base, deltas, p, ctx):
+    """tsvm on one matrix, with R-TSVM's two additions when their switches are on (both off: tsvm, the same
+    bytes)."""
     n_tasks, (rows, cols) = deltas.shape[0], base.shape
     per_task = min(rows, cols) // n_tasks
     excess = outlier_excess_(deltas, p, ctx) if p["outlier_weighting"] else None
@@ -200,7 +255,7 @@ def median(values: torch.Tensor) -> float:
 
 
 RTSVM_DETAILS = """
-Per 2-D tensor, with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
+Per matrix (a 2-D tensor, or one expert of a 3-D stack), with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
   outlier weighting (outlier_weighting: true):
     tau_t = outlier_m * stat(|d_t|), stat = mean (default, as in OWL) or median of the tensor's magnitudes
     outlier share rho_t = fraction of entries with |d_t| > tau_t                         (reported)
@@ -232,16 +287,17 @@ With both switches off rtsvm runs exactly tsvm's computation and writes the same
               reference="TSV-M https://arxiv.org/abs/2412.00081; outliers as in OWL https://arxiv.org/abs/2310.05175",
               summary="TSV-M plus outlier-aware weighting of heavy-tailed task vectors and sparsity-adaptive rank")
 def rtsvm(base, models, p, ctx):
-    return task_singular_vectors(base, models, p, ctx)
+    return spectral_merge(task_singular_vectors, base, models, p, ctx)
 
 
 @merge_method("iso_c", needs_base=True, params=SPECTRAL_PARAMS[:3] + (POLAR,), work=iso_c_work,
               reference="https://arxiv.org/abs/2502.04959",
               summary="D = sum_t d_t with every singular value replaced by their mean: b + alpha * mean(S) U V^T")
 def iso_c(base, models, p, ctx):
-    deltas = weighted_task_vectors(base, models, p["weight"])
-    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
-        return averaged(base, deltas, p["alpha"])
+    return spectral_merge(isotropic_sum, base, models, p, ctx)
+
+
+def isotropic_sum(base, deltas, p, ctx):
     total = deltas.sum(0)
     # mean(S) U V^T is mean(S) times the polar factor of D: no SVD needed with the Gram route
     wide = total.shape[0] < total.shape[1]
@@ -272,9 +328,10 @@ def iso_cts_ranks(full_rank: int, n_tasks: int, common_fraction: float) -> tuple
               summary="common subspace of sum_t d_t plus each task's top directions outside it, orthogonalised, "
                       "flat spectrum")
 def iso_cts(base, models, p, ctx):
-    deltas = weighted_task_vectors(base, models, p["weight"])
-    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
-        return averaged(base, deltas, p["alpha"])
+    return spectral_merge(isotropic_common_and_specific, base, models, p, ctx)
+
+
+def isotropic_common_and_specific(base, deltas, p, ctx):
     n_tasks = deltas.shape[0]
     common, per_task = iso_cts_ranks(min(base.shape), n_tasks, p["common_fraction"])
     rows, cols = base.shape
