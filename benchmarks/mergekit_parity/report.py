@@ -102,6 +102,11 @@ def defaults_section(methods: list[str]) -> list[str]:
          "rarely with float32 ones unless the task vectors are a few ulps of the weights (the `task vectors` "
          "column; see the probe below)."),
     ]
+    for method in methods:
+        for asked, written in METHODS[method].get("mergekit_writes", {}).items():
+            lines += ["", (f"`{method}`: with `dtype: {asked}` and no `out_dtype`, mergekit writes {written} tensors "
+                           f"(its {written} masks or factors promote the result and it does not cast back); "
+                           f"distmerge writes {asked}. The values are compared all the same.")]
     return lines
 
 
