@@ -236,6 +236,18 @@ def test_arcee_fusion_quartiles_hand_worked():
     assert ctx.stats["kept_fraction"] == pytest.approx(2 / 9)
 
 
+def test_arcee_fusion_few_changed_rows_are_taken_whole():
+    """Rows the model left alone have KL 0, hence importance 0: with 2 changed rows of 8, q1 = median = q3 = 0, the
+    threshold is 0, and both changed rows are taken whole, small changes included."""
+    base, (model,) = exact_problem((8, 6), 1, seed=5)
+    model = np.where(np.arange(8)[:, None] < 6, base, model)
+    model[6, 0] = base[6, 0] + 2**-16  # a tiny change in a changed row is taken too
+    got, ctx = run("arcee_fusion", base, [model])
+    np.testing.assert_array_equal(got[:6], base[:6])
+    np.testing.assert_allclose(got[6:], model[6:], rtol=0, atol=1e-6)
+    assert ctx.stats["kept_fraction"] == 1.0
+
+
 # ---- edge cases --------------------------------------------------------------------------------------------------
 
 

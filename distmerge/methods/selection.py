@@ -65,10 +65,10 @@ def sce(base, models, p, ctx):
         deltas.mul_(high_variance_mask(deltas, p["select_topk"]))
     elected = elected_sign(deltas)
     weights = energy_weights(deltas)
-    divisor = torch.zeros_like(base)
+    divisor, taken = torch.zeros_like(base), torch.empty_like(base)
     for delta, weight in zip(deltas, weights):
         # the model's weight where its entry has the elected sign (an entry that is 0 never agrees), else 0
-        taken = (delta * elected > 0).to(delta.dtype).mul_(weight)
+        torch.mul(delta, elected, out=taken).gt_(0).mul_(weight)
         divisor.add_(taken)
         delta.mul_(taken)
     merged = sum_into_first_(deltas)
@@ -151,21 +151,23 @@ def reinforced_agent_merge(base, models, p, ctx, reinforce: bool) -> torch.Tenso
     epsilon = p["epsilon"]
     deltas = task_vectors(base, models)
     changed_by = torch.zeros_like(base)  # c per entry (small integers, exact in floating point)
+    changed = torch.empty_like(base)  # per model: 1.0 where it changed the entry, else 0.0
     for delta in deltas:
-        changed_by.add_(delta.abs() > epsilon)
-    only_one = changed_by == 1
+        changed_by.add_(torch.abs(delta, out=changed).gt_(epsilon))
+    only_one = changed_by == 1 if reinforce else None
     divisor = changed_by.clamp_(min=1)
     for delta in deltas:
-        changed = delta.abs() > epsilon
+        torch.abs(delta, out=changed).gt_(epsilon)
         delta.mul_(changed).div_(divisor)  # c = 1 divides exactly: a model's own entries stay as they are
         if reinforce:
-            n_unique = int((changed & only_one).sum())
-            factor = reinforcement(int(changed.sum()) - n_unique, n_unique, p)
-            delta.mul_(torch.where(only_one, factor, 1.0))
+            n_changed = int(changed.count_nonzero())
+            n_unique = int(changed.mul_(only_one).count_nonzero())
+            factor = reinforcement(n_changed - n_unique, n_unique, p)
+            delta.mul_(changed.fill_(1).masked_fill_(only_one, factor))  # lambda_t where c = 1, else 1
     return sum_into_first_(deltas).add_(base)
 
 
-@merge_method("ram", needs_base=True, params=(ram_epsilon(lo_open=False),), work=tensor_copies(3),
+@merge_method("ram", needs_base=True, params=(ram_epsilon(lo_open=False),),
               reference="https://arxiv.org/abs/2601.13572",
               summary="each entry: the mean of the task-vector entries with |d_t| > epsilon (0 where none); "
                       "added to the base")
@@ -173,7 +175,7 @@ def ram(base, models, p, ctx):
     return reinforced_agent_merge(base, models, p, ctx, reinforce=False)
 
 
-@merge_method("ramplus_tl", needs_base=True, work=tensor_copies(3),
+@merge_method("ramplus_tl", needs_base=True, work=tensor_copies(4),
               params=(Param("r", "float", 0.1, "strength of the reinforcement of a model's unique entries", lo=0.0),
                       Param("alpha", "float", 0.2, "cap on the shared-to-unique ratio rho_t", lo=0.0),
                       ram_epsilon(lo_open=True)),
