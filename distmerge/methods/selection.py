@@ -48,7 +48,7 @@ def energy_weights(deltas: torch.Tensor) -> torch.Tensor:
     """w_t = mean(d_t^2) / sum_s mean(d_s^2), in the compute dtype; 1/T each when the total is below 1e-6."""
     energy = torch.stack([delta.square().mean() for delta in deltas])
     total = float(energy.sum())
-    if abs(total) < SCE_WEIGHT_FLOOR:
+    if total < SCE_WEIGHT_FLOOR:
         return torch.ones_like(energy) / energy.numel()
     return energy / total
 
@@ -102,7 +102,7 @@ def arcee_fusion(base, models, p, ctx):
     delta = model.sub_(base)
     importance = delta.abs().mul_(divergence)
     kept = importance >= interquartile_threshold(importance)
-    ctx.stats["kept_fraction"] = float(kept.float().mean())
+    ctx.stats["kept_fraction"] = int(kept.count_nonzero()) / kept.numel()
     return delta.mul_(kept).add_(base)
 
 
@@ -145,7 +145,7 @@ def reinforcement(n_shared: int, n_unique: int, p: dict) -> float:
     return float(1 + p["r"] * rho.clamp(0, p["alpha"]))
 
 
-def reinforced_agent_merge(base, models, p, ctx, reinforce: bool) -> torch.Tensor:
+def reinforced_agent_merge(base, models, p, reinforce: bool) -> torch.Tensor:
     """b + sum_t [|d_t| > epsilon] d_t / c, c = the number of models that changed the entry (0 where none did);
     with `reinforce`, entries only model t changed are scaled by its lambda_t."""
     epsilon = p["epsilon"]
@@ -172,7 +172,7 @@ def reinforced_agent_merge(base, models, p, ctx, reinforce: bool) -> torch.Tenso
               summary="each entry: the mean of the task-vector entries with |d_t| > epsilon (0 where none); "
                       "added to the base")
 def ram(base, models, p, ctx):
-    return reinforced_agent_merge(base, models, p, ctx, reinforce=False)
+    return reinforced_agent_merge(base, models, p, reinforce=False)
 
 
 @merge_method("ramplus_tl", needs_base=True, work=tensor_copies(4),
@@ -183,4 +183,4 @@ def ram(base, models, p, ctx):
               summary="ram, with the entries only model t changed scaled by 1 + r min(alpha, shared_t / unique_t) "
                       "(counts within the tensor)")
 def ramplus_tl(base, models, p, ctx):
-    return reinforced_agent_merge(base, models, p, ctx, reinforce=True)
+    return reinforced_agent_merge(base, models, p, reinforce=True)
