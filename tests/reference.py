@@ -314,3 +314,85 @@ def splitmix64_finalise(z: int) -> int:
 def uniform_draw(key: int, i: int) -> float:
     """Draw i of the stream keyed `key`: the finaliser of key + i * golden (mod 2^64), top 24 bits / 2^24."""
     return (splitmix64_finalise(key + i * GOLDEN) >> 40) / float(1 << 24)
+
+
+# ---- selection methods (sce, arcee_fusion, nearswap, ram, ramplus_tl) --------------------------------------------
+# Two roundings are part of these definitions (mergekit 0.1.5 forms them from integer tensors, so they are float32
+# whatever the compute dtype): sce's count floor(float32(m) * float32(select_topk)) and RAM+'s factor lambda_t.
+
+
+def sce(base, models, select_topk=1.0):
+    """Keep the top floor(select_topk * m) entries by population variance across the models (m = entries with
+    nonzero variance; ties lowest index first); elect e = sign(sum_t d_t) (0 -> +); weight w_t = mean(d_t^2) /
+    sum_s mean(d_s^2) (1/T each when that sum is < 1e-6); result b + sum_t w_t a_t d_t / max(sum_t w_t a_t, 1e-6),
+    a_t = [sign(d_t) == e]."""
+    deltas = task_vectors(base, models)
+    if select_topk < 1:
+        variance = np.var(np.stack(deltas), axis=0)
+        kept = int(np.float32(np.count_nonzero(variance)) * np.float32(select_topk))
+        mask = top_k_mask(variance, kept)
+        deltas = [d * mask for d in deltas]
+    elected = np.where(sum(deltas) >= 0, 1.0, -1.0)
+    energy = np.array([np.mean(d**2) for d in deltas])
+    weights = energy / energy.sum() if energy.sum() >= 1e-6 else np.full(len(deltas), 1.0 / len(deltas))
+    agree = [np.sign(d) == elected for d in deltas]
+    numerator = sum(w * a * d for w, a, d in zip(weights, agree, deltas))
+    divisor = np.maximum(sum(w * a for w, a in zip(weights, agree)), 1e-6)
+    return f64(base) + numerator / divisor
+
+
+def softmax_rows(x) -> np.ndarray:
+    """softmax along the last axis."""
+    x = f64(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def arcee_fusion_importance(base, model) -> np.ndarray:
+    """|x - b| * KL(p || q) of its row, p = softmax(x) + 1e-8, q = softmax(b) + 1e-8 along the last axis."""
+    p, q = softmax_rows(model) + 1e-8, softmax_rows(base) + 1e-8
+    kl = np.sum(p * np.log(p / q), axis=-1, keepdims=True)
+    return np.abs(f64(model) - f64(base)) * kl
+
+
+def arcee_fusion(base, model):
+    """(result, importance, threshold): b + (x - b) where importance >= median + 1.5 (q3 - q1), the quartiles the
+    entries at floor(q (n - 1)) of the ascending order of all importances."""
+    importance = arcee_fusion_importance(base, model)
+    ordered = np.sort(importance.reshape(-1))
+    q1, median, q3 = (ordered[int(q * (ordered.size - 1))] for q in (0.25, 0.5, 0.75))
+    threshold = median + 1.5 * (q3 - q1)
+    kept = importance >= threshold
+    return f64(base) + (f64(model) - f64(base)) * kept, importance, threshold
+
+
+def nearswap(base, model, t):
+    """w = clip(t / max(|x - b|, 1e-6), 0, 1); w x + (1 - w) b."""
+    base, model = f64(base), f64(model)
+    weight = np.clip(t / np.maximum(np.abs(model - base), 1e-6), 0.0, 1.0)
+    return weight * model + (1 - weight) * base
+
+
+def ram(base, models, epsilon=1e-5):
+    """b + the mean over the models that changed an entry (|d_t| > epsilon) of their d_t; 0 where none did."""
+    deltas = task_vectors(base, models)
+    changed = [np.abs(d) > epsilon for d in deltas]
+    count = sum(c.astype(np.int64) for c in changed)
+    total = sum(d * c for d, c in zip(deltas, changed))
+    return f64(base) + np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def ramplus_tl(base, models, r=0.1, alpha=0.2, epsilon=1e-5):
+    """ram, except that an entry only model t changed takes lambda_t d_t, lambda_t = 1 + r clip(rho_t, 0, alpha),
+    rho_t = shared_t / max(unique_t, epsilon): the numbers of entries model t changes together with others / alone
+    (in float32)."""
+    deltas = task_vectors(base, models)
+    changed = [np.abs(d) > epsilon for d in deltas]
+    count = sum(c.astype(np.int64) for c in changed)
+    merged = np.where(count > 1, sum(d * c for d, c in zip(deltas, changed)) / np.maximum(count, 1), 0.0)
+    for d, c in zip(deltas, changed):
+        unique, shared = int(np.sum(c & (count == 1))), int(np.sum(c & (count > 1)))
+        rho = np.float32(shared) / np.float32(max(unique, epsilon))
+        factor = np.float32(1) + np.float32(r) * np.clip(rho, np.float32(0), np.float32(alpha))
+        merged = merged + np.where(c & (count == 1), float(factor) * d, 0.0)
+    return f64(base) + merged

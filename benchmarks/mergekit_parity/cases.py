@@ -68,14 +68,17 @@ def make_small_family(family: Family, directory: Path) -> Family:
     return Family("f32-small", "float32", False, str(directory / "base"), experts)
 
 
-# method -> models: per-model parameters (None: slerp's base + one model); top: top-level parameters (every one
+# method -> models: per-model parameters (None: the base + one model, for slerp, arcee_fusion and nearswap); top: top-level parameters (every one
 #           a mergekit default or not, set explicitly in the input variants); required: top-level parameters
 #           mergekit requires (kept with its defaults); sampled: per-model parameters below density 1, for the
-#           random methods; base: needs base_model
+#           random methods; base: needs base_model; mergekit_writes: {YAML dtype: the dtype mergekit 0.1.5
+#           writes instead} where, without out_dtype, it does not write the YAML's dtype (float32 masks or factors
+#           promote its bfloat16 result, never cast back)
 BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
                       for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
 DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
 SAMPLED = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, (0.5, 0.3, 0.7))]  # DELLA: epsilon 0.15 fits
+RAM_EPSILON = [{"filter": "mlp", "value": 0.005}, {"value": 1e-5}]
 
 METHODS: dict[str, dict] = {
     "linear": {"models": [{"weight": w} for w in WEIGHTS], "top": {"normalize": True}, "base": False},
@@ -97,6 +100,13 @@ METHODS: dict[str, dict] = {
                                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
                                             {"value": 0.5}]}, "required": ("t",)},
     "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
+    "sce": {"models": [{} for _ in WEIGHTS], "top": {"select_topk": 0.5, "int8_mask": True}},
+    "arcee_fusion": {"models": None, "top": {}, "mergekit_writes": {"bfloat16": "float32"}},
+    "nearswap": {"models": None, "top": {"t": 0.005}, "required": ("t",)},
+    # epsilon 0.005 on the MLPs: entries changed by none, one or several experts; mergekit's 1e-5 elsewhere
+    "ram": {"models": [{} for _ in WEIGHTS], "top": {"epsilon": RAM_EPSILON}},
+    "ramplus_tl": {"models": [{} for _ in WEIGHTS], "top": {"r": 0.5, "alpha": 0.5, "epsilon": RAM_EPSILON},
+                   "mergekit_writes": {"bfloat16": "float32"}},
 }
 
 
@@ -155,6 +165,13 @@ class Case:
         """What mergekit-yaml needs besides the YAML: the seed of the random cases."""
         return ["--random-seed", str(SEED)] if self.variant.sampled else []
 
+    @property
+    def mergekit_writes(self) -> str | None:
+        """The dtype mergekit writes instead of the YAML's `dtype` in this case, where METHODS records one."""
+        if self.variant.out_dtype:
+            return None
+        return METHODS[self.method].get("mergekit_writes", {}).get(self.variant.dtype)
+
 
 def cases_for(methods: list[str]) -> list[Case]:
     """Every variant of every method; the variants below density 1 only for the random methods."""
@@ -173,7 +190,7 @@ def mergekit_config(case: Case, family: Family) -> dict:
     if variant.defaults:
         models = models and [{k: v for k, v in m.items() if k in ("weight", "density")} for m in models]
         parameters = {k: v for k, v in parameters.items() if k in spec.get("required", ())}
-    if models is None:  # slerp: the base and one other model
+    if models is None:  # the base and one other model
         doc["models"] = [{"model": family.base}, {"model": family.experts[0]}]
     else:
         doc["models"] = [{"model": path, **({"parameters": params} if params else {})}

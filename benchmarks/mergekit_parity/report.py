@@ -93,8 +93,8 @@ def detail_table(results: list[CaseResult]) -> list[str]:
     return lines
 
 
-def defaults_section() -> list[str]:
-    return [
+def defaults_section(methods: list[str]) -> list[str]:
+    lines = [
         "## The defaults and random-draw columns",
         "",
         ("- `f32, mergekit defaults`: each model sets only `weight` and `density` (slerp: the required `t`), "
@@ -120,6 +120,12 @@ def defaults_section() -> list[str]:
          "with bfloat16 inputs, rarely with float32 ones unless the task vectors are a few ulps of the weights "
          "(the `task vectors` column; see the probe below)."),
     ]
+    for method in methods:
+        for asked, written in METHODS[method].get("mergekit_writes", {}).items():
+            lines += ["", (f"`{method}`: with `dtype: {asked}` and no `out_dtype`, mergekit writes {written} tensors "
+                           f"(its {written} masks or factors promote the result and it does not cast back); "
+                           f"distmerge writes {asked}. The values are compared all the same.")]
+    return lines
 
 
 def probe_section(probes: list[TieProbe]) -> list[str]:
@@ -145,5 +151,5 @@ def probe_section(probes: list[TieProbe]) -> list[str]:
 
 def render(results: list[CaseResult], probes: list[TieProbe], context: dict) -> str:
     sections = [header(context, len(results)), summary_table(results), detail_table(results),
-                defaults_section(), probe_section(probes)]
+                defaults_section(list(dict.fromkeys(r.case.method for r in results))), probe_section(probes)]
     return "\n\n".join("\n".join(section) for section in sections).replace("\n\n\n", "\n\n") + "\n"

@@ -109,6 +109,11 @@ def sum_into_first_(stack: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def elected_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """e = sign(sum_t deltas_t) per entry, with 0 counted as positive: +1.0 or -1.0 (a new tensor)."""
+    return deltas.sum(0).ge_(0).mul_(2).sub_(1)
+
+
 def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bool) -> torch.Tensor:
     """The merged task vector from sparsified task vectors (consumes `deltas`).
 
@@ -123,7 +128,7 @@ def combine(deltas: torch.Tensor, weights: list[float], how: str, elect_sign: bo
             total = sum(weights)
             merged.div_(total if abs(total) >= 1e-8 else 1.0)
         return merged
-    elected = deltas.sum(0).ge_(0).mul_(2).sub_(1)  # +1 or -1
+    elected = elected_sign(deltas)
     # An entry agrees when x_t * e > 0. Multiplying by e = +-1 is exact, so relu(x_t * e) * e is x_t where it
     # agrees and 0 elsewhere, and sign(relu(x_t * e)) is the agreement as 1.0/0.0: float arithmetic throughout,
     # which runs several times faster than masking with booleans.
