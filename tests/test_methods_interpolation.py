@@ -258,6 +258,21 @@ def test_karcher_parameters_match_reference(overrides):
     assert_close(got, want)
 
 
+def test_karcher_resolves_small_angles():
+    """Three models ~1e-3 rad apart and a fourth ~1.5e-4 rad from their mean: its angle is above tol but below what
+    acos of a float32 dot product resolves (a cosine within 6e-8 of 1 rounds to 1, an angle of 0). Measured
+    accurately, the normalised mean is the Karcher mean to tol (no step), as in float64."""
+    gen = np.random.default_rng(25)
+    base = gen.standard_normal((16, 16))
+    models = [base + 1e-3 * gen.standard_normal((16, 16)) for _ in range(3)]
+    models.append(np.mean(models, axis=0) + 2e-4 * gen.standard_normal((16, 16)))
+    models = [m.astype(np.float32).astype(np.float64) for m in models]
+    got, ctx = run("karcher", None, models)
+    want, steps = ref.karcher(models)
+    assert steps == 0 and ctx.stats["iterations"] == 0
+    assert_close(got, want, rtol=5e-7)
+
+
 def test_karcher_of_one_model_is_that_model():
     _, (model,) = problem((3, 3), 1, seed=23)
     got, _ = run("karcher", None, [model])
@@ -421,6 +436,5 @@ def test_a_config_error_names_the_parameter(tmp_path, family_fp32_single):
     with pytest.raises(ConfigError, match=r"`tol: -1.0` is out of range"):
         plan_of(tmp_path, "karcher", family_fp32_single, None, base=None, parameters={"tol": -1})
     with pytest.raises(ConfigError, match=r"`nuslerp_flatten` is set once for the whole merge"):
-        plan_of(tmp_path, "nuslerp", family_fp32_single,
-                [{"model": str(p), "parameters": {"nuslerp_flatten": False}} for p in family_fp32_single["experts"][:2]],
-                base=None)
+        models = [{"model": str(p), "parameters": {"nuslerp_flatten": False}} for p in family_fp32_single["experts"]]
+        plan_of(tmp_path, "nuslerp", family_fp32_single, models[:2], base=None)

@@ -24,7 +24,7 @@ def verdict(result: CaseResult) -> str:
         return "identical"
     if result.within_roundoff:
         return "round-off"
-    return "DIFFERS" if result.case.variant.gated else "differs"
+    return "DIFFERS" if result.case.gated else "differs"
 
 
 def header(context: dict, n_cases: int) -> list[str]:
@@ -49,7 +49,8 @@ def header(context: dict, n_cases: int) -> list[str]:
          f"`{context['work']}/configs/`."),
         (f"- a cell is `identical` (same bytes in every tensor) or `max abs diff (differing elements / total)`. "
          f"Round-off: every tensor within {ROUNDOFF_EPS} float32 eps of its largest magnitude. The run fails when "
-         "a float32-input column (not the defaults column) is neither identical nor round-off."),
+         "a float32-input column (not the defaults column) is neither identical nor round-off, except in the cases "
+         "listed as not gated below, each with its reason."),
         "",
     ]
 
@@ -92,6 +93,11 @@ def defaults_section(methods: list[str]) -> list[str]:
                      "out)")
     if not explicit:
         lines.append("- none among the methods of this run")
+    ungated = [(m, label, why) for m, spec in METHODS.items() if m in methods
+               for label, why in spec.get("ungated", {}).items()]
+    if ungated:
+        lines += ["", "Cases the gate does not apply to:", ""]
+        lines += [f"- `{method}`, {label}: {why}" for method, label, why in ungated]
     lines += [
         "",
         ("Known differences by design: distmerge never computes in 16 bits (`dtype: bfloat16` means float32 "

@@ -144,8 +144,17 @@ def multislerp(base, models, p, ctx):
 
 
 def karcher_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
-    """The mean, the tangent step and one product for the dot products."""
+    """The mean, the tangent step and one vector for the angles."""
     return Work(scratch=3 * math.prod(shape))
+
+
+def angle_between(a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> float:
+    """The angle between unit vectors a and b, 2 atan2(|b - a|, |b + a|), accurate at every angle; acos of a float32
+    dot product is not at small ones (a cosine within 6e-8 of 1 rounds to 1: below ~3e-4 rad the angle is 0 or
+    round-off)."""
+    apart = float(torch.linalg.vector_norm(torch.sub(b, a, out=buffer)))
+    together = float(torch.linalg.vector_norm(torch.add(b, a, out=buffer)))
+    return 2 * math.atan2(apart, together)
 
 
 @merge_method("karcher", needs_base=False, base_is_model=True, min_models=1, work=karcher_work,
@@ -171,20 +180,19 @@ def karcher(base, models, p, ctx):
         mean.add_(unit, alpha=share)
     mean_norm = float(torch.linalg.vector_norm(mean))
     mean = units[0].clone() if mean_norm < tol else mean.div_(mean_norm)
-    tangent = torch.empty_like(mean)
+    tangent, buffer = torch.empty_like(mean), torch.empty_like(mean)
     steps = 0
     for _ in range(p["max_iter"]):
         # the log map of every direction at the mean, averaged: sum_t share theta_t / sin(theta_t) (u_t - cos_t m)
         tangent.zero_()
         along_mean = 0.0
         for unit in units:
-            cos = min(1.0, max(-1.0, float((mean * unit).sum())))
-            theta = math.acos(cos)
+            theta = angle_between(mean, unit, buffer)
             if theta < tol:
                 continue
             coefficient = share * theta / math.sin(theta)
             tangent.add_(unit, alpha=coefficient)
-            along_mean += coefficient * cos
+            along_mean += coefficient * math.cos(theta)
         tangent.sub_(mean, alpha=along_mean)
         step = float(torch.linalg.vector_norm(tangent))
         if step < tol:

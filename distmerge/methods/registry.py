@@ -8,10 +8,11 @@ compute dtype (the function may overwrite them; it owns them), the parameters re
 dict (per-model ones as lists of T values), and a `TensorContext`. It returns the merged tensor. Parameters are
 validated from their declarations before any tensor is read.
 
-Everything else the system must know about a method is declared beside it, in the same decorator: what it
-does with `base_model` (`needs_base`, `optional_base`, `base_is_model`), `work` (the decompositions and scratch memory of one tensor, for `distmerge plan` and the unit order) and
-`first_pass` (a statistic of the whole model that the merge needs before it starts, as TIES' global trimming).
-Planner, engine and runtimes run these without knowing what they compute.
+Everything else the system must know about a method is declared beside it, in the same decorator: what a
+`base_model` is to it (`needs_base`, `optional_base`, `base_is_model`), `work` (the decompositions and scratch
+memory of one tensor, for `distmerge plan` and the unit order) and `first_pass` (a statistic of the whole model
+that the merge needs before it starts, as TIES' global trimming). Planner, engine and runtimes run these without
+knowing what they compute.
 """
 
 from __future__ import annotations
