@@ -382,7 +382,9 @@ def test_merge_plan_and_methods_through_the_cli(method, tmp_path, family_fp32_si
     cfg = write_config(tmp_path / "cfg.yaml", method, family_fp32_single, models=models,
                        base=spec.get("base", "family"), **top)
     n_models = {"passthrough": 1, "nuslerp": 2, "multislerp": 3, "karcher": 3}[method]
-    assert f"method        {method} ({n_models} models" in run_cli("plan", cfg).stdout
+    plan_text = run_cli("plan", cfg).stdout
+    assert f"method        {method} ({n_models} models" in plan_text
+    assert ("counting base model" in plan_text) == (method == "karcher")  # the base is one of karcher's models
     assert run_cli("methods", method).stdout.startswith(f"{method}: ")
     run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet")
     merged = read_model(tmp_path / "out")

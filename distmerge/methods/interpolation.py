@@ -25,14 +25,6 @@ def one_tensor_of_scratch(name: str, shape: tuple[int, ...], p: dict, n_tasks: i
     return Work(scratch=math.prod(shape))
 
 
-def check_weight_sum(p: dict, normalize: str) -> str | None:
-    """Weights divided by their sum must not sum to zero."""
-    if p[normalize] and abs(sum(p["weight"])) < 1e-8:
-        return (f"the weights {p['weight']} sum to zero, so they cannot be normalized; change them or set "
-                f"{normalize}: false")
-    return None
-
-
 # ---- passthrough ---------------------------------------------------------------------------------------------
 
 
@@ -97,12 +89,20 @@ def nuslerp(base, models, p, ctx):
 # ---- multislerp ----------------------------------------------------------------------------------------------
 
 
+def check_multislerp(p: dict) -> str | None:
+    """Weights divided by their sum must not sum to zero."""
+    if p["normalize_weights"] and abs(sum(p["weight"])) < 1e-8:
+        return (f"the weights {p['weight']} sum to zero, so they cannot be normalized; change them or set "
+                "normalize_weights: false")
+    return None
+
+
 @merge_method("multislerp", needs_base=False, optional_base=True, min_models=1, work=one_tensor_of_scratch,
               params=(WEIGHT,
                       Param("normalize_weights", "bool", True, "divide the weights by their sum"),
                       Param("eps", "float", 1e-8, "added to every norm before dividing by it; below it, the mean "
                                                   "direction counts as zero", lo=0.0, lo_open=True)),
-              check=lambda p: check_weight_sum(p, "normalize_weights"),
+              check=check_multislerp,
               reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
               summary="the weighted mean direction of the unit task vectors (or models, without a base), at the "
                       "weighted mean of their norms")
@@ -166,6 +166,7 @@ def angle_between(a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> flo
                       "norm")
 def karcher(base, models, p, ctx):
     n_models = models.shape[0]
+    ctx.stats["iterations"] = 0
     if n_models == 1:
         return models[0]
     tol = p["tol"]
@@ -179,7 +180,7 @@ def karcher(base, models, p, ctx):
     for unit in units:
         mean.add_(unit, alpha=share)
     mean_norm = float(torch.linalg.vector_norm(mean))
-    mean = units[0].clone() if mean_norm < tol else mean.div_(mean_norm)
+    mean = mean.copy_(units[0]) if mean_norm < tol else mean.div_(mean_norm)
     tangent, buffer = torch.empty_like(mean), torch.empty_like(mean)
     steps = 0
     for _ in range(p["max_iter"]):
