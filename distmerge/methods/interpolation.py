@@ -129,7 +129,7 @@ def multislerp(base, models, p, ctx):
         # two models (or nothing to interpolate): the weighted sum, as mergekit falls back to
         for d, w in zip(flat, weights):
             d.mul_(w)
-        merged = flat.sum(0)
+        merged = torch.sum(flat, dim=0, out=direction)
     else:
         # mergekit projects the unit vectors onto the tangent plane at the mean direction m and maps their
         # weighted sum back with the exponential map; that sum is exactly zero (the weighted sum of the units is
