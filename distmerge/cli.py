@@ -221,7 +221,10 @@ def methods(name):
 
     specs = [get_method(name)] if name else all_methods()
     for spec in specs:
-        base = "base model required" if spec.needs_base else "no base model needed"
+        base = ("base model required" if spec.needs_base
+                else "base model optional (the origin when given)" if spec.optional_base
+                else "no base model needed (a base_model is merged as one more model)" if spec.base_is_model
+                else "no base model needed")
         count = (f"{spec.min_models}" if spec.min_models == spec.max_models
                  else f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}")
         click.echo(f"{spec.name}: {spec.summary}")

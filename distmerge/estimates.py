@@ -135,9 +135,10 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
     at_most = "at most " if is_upper_bound(plan) else ""
     svd_routes = ", ".join(f"{counts[r]} {r}" for r in SVD_ROUTES if counts[r])
     eigh = counts["polar"] + counts["spectrum"]
+    base = ("" if plan.base is None else f", counting base model {plan.base.ref}" if plan.spec.base_is_model
+            else f" + base model {plan.base.ref}")
     lines = [
-        f"method        {plan.spec.name} ({len(plan.models)} models"
-        + (f" + base model {plan.base.ref})" if plan.base else ")"),
+        f"method        {plan.spec.name} ({len(plan.models)} models{base})",
         f"tensors       {len(plan.tensors)} in {len(plan.units)} shard(s)"
         + (f"; left out: {', '.join(plan.dropped)} (tied to the embeddings)" if plan.dropped else ""),
         f"read          {format_bytes(bytes_read(plan))}",

@@ -22,7 +22,7 @@ from . import __version__
 from .architecture import stored_transposed
 from .chat_templates import TOKENIZER_CONFIG, resolve_chat_template, tokenizer_files_with_template
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
-from .config import MergeConfig, layer_position
+from .config import MergeConfig, ModelEntry, layer_position
 from .errors import CheckpointError, ConfigError
 from .estimates import tensor_cost
 from .methods import FirstPass, MethodSpec, Work, get_method
@@ -79,7 +79,7 @@ class MergePlan:
     config: MergeConfig
     spec: MethodSpec
     base: Checkpoint | None
-    models: tuple[Checkpoint, ...]  # the T inputs merged (the base excluded for methods that take one)
+    models: tuple[Checkpoint, ...]  # the T inputs merged (the base excluded for methods that take one as origin)
     model_ids: tuple[int, ...]  # their positions in `models:` (random streams are keyed by these)
     units: tuple[WorkUnit, ...]
     dropped: tuple[str, ...] = ()  # tensors left out on purpose (a tied lm_head)
@@ -217,9 +217,9 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
     if spec.needs_base and base is None:
         raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
     models, entries, model_ids = [], [], []
-    listed: dict[Path, int] = {}  # each model's real directory -> its first position in `models:`
+    listed: dict[tuple, int] = {}  # each model's identity (real directories) -> its first position in `models:`
     for index, entry in enumerate(config.models):
-        if base is not None and spec.needs_base and _same_model(entry.model, config, base):
+        if base is not None and spec.takes_base and _same_model(entry.model, config, base):
             if entry.parameters:
                 raise ConfigError(f"`models[{index}]` is the base model; {spec.name} takes no parameters for it")
             _check_listed_once(config, spec, listed, index, base, is_base=True)
@@ -228,13 +228,20 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
         _check_listed_once(config, spec, listed, index, models[-1])
         entries.append(entry)
         model_ids.append(index)
+    base_appended = base is not None and spec.base_is_model and base.identity not in listed
+    if base_appended:  # mergekit merges it as one more input, after the listed ones
+        models.append(base)
+        entries.append(ModelEntry(config.base_model))
+        model_ids.append(len(config.models))
     if len(models) < spec.min_models or (spec.max_models is not None and len(models) > spec.max_models):
         wanted = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                   else f"at least {spec.min_models}" if spec.max_models is None
                   else f"{spec.min_models} to {spec.max_models}")
-        extra = " besides the base model" if spec.needs_base else ""
+        extra = " besides the base model" if spec.takes_base and base is not None else ""
+        counted = (f" (base_model counts: {spec.name} merges it as one more model, as mergekit does)"
+                   if base_appended else "")
         raise ConfigError(f"`merge_method: {spec.name}` needs {wanted} model(s){extra} under `models`, "
-                          f"got {len(models)}")
+                          f"got {len(models)}{counted}")
     return base, models, entries, model_ids
 
 

@@ -1,4 +1,5 @@
-"""NumPy references for the elementwise family, written from the method definitions (docs/methods.md), float64.
+"""NumPy references for the elementwise and interpolation methods, written from the method definitions
+(docs/methods.md), float64.
 
 Nothing here imports distmerge: these are the definitions as the spec states them, with the conventions the spec
 leaves open written down where they are chosen:
@@ -286,6 +287,105 @@ def model_stock(base, models, filter_wise=False):
     mean_x = np.mean([f64(x) for x in models], axis=0).reshape(rows, -1)
     out = r[:, None] * mean_x + (1 - r[:, None]) * base.reshape(rows, -1)
     return out.reshape(base.shape), r
+
+
+# ---- interpolation: passthrough, nuslerp, multislerp, karcher (mergekit 0.1.5's definitions) --------------------
+
+
+def passthrough(model, scale=1.0):
+    return f64(model) * scale
+
+
+def nuslerp(models, weights=(1.0, 1.0), base=None, flatten=True, row_wise=False):
+    """Slerp from models[0] (t = 0) to models[1] (t = 1) at t = w_2 / (w_1 + w_2) (0.5 when |w_1 + w_2| < 1e-6),
+    of the task vectors when a base is given (b + the interpolated task vector). The vectors: the whole tensor
+    (flatten), else the slices along the first axis (row_wise) or along the last; each one on its own:
+    cos = <v0 / max(|v0|, 1e-7), v1 / max(|v1|, 1e-7)> clipped to [-1, 1]; 1 - cos^2 <= 1e-16: linear."""
+    v0, v1 = f64(models[0]), f64(models[1])
+    if base is not None:
+        v0, v1 = v0 - f64(base), v1 - f64(base)
+    w0, w1 = weights
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+    def one(x, y):
+        cos = np.dot(x / max(np.linalg.norm(x), 1e-7), y / max(np.linalg.norm(y), 1e-7))
+        cos = min(1.0, max(-1.0, cos))
+        if 1 - cos * cos <= 1e-16:
+            return (1 - t) * x + t * y
+        theta = np.arccos(cos)
+        return (np.sin((1 - t) * theta) * x + np.sin(t * theta) * y) / np.sin(theta)
+
+    if flatten or v0.ndim == 0:
+        out = one(v0.ravel(), v1.ravel()).reshape(v0.shape)
+    else:
+        axis = 0 if row_wise else v0.ndim - 1
+        a, b = np.moveaxis(v0, axis, -1), np.moveaxis(v1, axis, -1)
+        rows = [one(x, y) for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))]
+        out = np.moveaxis(np.array(rows).reshape(a.shape), -1, axis)
+    return out if base is None else out + f64(base)
+
+
+def multislerp(models, weights, base=None, normalize_weights=True, eps=1e-8):
+    """Barycentric interpolation on the sphere, as the method's write-up describes it: project the unit vectors
+    u_t = d_t / (|d_t| + eps) (d_t: task vectors with a base, else the models) to the tangent plane at their
+    normalised weighted mean m, take the weighted sum of the projections, map it back with the exponential map
+    (its norm padded with eps), scale by sum_t w_t |d_t|. One model: that model. A weighted mean shorter than eps:
+    with two models, or when every d_t is zero, sum_t w_t d_t (+ b); else an error."""
+    if len(models) == 1:
+        return f64(models[0])
+    base = None if base is None else f64(base)
+    shape = np.shape(models[0])
+    deltas = [(f64(x) if base is None else f64(x) - base).ravel() for x in models]
+    w = f64(weights)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = [np.linalg.norm(d) for d in deltas]
+    units = [d / (n + eps) for d, n in zip(deltas, norms)]
+    mean = sum(wt * u for wt, u in zip(w, units))
+    if np.linalg.norm(mean) < eps:
+        if len(models) != 2 and any(norms):
+            raise ValueError("the weighted mean of the unit vectors is zero")
+        out = sum(wt * d for wt, d in zip(w, deltas))
+    else:
+        mean = mean / np.linalg.norm(mean)
+        tangent = sum(wt * (u - np.dot(u, mean) * mean) for wt, u in zip(w, units))
+        length = np.linalg.norm(tangent) + eps
+        out = (mean * np.cos(length) + tangent * np.sin(length) / length) * sum(wt * n for wt, n in zip(w, norms))
+    out = out.reshape(shape)
+    return out if base is None else out + base
+
+
+def karcher(models, max_iter=10, tol=1e-5):
+    """The weighted (uniform) Karcher mean of the models' directions, by Riemannian gradient steps, times the mean
+    of their norms. Models with norm <= tol have no direction (their norm still counts in the mean norm). Start:
+    the normalised mean of the directions (the first direction if that mean is shorter than tol). A step: the mean
+    of the log maps Log_m(u) = theta / sin(theta) (u - cos(theta) m) over directions with theta >= tol; stop when
+    it is shorter than tol, else m <- Exp_m(step), renormalised. Returns (result, steps taken)."""
+    if len(models) == 1:
+        return f64(models[0]), 0
+    shape = np.shape(models[0])
+    flat = [f64(x).ravel() for x in models]
+    norms = [np.linalg.norm(x) for x in flat]
+    units = [x / n for x, n in zip(flat, norms) if n > tol]
+    if not units:
+        return np.zeros(shape), 0
+    mean = np.mean(units, axis=0)
+    mean = units[0] if np.linalg.norm(mean) < tol else mean / np.linalg.norm(mean)
+    steps = 0
+    for _ in range(max_iter):
+        logs = []
+        for u in units:
+            cos = min(1.0, max(-1.0, np.dot(mean, u)))
+            theta = np.arccos(cos)
+            logs.append(np.zeros_like(u) if theta < tol else theta / np.sin(theta) * (u - cos * mean))
+        step = np.mean(logs, axis=0)
+        length = np.linalg.norm(step)
+        if length < tol:
+            break
+        mean = np.cos(length) * mean + np.sin(length) * step / length
+        mean = mean / np.linalg.norm(mean) if np.linalg.norm(mean) > tol else mean
+        steps += 1
+    return (np.mean(norms) * mean).reshape(shape), steps
 
 
 # ---- counter-based uniforms (pure Python integers, no torch) -----------------------------------------------------

@@ -60,6 +60,10 @@ METHOD_CONFIGS = {
     "consensus_ta": dict(),
     "consensus_ties": dict(models="density", values=(0.5, 0.5, 0.5)),
     "slerp": dict(n_models=1, parameters={"t": 0.3}),
+    "passthrough": dict(n_models=1, base=None, models="scale", values=(0.5,)),
+    "nuslerp": dict(n_models=2, models="weight", values=(1.0, 0.6), parameters={"nuslerp_flatten": False}),
+    "multislerp": dict(models="weight", values=(1.0, 2.0, 0.5)),
+    "karcher": dict(),  # the base_model is a fourth model
     "model_stock": dict(),
     "tsvm": dict(parameters={"alpha": 0.9}),
     "rtsvm": dict(parameters={"eta": 0.8}),

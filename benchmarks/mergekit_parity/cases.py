@@ -68,12 +68,15 @@ def make_small_family(family: Family, directory: Path) -> Family:
     return Family("f32-small", "float32", False, str(directory / "base"), experts)
 
 
-# method -> models: per-model parameters (None: the base + one model, for slerp, arcee_fusion and nearswap); top: top-level parameters (every one
-#           a mergekit default or not, set explicitly in the input variants); required: top-level parameters
-#           mergekit requires (kept with its defaults); sampled: per-model parameters below density 1, for the
-#           random methods; base: needs base_model; mergekit_writes: {YAML dtype: the dtype mergekit 0.1.5
-#           writes instead} where, without out_dtype, it does not write the YAML's dtype (float32 masks or factors
-#           promote its bfloat16 result, never cast back)
+# case -> models: per-model parameters (None: the base + one model, for slerp, arcee_fusion and nearswap);
+#         top: top-level parameters (every one a mergekit default or not, set explicitly in the input variants);
+#         required: top-level parameters mergekit requires (kept in the defaults variant); sampled: per-model
+#         parameters below density 1, for the random methods; base: sets base_model; base_listed: the base is
+#         also the first entry of `models` (as mergekit configs often write it); method: the merge_method, where
+#         the case is a second configuration of one (default: the case's name); extra_variants: labels of
+#         on-request variants to run too; ungated: {variant label: why the gate does not apply to this case
+#         there}; mergekit_writes: {YAML dtype: the dtype mergekit 0.1.5 writes instead} where, without
+#         out_dtype, it does not write the YAML's dtype (float32 masks or factors promote its bfloat16 result)
 BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
                       for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
 DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
@@ -99,6 +102,28 @@ METHODS: dict[str, dict] = {
     "slerp": {"models": None, "top": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
                                             {"value": 0.5}]}, "required": ("t",)},
+    # one model's tensors, scaled per module: the frankenmerge building block on whole models
+    "passthrough": {"models": [{"scale": [{"filter": "o_proj", "value": 0.5},
+                                          {"filter": "down_proj", "value": [1.0, 0.0]}, {"value": 1.0}]}],
+                    "top": {}, "base": False},
+    # task vectors, flattened (the defaults), t = 0.7 / 1.7
+    "nuslerp": {"models": [{"weight": 1.0}, {"weight": 0.7}], "top": {}, "base_listed": True},
+    "nuslerp rows": {"method": "nuslerp", "models": [{"weight": [1.0, 0.3]}, {"weight": 0.7}],
+                     "top": {"nuslerp_flatten": False}, "base": False},
+    "nuslerp columns": {"method": "nuslerp", "models": [{"weight": 0.4}, {"weight": 1.0}],
+                        "top": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+    "multislerp": {"models": [{"weight": w} for w in WEIGHTS], "top": {}, "base_listed": True},
+    "multislerp no base": {"method": "multislerp", "models": [{"weight": w} for w in WEIGHTS],
+                           "top": {"normalize_weights": False}, "base": False},
+    "karcher": {"models": [{} for _ in WEIGHTS], "top": {}, "base": False},
+    # mergekit merges the base_model of a method that ignores it as a fourth model; on the gentle family the base
+    # is ~1e-4 rad from the mean, an angle float32 acos cannot resolve, so mergekit's float32 steps are round-off
+    "karcher with base": {"method": "karcher", "models": [{} for _ in WEIGHTS], "top": {"max_iter": 20},
+                          "extra_variants": ("f32, task vectors x0.002, dtype float64",),
+                          "ungated": {"f32, task vectors x0.002": (
+                              "mergekit's float32 angles below ~3e-4 rad are round-off (acos of a dot product "
+                              "within 6e-8 of 1); compare the float64 column, where both compute the angles "
+                              "exactly")}},
     "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
     "sce": {"models": [{} for _ in WEIGHTS], "top": {"select_topk": 0.5, "int8_mask": True}},
     "arcee_fusion": {"models": None, "top": {}, "mergekit_writes": {"bfloat16": "float32"}},
@@ -121,6 +146,7 @@ class Variant:
     defaults: bool = False  # only weight, density and required parameters: everything else is each tool's default
     sampled: bool = False  # the random methods below density 1 (their `sampled` models), seeded
     rng: str | None = None  # `distmerge: rng`
+    on_request: bool = False  # only for the cases that list it under `extra_variants`
 
     @property
     def gated(self) -> bool:
@@ -145,6 +171,7 @@ VARIANTS = (
     Variant("f32, mergekit defaults, density < 1", "f32-single", "float32", defaults=True, sampled=True),
     Variant("f32, mergekit defaults, density < 1, rng: mergekit", "f32-single", "float32", defaults=True,
             sampled=True, rng="mergekit"),
+    Variant(f"f32, task vectors x{SMALL_SCALE}, dtype float64", "f32-small", "float64", on_request=True),
 )
 
 
@@ -152,6 +179,11 @@ VARIANTS = (
 class Case:
     method: str
     variant: Variant
+
+    @property
+    def gated(self) -> bool:
+        """The run fails when this case is neither identical nor round-off."""
+        return self.variant.gated and self.variant.label not in METHODS[self.method].get("ungated", {})
 
     @property
     def slug(self) -> str:
@@ -174,15 +206,17 @@ class Case:
 
 
 def cases_for(methods: list[str]) -> list[Case]:
-    """Every variant of every method; the variants below density 1 only for the random methods."""
+    """Every variant of every case; the variants below density 1 only for the random methods, on-request ones
+    where asked for."""
     return [Case(method, variant) for method in methods for variant in VARIANTS
-            if not variant.sampled or "sampled" in METHODS[method]]
+            if (not variant.sampled or "sampled" in METHODS[method])
+            and (not variant.on_request or variant.label in METHODS[method].get("extra_variants", ()))]
 
 
 def mergekit_config(case: Case, family: Family) -> dict:
     """The YAML document a mergekit user would write for this case."""
     spec, variant = METHODS[case.method], case.variant
-    doc: dict = {"merge_method": case.method}
+    doc: dict = {"merge_method": spec.get("method", case.method)}
     if spec.get("base", True):
         doc["base_model"] = family.base
     models = spec["sampled"] if variant.sampled else spec["models"]
@@ -193,8 +227,9 @@ def mergekit_config(case: Case, family: Family) -> dict:
     if models is None:  # the base and one other model
         doc["models"] = [{"model": family.base}, {"model": family.experts[0]}]
     else:
-        doc["models"] = [{"model": path, **({"parameters": params} if params else {})}
-                         for path, params in zip(family.experts, models)]
+        doc["models"] = [{"model": family.base}] if spec.get("base_listed") else []
+        doc["models"] += [{"model": path, **({"parameters": params} if params else {})}
+                          for path, params in zip(family.experts, models)]
     if parameters:
         doc["parameters"] = parameters
     doc["dtype"] = variant.dtype

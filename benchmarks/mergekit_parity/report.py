@@ -3,7 +3,7 @@ compare, and the tie probe."""
 
 from __future__ import annotations
 
-from .cases import SEED, SMALL_SCALE, VARIANTS
+from .cases import METHODS, SEED, SMALL_SCALE, VARIANTS
 from .compare import ROUNDOFF_EPS, SAMPLING_Z, CaseResult, TieProbe
 
 
@@ -32,7 +32,7 @@ def verdict(result: CaseResult) -> str:
         return "identical"
     if result.within_roundoff:
         return "round-off"
-    return "DIFFERS" if result.case.variant.gated else "differs"
+    return "DIFFERS" if result.case.gated else "differs"
 
 
 def header(context: dict, n_cases: int) -> list[str]:
@@ -59,7 +59,8 @@ def header(context: dict, n_cases: int) -> list[str]:
          f"Round-off: every tensor within {ROUNDOFF_EPS} float32 eps of its largest magnitude. In the `density < 1` "
          "column (distmerge's own draws) a cell is `kept distmerge/mergekit (z), norm distmerge/mergekit (z)` of "
          "the merged task vector; it passes within sampling error (see below). The run fails when a "
-         "float32-input column is neither identical nor round-off (nor, there, within sampling error)."),
+         "float32-input column is neither identical nor round-off (nor, there, within sampling error), except "
+         "in the cases listed as not gated below, each with its reason."),
         "",
     ]
 
@@ -112,6 +113,13 @@ def defaults_section(methods: list[str]) -> list[str]:
          "bit for bit."),
         (f"- `rng: mergekit`: the same config with `distmerge: {{seed: {SEED}, rng: mergekit}}`: distmerge draws as "
          f"`mergekit-yaml --random-seed {SEED}` does, so the bytes must be identical."),
+    ]
+    ungated = [(m, label, why) for m, spec in METHODS.items() if m in methods
+               for label, why in spec.get("ungated", {}).items()]
+    if ungated:
+        lines += ["", "Cases the gate does not apply to:", ""]
+        lines += [f"- `{method}`, {label}: {why}" for method, label, why in ungated]
+    lines += [
         "",
         ("Known differences by design: distmerge never computes in 16 bits (`dtype: bfloat16` means float32 "
          "compute and bfloat16 output; mergekit computes in bfloat16), so the `dtype bf16` column differs by "

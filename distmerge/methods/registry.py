@@ -8,10 +8,11 @@ compute dtype (the function may overwrite them; it owns them), the parameters re
 dict (per-model ones as lists of T values), and a `TensorContext`. It returns the merged tensor. Parameters are
 validated from their declarations before any tensor is read.
 
-Everything else the system must know about a method is declared beside it, in the same decorator:
-`work` (the decompositions and scratch memory of one tensor, for `distmerge plan` and the unit order) and
-`first_pass` (a statistic of the whole model that the merge needs before it starts, as TIES' global trimming).
-Planner, engine and runtimes run these without knowing what they compute.
+Everything else the system must know about a method is declared beside it, in the same decorator: what a
+`base_model` is to it (`needs_base`, `optional_base`, `base_is_model`), `work` (the decompositions and scratch
+memory of one tensor, for `distmerge plan` and the unit order) and `first_pass` (a statistic of the whole model
+that the merge needs before it starts, as TIES' global trimming). Planner, engine and runtimes run these without
+knowing what they compute.
 """
 
 from __future__ import annotations
@@ -195,6 +196,18 @@ class MethodSpec:
     # how many uniforms mergekit 0.1.5 draws for a tensor of this shape with these parameters, for
     # `rng: mergekit`; None for a random method whose draws distmerge cannot reproduce (or that mergekit lacks)
     mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None
+    # What `base_model` is, besides `needs_base` (required, the origin the models are measured from):
+    # optional_base: the origin when given (a `models:` entry that is the base is skipped, as with needs_base); the
+    #   method also runs on the models themselves without one (nuslerp, multislerp).
+    # base_is_model: a given base_model is merged as one more model, after the listed ones unless it is listed
+    #   itself: what mergekit does for methods that ignore the base (karcher, passthrough).
+    optional_base: bool = False
+    base_is_model: bool = False
+
+    @property
+    def takes_base(self) -> bool:
+        """A given base_model is the origin, not one of the merged models."""
+        return self.needs_base or self.optional_base
 
     def defaults(self, n_models: int, **overrides) -> dict:
         """Every parameter at its default (per-model ones as lists), with `overrides` applied as given."""
@@ -219,12 +232,16 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
                  check: Callable[[dict], str | None] | None = None, details: str = "",
                  work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work,
                  first_pass: FirstPass | None = None,
-                 mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None):
+                 mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None, optional_base: bool = False,
+                 base_is_model: bool = False):
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
+        if needs_base + optional_base + base_is_model > 1:
+            raise ValueError(f"merge method {name!r}: needs_base, optional_base and base_is_model exclude each other")
         _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, random,
-                                     reference, check, details, work, first_pass, mergekit_draws)
+                                     reference, check, details, work, first_pass, mergekit_draws, optional_base,
+                                     base_is_model)
         return fn
 
     return register
