@@ -257,6 +257,11 @@ class Checkpoint:
         return cls(ref, path, tensors, config, adapter)
 
     @property
+    def directories(self) -> list[Path]:
+        """The directories its files are read from (an output must not overlap any)."""
+        return [self.path] + ([self.adapter.path] if self.adapter else [])
+
+    @property
     def identity(self) -> tuple[Path, Path | None]:
         """What makes two references the same model: the real directories of the model and of its adapter."""
         return self.path.resolve(), self.adapter.path.resolve() if self.adapter else None

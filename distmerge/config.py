@@ -41,12 +41,11 @@ DTYPE_NAMES = {
 }
 
 TOP_LEVEL_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template",
-    "distmerge",
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "chat_template", "distmerge",
 )
 # mergekit keys that describe merges distmerge does not do; each gets its own explanation.
 UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (frankenmerges) is not supported: list whole models under `models:`",
     "modules": "per-module configs are not supported: list whole models under `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported: use `tokenizer_source: base` "
                  "or name one of the models",
@@ -112,9 +111,32 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """Layers `layer_range[0]` to `layer_range[1] - 1` of a model, as one input of a slice."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers, merged from the same number of layers of each source (mergekit's `slices:`)."""
+
+    sources: tuple[SliceSource, ...]
+    base_model: str | None = None  # this slice's base, instead of the top-level one
+    parameters: dict = field(default_factory=dict)  # over the top-level `parameters`, under each source's own
+
+    @property
+    def num_layers(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
-    models: tuple[ModelEntry, ...]
+    models: tuple[ModelEntry, ...]  # empty when the config gives `slices`
     base_model: str | None = None
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None
@@ -123,6 +145,14 @@ class MergeConfig:
     chat_template: str | None = None  # auto, a built-in name or a Jinja template (see chat_templates.py)
     engine: EngineSettings = field(default_factory=EngineSettings)
     base_dir: str = "."  # relative model paths resolve against the config file's directory
+    slices: tuple[OutputSlice, ...] = ()  # instead of `models`: the output's layers, slice by slice
+
+    def model_refs(self) -> list[str]:
+        """Every model the config names as an input (base models included), each once, in order."""
+        refs = [self.base_model] + [entry.model for entry in self.models]
+        for output_slice in self.slices:
+            refs += [output_slice.base_model] + [source.model for source in output_slice.sources]
+        return list(dict.fromkeys(ref for ref in refs if ref is not None))
 
     @property
     def compute_dtype(self) -> str:
@@ -134,6 +164,7 @@ class MergeConfig:
         payload = {
             "merge_method": self.merge_method,
             "models": [[m.model, m.parameters] for m in self.models],
+            "slices": [_slice_document(s) for s in self.slices],
             "base_model": self.base_model,
             "parameters": self.parameters,
             "dtype": self.dtype,
@@ -151,9 +182,12 @@ class MergeConfig:
         doc: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
             doc["base_model"] = self.base_model
-        doc["models"] = [
-            {"model": m.model, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
-        ]
+        if self.slices:
+            doc["slices"] = [_slice_document(s) for s in self.slices]
+        else:
+            doc["models"] = [
+                {"model": m.model, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
+            ]
         for key in ("parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template"):
             value = getattr(self, key)
             if value:
@@ -195,10 +229,14 @@ def config_from_document(raw: Any, base_dir: str = ".", source: str = "config") 
     if not isinstance(method, str) or not method:
         raise ConfigError(f"`merge_method` is required in {source} and must be a method name (see `distmerge methods`)")
 
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
+    models_raw, slices_raw = raw.get("models"), raw.get("slices")
+    if (models_raw is None) == (slices_raw is None):
+        raise ConfigError(f"{source} must give either `models` (whole models) or `slices` (layer ranges), "
+                          f"{'not both' if models_raw is not None else 'and gives neither'}")
+    if models_raw is not None and (not isinstance(models_raw, list) or not models_raw):
         raise ConfigError(f"`models` in {source} must be a non-empty list of `{{model: PATH_OR_HUB_ID}}` entries")
-    models = tuple(_parse_model_entry(entry, i) for i, entry in enumerate(models_raw))
+    models = tuple(_parse_model_entry(entry, i) for i, entry in enumerate(models_raw or []))
+    slices = _parse_slices(slices_raw) if slices_raw is not None else ()
 
     base_model = raw.get("base_model")
     if base_model is not None:
@@ -228,7 +266,67 @@ def config_from_document(raw: Any, base_dir: str = ".", source: str = "config") 
         chat_template=_parse_chat_template(raw.get("chat_template")),
         engine=EngineSettings.parse(raw.get("distmerge")),
         base_dir=base_dir,
+        slices=slices,
     )
+
+
+def _parse_slices(raw: Any) -> tuple[OutputSlice, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("`slices` must be a non-empty list of `{sources: [{model, layer_range: [a, b]}, ...]}`")
+    slices = []
+    for index, entry in enumerate(raw):
+        key = f"slices[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"`{key}` must be a mapping with a non-empty list of `sources`, got {entry!r}")
+        extra = sorted(set(entry) - {"sources", "base_model", "parameters"})
+        if extra:
+            why = (" (mergekit 0.1.5 ignores a per-slice merge method: set `merge_method` once, at the top)"
+                   if extra[0] == "merge_method" else "")
+            raise ConfigError(f"unknown key `{key}.{extra[0]}`; allowed: sources, base_model, parameters{why}")
+        sources = tuple(_parse_slice_source(source, f"{key}.sources[{i}]") for i, source in enumerate(entry["sources"]))
+        lengths = {source.layer_range[1] - source.layer_range[0] for source in sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in sources)
+            raise ConfigError(f"`{key}`: every source of a slice gives the same number of layers, got {ranges}")
+        base_model = entry.get("base_model")
+        slices.append(OutputSlice(sources, _parse_model_ref(base_model, f"{key}.base_model") if base_model else None,
+                                  _parse_parameters(entry.get("parameters"), f"{key}.parameters")))
+    return tuple(slices)
+
+
+def _parse_slice_source(raw: Any, key: str) -> SliceSource:
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ConfigError(f"`{key}` must be a mapping with `model` and `layer_range`, got {raw!r}")
+    extra = sorted(set(raw) - {"model", "layer_range", "parameters"})
+    if extra:
+        raise ConfigError(f"unknown key `{key}.{extra[0]}`; allowed: model, layer_range, parameters")
+    layers = raw.get("layer_range")
+    if (not isinstance(layers, list) or len(layers) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                        for v in layers)
+            or not 0 <= layers[0] < layers[1]):
+        raise ConfigError(f"`{key}.layer_range: {layers!r}` must be [first, end] with 0 <= first < end (end not "
+                          "included, as in mergekit)")
+    return SliceSource(_parse_model_ref(raw["model"], f"{key}.model"), (layers[0], layers[1]),
+                       _parse_parameters(raw.get("parameters"), f"{key}.parameters"))
+
+
+def _parse_parameters(raw: Any, key: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{key}` must be a mapping, got {raw!r}")
+    return dict(raw)
+
+
+def _slice_document(output_slice: OutputSlice) -> dict:
+    doc: dict[str, Any] = {"sources": [
+        {"model": s.model, "layer_range": list(s.layer_range), **({"parameters": s.parameters} if s.parameters else {})}
+        for s in output_slice.sources]}
+    if output_slice.base_model:
+        doc["base_model"] = output_slice.base_model
+    if output_slice.parameters:
+        doc["parameters"] = output_slice.parameters
+    return doc
 
 
 def _parse_chat_template(value: Any) -> str | None:
@@ -364,7 +462,7 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, key: str) -> Any:
     return (1 - frac) * setting[lo] + frac * setting[hi]
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def layer_position(tensor_name: str, num_layers: int | None) -> float:
@@ -373,7 +471,7 @@ def layer_position(tensor_name: str, num_layers: int | None) -> float:
     Tensors outside the layers (embeddings, final norm, head) get 0, and the only layer of a one-layer model
     gets 1, as in mergekit.
     """
-    match = _LAYER_INDEX.search(tensor_name)
+    match = LAYER_INDEX.search(tensor_name)
     if not match or not num_layers:
         return 0.0
     if num_layers < 2:

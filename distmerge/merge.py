@@ -44,7 +44,7 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
         try:
             placement = runner.placement
             finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
-                                       [ckpt.path for ckpt in plan.inputs()])
+                                       [directory for ckpt in plan.inputs() for directory in ckpt.directories])
             pending = [unit for unit in plan.units if unit.shard not in finished]
             out_dir.check_free_space(sum(unit.out_bytes for unit in pending))
             if finished and not quiet:
@@ -104,7 +104,7 @@ def model_card(plan: MergePlan) -> str:
     if config.base_model:
         front += [f"base_model: {config.base_model}"]
     front += ["---", ""]
-    models = "\n".join(f"- {m.model}" for m in config.models)
+    models = "\n".join(f"- {ref}" for ref in config.model_refs() if ref != config.base_model)
     reference = f" ({plan.spec.reference})" if plan.spec.reference else ""
     base = f"\nBase model: {config.base_model}\n" if config.base_model else ""
     return "\n".join(front) + (
@@ -156,8 +156,8 @@ def check_stage(stage: Stage, intermediate_dir: Path) -> None:
         return
     check_parameter_names(stage.config, get_method(stage.config.merge_method), list(stage.config.models))
     from_stages = {str(intermediate_dir / name) for name in stage.needs}
-    for ref in [stage.config.base_model, *(entry.model for entry in stage.config.models)]:
-        if ref is not None and ref.partition("+")[0] not in from_stages:
+    for ref in stage.config.model_refs():
+        if ref.partition("+")[0] not in from_stages:
             Checkpoint.open(ref, stage.config.base_dir)
 
 

@@ -27,7 +27,8 @@ from .errors import CheckpointError, ConfigError
 from .estimates import tensor_cost
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
-from .params import check_parameter_names, resolve_params
+from .params import check_parameter_names, resolve_params, whole_model_chains
+from .slices import open_slices
 from .writer import TOKENIZER_FILES
 
 TIED_HEAD = "lm_head.weight"
@@ -112,7 +113,11 @@ def natural_key(name: str) -> list:
 def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
     """`config_only`: allow models that have only a config.json (planning, never merging)."""
     spec = get_method(config.merge_method)
-    base, models, entries, model_ids = _open_inputs(config, spec, config_only)
+    sliced = open_slices(config, spec, config_only) if config.slices else None
+    if sliced is not None:
+        base, models, entries, model_ids = sliced.base, list(sliced.models), [], list(range(len(sliced.models)))
+    else:
+        base, models, entries, model_ids = _open_inputs(config, spec, config_only)
     reference = base or models[0]
     if not config_only and not reference.config:
         role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
@@ -138,7 +143,10 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         if not info.is_float:
             jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=info.dtype, params={}, merge=False))
             continue
-        params = resolve_params(config, spec, entries, name, layer_position(name, num_layers))
+        if sliced is not None:
+            params = resolve_params(spec, name, sliced.position[name], *sliced.chains(config, name))
+        else:
+            params = resolve_params(spec, name, layer_position(name, num_layers), *whole_model_chains(config, entries))
         transposed = stored_transposed(reference.config, name)
         as_merged = info.shape[::-1] if transposed else info.shape  # the [out, in] matrix the method sees
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
@@ -159,6 +167,9 @@ def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str
     tensors in the same order."""
     if config.engine.rng != "mergekit" or not spec.random:
         return
+    if config.slices:
+        raise ConfigError("`distmerge.rng: mergekit` does not reproduce mergekit's draws in a merge of `slices`; "
+                          "remove `rng: mergekit` (the default draws are distmerge's own)")
     if spec.mergekit_draws is None:
         raise ConfigError(f"`distmerge.rng: mergekit`: distmerge does not reproduce mergekit's random draws for "
                           f"`{spec.name}`; remove `rng: mergekit` (the default draws are distmerge's own)")

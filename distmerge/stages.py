@@ -113,6 +113,10 @@ def _link(name: str | None, config: MergeConfig, names: set[str], intermediate_d
     config = replace(
         config, base_model=resolve(config.base_model),
         models=tuple(ModelEntry(resolve(entry.model), entry.parameters) for entry in config.models),
+        slices=tuple(replace(output_slice, base_model=resolve(output_slice.base_model),
+                             sources=tuple(replace(source, model=resolve(source.model))
+                                           for source in output_slice.sources))
+                     for output_slice in config.slices),
         tokenizer_source=config.tokenizer_source if config.tokenizer_source in (None, "base")
         else resolve(config.tokenizer_source))
     return Stage(name, config, tuple(dict.fromkeys(needs)))

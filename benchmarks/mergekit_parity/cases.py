@@ -125,6 +125,17 @@ METHODS: dict[str, dict] = {
                               "within 6e-8 of 1); compare the float64 column, where both compute the angles "
                               "exactly")}},
     "model_stock": {"models": [{} for _ in WEIGHTS], "top": {}},
+    # `slices:` instead of `models:` (see mergekit_slices): a frankenmerge of expert 1's layers 0-1 and expert 2's
+    # layers 1-2 (4 layers from 3), a SLERP per layer range, TIES with per-source and per-slice parameters
+    "passthrough frankenmerge": {"method": "passthrough", "base": False, "top": {},
+                                 "slices": [{"sources": [(0, [0, 2])]}, {"sources": [(1, [1, 3])]}]},
+    "slerp slices": {"method": "slerp", "top": {"t": [0.0, 1.0]}, "required": ("t",),
+                     "slices": [{"sources": [("base", [0, 1]), (0, [0, 1])], "parameters": {"t": 0.2}},
+                                {"sources": [("base", [1, 3]), (0, [1, 3])]}]},
+    "ties slices": {"method": "ties", "top": {"normalize": True, "density": 0.6},
+                    "slices": [{"sources": [("base", [0, 2]), (0, [0, 2], {"weight": 1.0, "density": 0.5}),
+                                            (1, [0, 2], {"weight": 0.7})], "parameters": {"density": 0.3}},
+                               {"sources": [("base", [2, 3]), (1, [2, 3], {"weight": 0.4}), (2, [2, 3])]}]},
     "sce": {"models": [{} for _ in WEIGHTS], "top": {"select_topk": 0.5, "int8_mask": True}},
     "arcee_fusion": {"models": None, "top": {}, "mergekit_writes": {"bfloat16": "float32"}},
     "nearswap": {"models": None, "top": {"t": 0.005}, "required": ("t",)},
@@ -219,12 +230,14 @@ def mergekit_config(case: Case, family: Family) -> dict:
     doc: dict = {"merge_method": spec.get("method", case.method)}
     if spec.get("base", True):
         doc["base_model"] = family.base
-    models = spec["sampled"] if variant.sampled else spec["models"]
+    models = spec["sampled"] if variant.sampled else spec.get("models")
     parameters = dict(spec["top"])
     if variant.defaults:
         models = models and [{k: v for k, v in m.items() if k in ("weight", "density")} for m in models]
         parameters = {k: v for k, v in parameters.items() if k in spec.get("required", ())}
-    if models is None:  # the base and one other model
+    if "slices" in spec:
+        doc["slices"] = mergekit_slices(spec["slices"], family)
+    elif models is None:  # the base and one other model
         doc["models"] = [{"model": family.base}, {"model": family.experts[0]}]
     else:
         doc["models"] = [{"model": family.base}] if spec.get("base_listed") else []
@@ -238,6 +251,16 @@ def mergekit_config(case: Case, family: Family) -> dict:
     if variant.sampled:  # mergekit ignores this block; it gets the seed as --random-seed
         doc["distmerge"] = {"seed": SEED, **({"rng": variant.rng} if variant.rng else {})}
     return doc
+
+
+def mergekit_slices(slices: list[dict], family: Family) -> list[dict]:
+    """`slices:` from (model, layer_range[, parameters]) sources, the model "base" or an expert's index."""
+    def source(model, layer_range, parameters=None) -> dict:
+        path = family.base if model == "base" else family.experts[model]
+        return {"model": path, "layer_range": layer_range, **({"parameters": parameters} if parameters else {})}
+
+    return [{"sources": [source(*entry) for entry in s["sources"]],
+             **({"parameters": s["parameters"]} if "parameters" in s else {})} for s in slices]
 
 
 def write_configs(cases: list[Case], families: dict[str, Family], work: Path) -> dict[Case, Path]:
