@@ -108,6 +108,20 @@ def test_a_lora_input_under_ray_writes_the_local_bytes(tmp_path, family_bf16_sha
     assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
 
 
+@pytest.mark.slow
+def test_slices_under_ray_write_the_local_bytes(tmp_path, family_bf16_sharded, ray_address):
+    import yaml
+
+    base, e1, e2, e3 = map(str, (family_bf16_sharded["base"], *family_bf16_sharded["experts"]))
+    doc = {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5}, "slices": [
+        {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e1, e2)]},
+        {"sources": [{"model": m, "layer_range": [1, 2]} for m in (base, e2, e3)], "parameters": {"density": 0.3}}]}
+    cfg = tmp_path / "slices.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    local = merged(cfg, tmp_path / "local", shard_size=6000)
+    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
+
+
 def linear_that_kills_its_worker_once(marker: Path):
     """linear, except that the first worker to reach the second layer's down_proj kills its own process."""
 

@@ -132,7 +132,7 @@ METHODS: dict[str, dict] = {
     "slerp slices": {"method": "slerp", "top": {"t": [0.0, 1.0]}, "required": ("t",),
                      "slices": [{"sources": [("base", [0, 1]), (0, [0, 1])], "parameters": {"t": 0.2}},
                                 {"sources": [("base", [1, 3]), (0, [1, 3])]}]},
-    "ties slices": {"method": "ties", "top": {"normalize": True, "density": 0.6},
+    "ties slices": {"method": "ties", "top": {"normalize": True, "density": 0.6, "weight": 1.0}, "required": ("weight",),
                     "slices": [{"sources": [("base", [0, 2]), (0, [0, 2], {"weight": 1.0, "density": 0.5}),
                                             (1, [0, 2], {"weight": 0.7})], "parameters": {"density": 0.3}},
                                {"sources": [("base", [2, 3]), (1, [2, 3], {"weight": 0.4}), (2, [2, 3])]}]},
