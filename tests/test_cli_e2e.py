@@ -164,8 +164,10 @@ def test_hub_id_resolves_through_the_local_cache(tmp_path, family_fp32_single):
 
 def test_methods_validate_and_plan_commands(tmp_path, family_bf16_sharded):
     listing = run_cli("methods").stdout
-    for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                 "della", "della_linear", "consensus_ta", "consensus_ties", "slerp", "model_stock"):
+    mergekit_015 = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                    "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce",
+                    "arcee_fusion", "nearswap", "passthrough", "ram", "ramplus_tl")  # its registry's 20
+    for name in mergekit_015 + ("consensus_ta", "consensus_ties", "tsvm", "rtsvm", "iso_c", "iso_cts"):
         assert f"\n{name}: " in "\n" + listing, name
     assert "density" in run_cli("methods", "ties").stdout
     cfg = write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded)
