@@ -62,7 +62,8 @@ MERGEKIT_REFUSED = {
                                     "embeddings have the same shape",
     "--lora-merge-dtype": "a LoRA adapter is applied in its model's stored dtype, as PEFT's merge_and_unload "
                           "does on the model as saved; convert the model to that dtype first",
-    "--transformers-cache": "hub ids are looked up in the Hugging Face cache: set HF_HUB_CACHE=DIR instead",
+    "--transformers-cache": "hub ids are read from (and downloaded into) the Hugging Face cache: set "
+                            "HF_HUB_CACHE=DIR instead",
 }
 
 offline_option = click.option(

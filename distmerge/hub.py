@@ -39,15 +39,16 @@ class HubAccess:
     quiet: bool = False  # download without huggingface_hub's progress bars
 
     @property
-    def why_offline(self) -> str | None:
-        """Why nothing may be downloaded (the flag or the environment), None when downloads are allowed."""
+    def why_offline(self) -> tuple[str, str] | None:
+        """Why nothing may be downloaded and how to allow it (the flag or the environment), None when downloads
+        are allowed."""
         from huggingface_hub import constants
 
         if self.offline:
-            return "--offline is given"
+            return "--offline is given", "run without --offline"
         setting = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
         if constants.HF_HUB_OFFLINE or setting.upper() in {"1", "ON", "YES", "TRUE"}:
-            return "HF_HUB_OFFLINE is set"
+            return "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"
         return None
 
 
@@ -62,19 +63,17 @@ def hub_snapshot(ref: str, access: HubAccess, weights: bool = True) -> Path:
     missing = _missing_weights(snapshot) if snapshot is not None and weights else None
     if snapshot is not None and missing is None:
         return snapshot
-    why_offline = access.why_offline
-    if why_offline is None:
+    offline = access.why_offline
+    if offline is None:
         return _download(ref, repo_id, revision or None, weights, access.quiet)
+    why, allow = offline
+    what_to_do = f"download it first (`hf download {repo_id}`), {allow}, or give its local path"
     if snapshot is None:
-        raise CheckpointError(
-            f"model {ref!r} is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
-            f"and {why_offline}, so it is not downloaded; download it first (`hf download {repo_id}`), allow "
-            "downloads, or give its local path")
-    refuse_pickle_weights(ref, [p.name for p in snapshot.iterdir()])
-    raise CheckpointError(
-        f"model {ref!r} is only partly in the Hugging Face cache ({snapshot} has no {missing}), and {why_offline}, "
-        f"so it is not downloaded; download it first (`hf download {repo_id}`), allow downloads, or give its local "
-        "path")
+        raise CheckpointError(f"model {ref!r} is neither a local directory nor in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}), and {why}, so it is not downloaded; {what_to_do}")
+    refuse_pickle_weights(ref, [p.name for p in snapshot.iterdir()])  # what a cached pickle-only model gets
+    raise CheckpointError(f"model {ref!r} is only partly in the Hugging Face cache ({snapshot} has no {missing}), "
+                          f"and {why}, so it is not downloaded; {what_to_do}")
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -171,7 +170,7 @@ def _answers_of_the_hub(ref: str):
         status = exc.response.status_code if exc.response is not None else "an error"
         raise CheckpointError(
             f"model {ref!r}: downloading it from the Hugging Face Hub ({hub}) failed with HTTP {status}; retry later, "
-            "or download it into the cache some other way (`hf download " f"{repo_id}`)") from None
+            f"or download it into the cache some other way (`hf download {repo_id}`)") from None
     except Exception as exc:  # the Hub unreachable: connection, timeout, DNS, proxy (the HTTP client's own types)
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -214,6 +215,17 @@ def test_plan_downloads_the_small_files_and_merge_then_the_weights(tmp_path, fam
     assert (fake_hub.cache / "models--acme--base" / "refs" / "v1").read_text() == COMMIT
 
 
+def test_offline_a_model_planned_but_not_downloaded_is_refused(tmp_path, family_fp32_single, fake_hub):
+    serve_family(fake_hub, family_fp32_single)
+    config = write_config(tmp_path / "c.yaml", "task_arithmetic", family_fp32_single, base="acme/base")
+    run_cli("plan", config)
+    fake_hub.requests.clear()
+    proc = run_cli("merge", config, "-o", tmp_path / "out", "--offline", check=False)
+    assert_user_error(proc, "'acme/base' is only partly in the Hugging Face cache", "model.safetensors",
+                      "run without --offline")
+    assert fake_hub.requests == []
+
+
 @pytest.mark.parametrize("how", ["--offline", "HF_HUB_OFFLINE"])
 def test_offline_nothing_is_downloaded(tmp_path, family_fp32_single, fake_hub, how):
     serve_family(fake_hub, family_fp32_single)
@@ -251,7 +263,6 @@ def test_a_model_the_hub_does_not_give_is_one_error_line(tmp_path, family_fp32_s
 def test_an_unreachable_hub_is_one_error_line(tmp_path, family_fp32_single, fake_hub, monkeypatch):
     from huggingface_hub import constants
 
-    import socket
     with socket.socket() as unused:  # a port nothing listens on
         unused.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{unused.getsockname()[1]}"
