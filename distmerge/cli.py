@@ -178,20 +178,24 @@ def validate(config_path, deep, offline):
     click.echo("ok")
 
 
-def _each_stage(config_path: str, hub, **overrides):
+def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
     """(heading, config) of each merge in CONFIG that can be planned now: the config itself, or each stage of a
     multi-stage config whose inputs exist (one that reads another stage's output is checked as far as it can be,
     and said so)."""
     from .merge import check_stage
+    from .plan import check_config
     from .stages import is_multi_stage, load_stages
 
     if not is_multi_stage(_read_text(config_path), config_path):
         yield "", _load(config_path, **overrides)
         return
     intermediate_dir = Path(config_path).parent / "stages"  # not created: only names the stages' outputs
-    for stage in load_stages(Path(config_path), intermediate_dir):
+    stages = load_stages(Path(config_path), intermediate_dir)
+    for stage in stages:
+        check_config(stage.config)  # every stage's settings before any model is opened or downloaded
+    for stage in stages:
         label = "final merge" if stage.name is None else f"stage {stage.name}"
-        check_stage(stage, intermediate_dir, hub)
+        check_stage(stage, intermediate_dir, hub, config_only)
         if stage.needs:
             click.echo(f"{label}: {stage.config.merge_method} of stage(s) {', '.join(stage.needs)}: its method, "
                        "parameters and other models are checked; the rest is planned when they have run\n")
@@ -222,7 +226,7 @@ def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, offline):
 
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
-    for label, config in _each_stage(config_path, hub, device="cuda" if gpus else None):
+    for label, config in _each_stage(config_path, hub, config_only=True, device="cuda" if gpus else None):
         merge_plan = build_plan(config, config_only=True, hub=hub)
         click.echo(label + describe(merge_plan, config.engine.device or "cpu", cluster))
 

@@ -154,17 +154,19 @@ def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | P
     return plan
 
 
-def check_stage(stage: Stage, intermediate_dir: Path, hub: HubAccess = HubAccess()) -> None:
+def check_stage(stage: Stage, intermediate_dir: Path, hub: HubAccess = HubAccess(), config_only: bool = False
+                ) -> None:
     """Before any stage runs: a stage whose inputs all exist gets every check of a single merge; one that reads
-    an earlier stage's output gets its method, its parameter names and its other models checked."""
+    an earlier stage's output gets its method, its parameter names and its other models checked. `config_only`:
+    as for `build_plan` (planning: models may have only their config.json, and hub ids get only that downloaded)."""
     if not stage.needs:
-        build_plan(stage.config, hub=hub)
+        build_plan(stage.config, config_only, hub)
         return
     check_parameter_names(stage.config, get_method(stage.config.merge_method), list(stage.config.models))
     from_stages = {str(intermediate_dir / name) for name in stage.needs}
     for ref in [stage.config.base_model, *(entry.model for entry in stage.config.models)]:
         if ref is not None and ref.partition("+")[0] not in from_stages:
-            Checkpoint.open(ref, stage.config.base_dir, hub=hub)
+            Checkpoint.open(ref, stage.config.base_dir, config_only, hub)
 
 
 def stage_fingerprint(stage: Stage, hub: HubAccess = HubAccess()) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import yaml
 
 from conftest import assert_user_error, run_cli, write_config
 from distmerge.checkpoint import Checkpoint, checkpoint_roots
@@ -128,7 +129,7 @@ def fake_hub(monkeypatch, tmp_path):
     hub = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     hub.endpoint, hub.cache = endpoint, tmp_path / "hf-cache"
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
@@ -280,6 +281,15 @@ def test_config_errors_come_before_any_download(tmp_path, family_fp32_single, fa
     assert_user_error(run_cli("merge", config, "-o", tmp_path / "out", check=False), "densty", "not a parameter")
     no_base = write_config(tmp_path / "n.yaml", "ties", base=None, models=[{"model": i} for i in ids])
     assert_user_error(run_cli("validate", no_base, check=False), "needs `base_model`")
+    stages = tmp_path / "multi.yaml"  # the first stage's models are not downloaded for the last one's mistake
+    stages.write_text(yaml.safe_dump_all([
+        {"name": "first", "merge_method": "task_arithmetic", "base_model": "acme/base",
+         "models": [{"model": "acme/expert0"}]},
+        {"merge_method": "linear", "models": [{"model": "first", "parameters": {"wieght": 1.0}},
+                                              {"model": "acme/expert1"}]},
+    ], sort_keys=False))
+    for command in (["merge", stages, "-o", tmp_path / "out"], ["validate", stages], ["plan", stages]):
+        assert_user_error(run_cli(*command, check=False), "wieght", "not a parameter")
     assert fake_hub.requests == []
 
 
