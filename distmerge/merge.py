@@ -18,9 +18,9 @@ from pathlib import Path
 from .checkpoint import CODE_TO_NAME, INDEX_NAME, Checkpoint
 from .config import MergeConfig
 from .estimates import bytes_read, bytes_written, unit_read_bytes
+from .hub import HubAccess
 from .methods import get_method
 from .params import check_parameter_names
-from .hub import HubAccess
 from .plan import MergePlan, build_plan, check_config, fingerprint
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows

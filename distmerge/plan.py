@@ -23,8 +23,8 @@ from .chat_templates import TOKENIZER_CONFIG, resolve_chat_template, tokenizer_f
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, layer_position
 from .errors import CheckpointError, ConfigError
-from .hub import HubAccess
 from .estimates import tensor_cost
+from .hub import HubAccess
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .params import check_parameter_names, resolve_params
 from .writer import TOKENIZER_FILES
