@@ -17,7 +17,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
-from conftest import assert_user_error, run_cli, write_config
+import distmerge
+from conftest import assert_user_error, run_cli, run_console_script, write_config
 from distmerge.checkpoint import Checkpoint, checkpoint_roots
 
 COMMIT = "c0ffee" + "0" * 34
@@ -202,6 +203,20 @@ def test_a_merge_by_hub_id_downloads_what_it_reads_and_then_reads_the_cache(tmp_
     run_cli("merge", by_id, "-o", tmp_path / "again", "--quiet")
     assert fake_hub.requests == []  # everything from the cache, without asking the Hub
     assert output_files(tmp_path / "again") == output_files(tmp_path / "direct")
+
+
+def test_the_console_script_reads_hf_endpoint_and_hf_hub_cache(tmp_path, family_fp32_single, fake_hub):
+    """A new process, where huggingface_hub reads the variables when it is imported, as users run it."""
+    ids = serve_family(fake_hub, family_fp32_single)
+    config = write_config(tmp_path / "c.yaml", "task_arithmetic", base="acme/base",
+                          models=[{"model": repo_id} for repo_id in ids if repo_id != "acme/base"])
+    tested = str(Path(distmerge.__file__).resolve().parents[1])
+    env = {"HF_ENDPOINT": fake_hub.endpoint, "HF_HUB_CACHE": str(fake_hub.cache), "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (tested, os.environ.get("PYTHONPATH")) if p)}
+    run_console_script("merge", config, "-o", tmp_path / "out", "--quiet", env=env)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    for repo_id, source in ids.items():
+        assert_cache_layout(fake_hub.cache, repo_id, source)
 
 
 def test_plan_downloads_the_small_files_and_merge_then_the_weights(tmp_path, family_bf16_sharded, fake_hub):
