@@ -9,6 +9,7 @@ the snapshot links to).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -16,12 +17,16 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, StorageError
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_adapter_config
+
+if TYPE_CHECKING:
+    from .hub import HubAccess
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -200,12 +205,13 @@ def checkpoint_file(model: str, directory: Path, name: str, listed_in: str | Non
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
 
-def resolve_model_dir(ref: str, base_dir: str = ".") -> Path:
+def resolve_model_dir(ref: str, base_dir: str = ".", hub: "HubAccess | None" = None, weights: bool = True) -> Path:
     """A model reference -> its local directory.
 
     Tried in order: a directory relative to the current directory, one relative to `base_dir` (the config's
-    directory), and a hub id (`org/name` or `org/name@revision`) in the local Hugging Face cache. Nothing is
-    downloaded.
+    directory), and a hub id (`org/name` or `org/name@revision`): its snapshot in the local Hugging Face cache,
+    downloaded into it first unless `hub` forbids it (see `hub.hub_snapshot`; `weights=False`: only its small
+    files are needed).
     """
     for candidate in (Path(ref).expanduser(), Path(base_dir) / Path(ref).expanduser()):
         if candidate.is_dir():
@@ -214,16 +220,21 @@ def resolve_model_dir(ref: str, base_dir: str = ".") -> Path:
             raise CheckpointError(f"model {ref!r} is a file; give the checkpoint directory that holds config.json")
     if not _HUB_ID.match(ref):
         raise CheckpointError(f"model {ref!r}: no such directory; give a checkpoint directory or a hub id (org/name)")
-    repo_id, _, revision = ref.partition("@")
-    from huggingface_hub import constants, snapshot_download
+    from .hub import HubAccess, hub_snapshot  # hub imports this module
 
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
-    except Exception:  # huggingface_hub raises several types for "not cached"
+    return hub_snapshot(ref, hub or HubAccess(), weights)
+
+
+def refuse_pickle_weights(ref: str, names: list[str]) -> None:
+    """Refuse the checkpoint `ref` whose files (`names`, those of its directory or its hub repository) include
+    pickle weights, called when it has no safetensors weights."""
+    pickles = sorted(name for name in set(names) if any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS))
+    if pickles:
         raise CheckpointError(
-            f"model {ref!r} is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"download it first (`hf download {repo_id}`) or give its local path"
-        ) from None
+            f"model {ref} has only pickle weights ({', '.join(pickles[:3])}); distmerge does not unpickle "
+            "checkpoint files because that can run arbitrary code. Convert it once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        )
 
 
 class Checkpoint:
@@ -242,12 +253,14 @@ class Checkpoint:
         self.adapter = adapter  # a LoRA adapter applied to the tensors as they are read
 
     @classmethod
-    def open(cls, ref: str, base_dir: str = ".", config_only: bool = False) -> "Checkpoint":
+    def open(cls, ref: str, base_dir: str = ".", config_only: bool = False, hub: "HubAccess | None" = None
+             ) -> "Checkpoint":
         """`ref` is a model, `model+adapter` (mergekit's LoRA syntax) or a LoRA adapter directory. `config_only`:
         when the directory has a config.json but no weights (planning a merge before the checkpoints are
-        downloaded), derive the tensors from the architecture instead of refusing."""
-        model_ref, adapter_path = _split_adapter(ref, base_dir)
-        path = resolve_model_dir(model_ref, base_dir)
+        downloaded), derive the tensors from the architecture instead of refusing (and download no weights).
+        `hub`: whether a hub id not in the local cache is downloaded (default: yes, unless HF_HUB_OFFLINE)."""
+        model_ref, adapter_path = _split_adapter(ref, base_dir, hub, weights=not config_only)
+        path = resolve_model_dir(model_ref, base_dir, hub, weights=not config_only)
         config = _read_config(ref, path)
         if config_only and config and not any(path.glob("*.safetensors")):
             tensors = _tensors_from_config(ref, config)
@@ -302,21 +315,18 @@ class Checkpoint:
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
-def _split_adapter(ref: str, base_dir: str) -> tuple[str, Path | None]:
+def _split_adapter(ref: str, base_dir: str, hub: "HubAccess | None", weights: bool) -> tuple[str, Path | None]:
     """(model reference, adapter directory or None) for `model+adapter`, an adapter directory or a model."""
     model_ref, plus, adapter_ref = ref.partition("+")
     if plus:
         if "+" in adapter_ref:
             raise CheckpointError(f"model {ref!r}: write one model and one LoRA adapter as `model+adapter`")
-        adapter = resolve_model_dir(adapter_ref, base_dir)
+        adapter = resolve_model_dir(adapter_ref, base_dir, hub)
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"model {ref!r}: {adapter} has no {ADAPTER_CONFIG}, so it is not a LoRA adapter "
                                   "(`model+adapter` applies a PEFT LoRA adapter to its model)")
         return model_ref, adapter
-    try:
-        directory = resolve_model_dir(ref, base_dir)
-    except CheckpointError:
-        return ref, None  # resolving it again gives the error
+    directory = resolve_model_dir(ref, base_dir, hub, weights)
     if not is_adapter_dir(directory):
         return ref, None
     base = read_adapter_config(ref, directory).get("base_model_name_or_path")
@@ -342,13 +352,7 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
         weight_map = None
         files = {SINGLE_NAME: single}
     else:
-        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
-        if pickles:
-            raise CheckpointError(
-                f"model {ref} has only pickle weights ({', '.join(pickles[:3])}); distmerge does not unpickle "
-                "checkpoint files because that can run arbitrary code. Convert it once with transformers: "
-                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
-            )
+        refuse_pickle_weights(ref, [p.name for p in path.iterdir()])
         raise CheckpointError(f"model {ref} ({path}) has no {SINGLE_NAME} and no {INDEX_NAME}; "
                               "is it a Hugging Face checkpoint directory?")
 

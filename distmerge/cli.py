@@ -62,8 +62,13 @@ MERGEKIT_REFUSED = {
                                     "embeddings have the same shape",
     "--lora-merge-dtype": "a LoRA adapter is applied in its model's stored dtype, as PEFT's merge_and_unload "
                           "does on the model as saved; convert the model to that dtype first",
-    "--transformers-cache": "hub ids are looked up in the Hugging Face cache: set HF_HUB_CACHE=DIR instead",
+    "--transformers-cache": "hub ids are read from (and downloaded into) the Hugging Face cache: set "
+                            "HF_HUB_CACHE=DIR instead",
 }
+
+offline_option = click.option(
+    "--offline", is_flag=True,
+    help="Never download: hub ids must already be in the Hugging Face cache (as with HF_HUB_OFFLINE=1).")
 
 
 def _mergekit_no_op(f):
@@ -99,11 +104,12 @@ def _mergekit_no_op(f):
               help="Multi-stage configs: reuse a stage whose config and inputs are unchanged.")
 @click.option("--force", is_flag=True,
               help="Replace an existing output directory (an unfinished run of this same merge is resumed).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="No progress output (download progress bars included).")
+@offline_option
 @_mergekit_no_op
 def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich, seed, shard_size, out_shard_size,
           workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir, lazy, force,
-          quiet):
+          quiet, offline):
     """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too). A CONFIG of several YAML
     documents is a multi-stage merge, as mergekit-multi runs it: the named ones go to the intermediate
     directory, the unnamed one to OUT."""
@@ -128,10 +134,10 @@ def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich
         stages = [replace(stage, config=_with_overrides(stage.config, **settings))
                   for stage in load_stages(Path(config_path), intermediate_dir)]
         plan = merge_stages(stages, out, intermediate_dir, force=force, redo=not lazy, quiet=quiet,
-                            address=address, log=log)
+                            address=address, log=log, offline=offline)
     else:
         plan = run_merge(_with_overrides(load_config(config_path), **settings), out, force=force, quiet=quiet,
-                         address=address, log=log)
+                         address=address, log=log, offline=offline)
     if not quiet:
         click.echo(f"merged {len(plan.tensors)} tensors into {out}", err=True)
 
@@ -154,13 +160,16 @@ def _one_value(what: str, *given: tuple[str, object]):
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--deep", is_flag=True, help="Also read every input tensor and check it for NaN and Inf.")
-def validate(config_path, deep):
-    """Check CONFIG and its checkpoints without merging."""
+@offline_option
+def validate(config_path, deep, offline):
+    """Check CONFIG and its checkpoints without merging (hub ids not in the cache are downloaded first)."""
     from .estimates import describe
+    from .hub import HubAccess
     from .plan import build_plan
 
-    for label, config in _each_stage(config_path):
-        plan = build_plan(config)
+    hub = HubAccess(offline=offline)
+    for label, config in _each_stage(config_path, hub):
+        plan = build_plan(config, hub=hub)
         if deep:
             from .validate import scan_inputs
 
@@ -169,20 +178,24 @@ def validate(config_path, deep):
     click.echo("ok")
 
 
-def _each_stage(config_path: str, **overrides):
+def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
     """(heading, config) of each merge in CONFIG that can be planned now: the config itself, or each stage of a
     multi-stage config whose inputs exist (one that reads another stage's output is checked as far as it can be,
     and said so)."""
     from .merge import check_stage
+    from .plan import check_config
     from .stages import is_multi_stage, load_stages
 
     if not is_multi_stage(_read_text(config_path), config_path):
         yield "", _load(config_path, **overrides)
         return
     intermediate_dir = Path(config_path).parent / "stages"  # not created: only names the stages' outputs
-    for stage in load_stages(Path(config_path), intermediate_dir):
+    stages = load_stages(Path(config_path), intermediate_dir)
+    for stage in stages:
+        check_config(stage.config)  # every stage's settings before any model is opened or downloaded
+    for stage in stages:
         label = "final merge" if stage.name is None else f"stage {stage.name}"
-        check_stage(stage, intermediate_dir)
+        check_stage(stage, intermediate_dir, hub, config_only)
         if stage.needs:
             click.echo(f"{label}: {stage.config.merge_method} of stage(s) {', '.join(stage.needs)}: its method, "
                        "parameters and other models are checked; the rest is planned when they have run\n")
@@ -199,17 +212,22 @@ def _each_stage(config_path: str, **overrides):
 @click.option("--write-gbps", type=click.FloatRange(min=0, min_open=True), help="Write bandwidth per node, GB/s "
               "(default: the read bandwidth).")
 @click.option("--workers", type=click.IntRange(min=1), help="Estimate for this many CPU workers (without --gpus).")
-def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers):
+@offline_option
+def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, offline):
     """What a merge of CONFIG will do: tensors, bytes, SVDs, memory per worker, and a lower-bound time.
 
-    Models that have only a config.json (not downloaded yet) are planned from their architecture."""
+    Models that have only a config.json (not downloaded yet) are planned from their architecture; of hub ids
+    not in the cache, only config.json and the tokenizer files are downloaded."""
     from .estimates import Cluster, describe
+    from .hub import HubAccess
     from .plan import build_plan
+
+    hub = HubAccess(offline=offline)
 
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
-    for label, config in _each_stage(config_path, device="cuda" if gpus else None):
-        merge_plan = build_plan(config, config_only=True)
+    for label, config in _each_stage(config_path, hub, config_only=True, device="cuda" if gpus else None):
+        merge_plan = build_plan(config, config_only=True, hub=hub)
         click.echo(label + describe(merge_plan, config.engine.device or "cpu", cluster))
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from .checkpoint import CODE_TO_NAME, INDEX_NAME, Checkpoint
 from .config import MergeConfig
 from .estimates import bytes_read, bytes_written, unit_read_bytes
+from .hub import HubAccess
 from .methods import get_method
 from .params import check_parameter_names
-from .plan import MergePlan, build_plan, fingerprint, with_mergekit_draws
+from .plan import MergePlan, build_plan, check_config, fingerprint, with_mergekit_draws
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
 from .runtime import Runtime, make_runtime
@@ -29,9 +30,11 @@ from .writer import STATE_DIR, OutputDir, ShardRecord, atomic_write_text
 
 
 def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: bool = False,
-          address: str | None = None, log=print) -> MergePlan:
-    """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine."""
-    plan = build_plan(config)  # every check that needs no tensor data, before anything starts
+          address: str | None = None, log=print, offline: bool = False) -> MergePlan:
+    """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine.
+    Hub ids not in the local Hugging Face cache are downloaded first, unless `offline` (or HF_HUB_OFFLINE)."""
+    # every check that needs no tensor data, before anything starts; under Ray too, only this process downloads
+    plan = build_plan(config, hub=HubAccess(offline=offline, quiet=quiet))
     if config.engine.rng == "mergekit" and plan.spec.mergekit_draws is not None:
         plan = with_mergekit_draws(plan)
     engine = config.engine
@@ -120,51 +123,58 @@ STAGE_RECORD = "stages.json"  # in the intermediate directory: stage name -> wha
 
 
 def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | Path, *, force: bool = False,
-                 redo: bool = False, quiet: bool = False, address: str | None = None, log=print) -> MergePlan:
+                 redo: bool = False, quiet: bool = False, address: str | None = None, log=print,
+                 offline: bool = False) -> MergePlan:
     """Run a multi-stage merge (see `stages`): each stage into its directory, the final one into `out`.
 
     Every stage is checked as far as it can be before the first one starts. A named stage is skipped when its
     directory holds the finished merge of the same config and inputs (unless `redo`); an interrupted stage
     resumes like any merge. Returns the final stage's plan."""
     intermediate_dir = Path(intermediate_dir)
+    hub = HubAccess(offline=offline, quiet=quiet)
     for stage in stages:
-        check_stage(stage, intermediate_dir)
+        check_config(stage.config)  # every stage's settings before any model is opened or downloaded
+    for stage in stages:
+        check_stage(stage, intermediate_dir, hub)
     record_file = intermediate_dir / STAGE_RECORD
     for number, stage in enumerate(stages, start=1):
         final = number == len(stages)
         target = Path(out) if final else intermediate_dir / stage.name
         label = f"{'final merge' if stage.name is None else f'stage {stage.name}'} ({number} of {len(stages)})"
         records = _read_json_object(record_file)
-        if not final and not redo and _finished(target) and records.get(stage.name) == stage_fingerprint(stage):
+        if not final and not redo and _finished(target) and records.get(stage.name) == stage_fingerprint(stage, hub):
             log(f"{label}: up to date in {target}")
             continue
         if not quiet:
             log(f"{label}: {stage.config.merge_method} into {target}")
         # a stage's directory is distmerge's own: replacing what an earlier run left there needs no --force
-        plan = merge(stage.config, target, force=force or not final, quiet=quiet, address=address, log=log)
+        plan = merge(stage.config, target, force=force or not final, quiet=quiet, address=address, log=log,
+                     offline=offline)
         if not final:
-            records[stage.name] = stage_fingerprint(stage)
+            records[stage.name] = stage_fingerprint(stage, hub)
             atomic_write_text(record_file, json.dumps(records, indent=2, sort_keys=True) + "\n")
     return plan
 
 
-def check_stage(stage: Stage, intermediate_dir: Path) -> None:
+def check_stage(stage: Stage, intermediate_dir: Path, hub: HubAccess = HubAccess(), config_only: bool = False
+                ) -> None:
     """Before any stage runs: a stage whose inputs all exist gets every check of a single merge; one that reads
-    an earlier stage's output gets its method, its parameter names and its other models checked."""
+    an earlier stage's output gets its method, its parameter names and its other models checked. `config_only`:
+    as for `build_plan` (planning: models may have only their config.json, and hub ids get only that downloaded)."""
     if not stage.needs:
-        build_plan(stage.config)
+        build_plan(stage.config, config_only, hub)
         return
     check_parameter_names(stage.config, get_method(stage.config.merge_method), list(stage.config.models))
     from_stages = {str(intermediate_dir / name) for name in stage.needs}
     for ref in stage.config.model_refs():
         if ref.partition("+")[0] not in from_stages:
-            Checkpoint.open(ref, stage.config.base_dir)
+            Checkpoint.open(ref, stage.config.base_dir, config_only, hub)
 
 
-def stage_fingerprint(stage: Stage) -> str:
+def stage_fingerprint(stage: Stage, hub: HubAccess = HubAccess()) -> str:
     """What a stage's output was made from: its config, its input files as they are now (an earlier stage that
     was redone has new files) and the device asked for."""
-    plan = build_plan(stage.config)
+    plan = build_plan(stage.config, hub=hub)
     return fingerprint(plan, stage.config.engine.device or "cpu", stage.config.engine.threads)
 
 

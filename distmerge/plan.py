@@ -25,6 +25,7 @@ from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoin
 from .config import MergeConfig, ModelEntry, layer_position
 from .errors import CheckpointError, ConfigError
 from .estimates import tensor_cost
+from .hub import HubAccess
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params, whole_model_chains
@@ -110,14 +111,15 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
-    """`config_only`: allow models that have only a config.json (planning, never merging)."""
-    spec = get_method(config.merge_method)
-    sliced = open_slices(config, spec, config_only) if config.slices else None
+def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = HubAccess()) -> MergePlan:
+    """`config_only`: allow models that have only a config.json (planning, never merging; hub ids then get only
+    their small files downloaded). `hub`: whether hub ids not in the local cache are downloaded."""
+    spec = check_config(config)
+    sliced = open_slices(config, spec, config_only, hub) if config.slices else None
     if sliced is not None:
         base, models, entries, model_ids = sliced.base, list(sliced.models), [], list(range(len(sliced.models)))
     else:
-        base, models, entries, model_ids = _open_inputs(config, spec, config_only)
+        base, models, entries, model_ids = _open_inputs(config, spec, config_only, hub)
     reference = base or models[0]
     if not config_only and not reference.config:
         role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
@@ -125,7 +127,6 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
             f"model {reference.ref}: {reference.path / 'config.json'} is missing or empty; the merged model takes "
             f"its config.json from {role}, and could not be loaded without it. Put the checkpoint's config.json "
             "there (re-download the model)")
-    check_parameter_names(config, spec, entries)
     if not config.engine.allow_crimes:
         _check_same_architecture(reference, base, models)
     _check_same_tensors(reference, base, models)
@@ -157,7 +158,7 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
         first_pass=_first_pass(spec, jobs),
-        copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models),
+        copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models, hub),
                                    ([base] if base else []) + models),
     )
 
@@ -188,6 +189,24 @@ def with_mergekit_draws(plan: MergePlan) -> MergePlan:
     return replace(plan, units=units)
 
 
+def check_config(config: MergeConfig) -> MethodSpec:
+    """The checks that need no model file, made before any checkpoint is opened (or downloaded): the method,
+    its parameter names, and settings that contradict each other. Returns the method."""
+    spec = get_method(config.merge_method)
+    has_base = config.base_model is not None or any(s.base_model for s in config.slices)
+    if spec.needs_base and not has_base:
+        raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
+    # a model entry naming the base itself is checked when it is found to be the base (it takes no parameters)
+    check_parameter_names(config, spec, [entry for entry in config.models
+                                         if not (spec.needs_base and entry.model == config.base_model)])
+    if config.tokenizer_source == "base" and config.base_model is None:
+        raise ConfigError("`tokenizer_source: base` needs `base_model`")
+    if config.chat_template is not None and not config.engine.copy_tokenizer:
+        raise ConfigError("`chat_template` is written into the output's tokenizer, and --no-copy-tokenizer "
+                          "leaves it out: drop one of them")
+    return spec
+
+
 def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path,
                   inputs: list[Checkpoint]) -> tuple:
     """generation_config.json from the reference model, the tokenizer files from the tokenizer's source (each
@@ -199,9 +218,6 @@ def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Pat
         found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
     files = {name: path for name, path in found if path is not None}
     if config.chat_template is not None:
-        if not config.engine.copy_tokenizer:
-            raise ConfigError("`chat_template` is written into the output's tokenizer, and --no-copy-tokenizer "
-                              "leaves it out: drop one of them")
         if TOKENIZER_CONFIG not in files:
             raise CheckpointError(f"model {source}: {tokenizer_dir} has no {TOKENIZER_CONFIG}, so the merged "
                                   "model has no tokenizer to put `chat_template` into; name a `tokenizer_source` "
@@ -223,10 +239,8 @@ def _first_pass(spec: MethodSpec, jobs: list[TensorJob]) -> FirstPass | None:
     return spec.first_pass
 
 
-def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
-    base = Checkpoint.open(config.base_model, config.base_dir, config_only) if config.base_model else None
-    if spec.needs_base and base is None:
-        raise ConfigError(f"`merge_method: {spec.name}` needs `base_model` (the model the others were fine-tuned from)")
+def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool, hub: HubAccess):
+    base = Checkpoint.open(config.base_model, config.base_dir, config_only, hub) if config.base_model else None
     models, entries, model_ids = [], [], []
     listed: dict[tuple, int] = {}  # each model's identity (real directories) -> its first position in `models:`
     for index, entry in enumerate(config.models):
@@ -235,7 +249,7 @@ def _open_inputs(config: MergeConfig, spec: MethodSpec, config_only: bool):
                 raise ConfigError(f"`models[{index}]` is the base model; {spec.name} takes no parameters for it")
             _check_listed_once(config, spec, listed, index, base, is_base=True)
             continue  # mergekit configs list the base among the models
-        models.append(Checkpoint.open(entry.model, config.base_dir, config_only))
+        models.append(Checkpoint.open(entry.model, config.base_dir, config_only, hub))
         _check_listed_once(config, spec, listed, index, models[-1])
         entries.append(entry)
         model_ids.append(index)
@@ -276,8 +290,8 @@ def _check_listed_once(config: MergeConfig, spec: MethodSpec, listed: dict, inde
 def _same_model(ref: str, config: MergeConfig, base: Checkpoint) -> bool:
     if ref == base.ref:
         return True
-    try:
-        return resolve_model_dir(ref, config.base_dir) == base.path
+    try:  # the base is on disk by now, so a reference to it resolves without downloading
+        return resolve_model_dir(ref, config.base_dir, HubAccess(offline=True), weights=False) == base.path
     except CheckpointError:
         return False
 
@@ -344,13 +358,12 @@ def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[
     return tuple(sorted(units, key=lambda u: (-u.cost, u.index)))
 
 
-def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> Path:
+def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], hub: HubAccess) -> Path:
     source = config.tokenizer_source
     if source is None or source == "base":
-        if source == "base" and base is None:
-            raise ConfigError("`tokenizer_source: base` needs `base_model`")
         return (base or models[0]).path
-    return resolve_model_dir(source.partition("+")[0], config.base_dir)  # a `model+adapter` has its tokenizer
+    # a `model+adapter` has its model's tokenizer; of a hub id, only the small files are needed
+    return resolve_model_dir(source.partition("+")[0], config.base_dir, hub, weights=False)
 
 
 def fingerprint(plan: MergePlan, device: str, threads: int | None) -> str:

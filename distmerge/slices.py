@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import LAYER_INDEX as LAYER
 from .config import MergeConfig, SliceSource
 from .errors import CheckpointError, ConfigError
+from .hub import HubAccess
 from .methods import MethodSpec
 from .params import Chain
 
@@ -74,13 +75,13 @@ class SlicedInputs:
                         for source in self.model_sources[index]]
 
 
-def open_slices(config: MergeConfig, spec: MethodSpec, config_only: bool) -> SlicedInputs:
+def open_slices(config: MergeConfig, spec: MethodSpec, config_only: bool, hub: HubAccess) -> SlicedInputs:
     """The merge's input roles, as SlicedCheckpoints, for a config with `slices:`."""
     opened: dict[str, Checkpoint] = {}
 
     def checkpoint(ref: str) -> Checkpoint:
         if ref not in opened:
-            opened[ref] = Checkpoint.open(ref, config.base_dir, config_only)
+            opened[ref] = Checkpoint.open(ref, config.base_dir, config_only, hub)
         return opened[ref]
 
     base_sources, model_sources = [], []  # per slice: the base's source (or None), the other sources

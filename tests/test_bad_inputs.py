@@ -155,7 +155,7 @@ CONFIG_ERRORS = [
     ("no base", dict(method="ties", base=None), ["needs `base_model`"]),
     ("slerp takes one model", dict(method="slerp"), ["exactly 1 model", "got 3"]),
     ("unknown top-level key", dict(method="ties", top={"merge_methd": "x"}), ["merge_methd", "allowed"]),
-    ("slices", dict(method="ties", top={"slices": []}), ["slices", "not supported"]),
+    ("models and slices", dict(method="ties", top={"slices": []}), ["either `models`", "`slices`", "not both"]),
     ("bad dtype", dict(method="ties", top={"dtype": "int8"}), ["dtype: int8", "bfloat16"]),
     ("bad rescale", dict(method="dare_ties", parameters={"rescale": "l3"}), ["rescale", "inverse | l1 | none"]),
 ]
