@@ -14,9 +14,12 @@
    same click entry point its console script calls (start-up costs ~10 s per process here);
    `--one-process-per-merge` runs the console scripts themselves.
 4. Compares every tensor (max abs and relative difference, differing elements, identical bytes) and writes
-   benchmarks/results/mergekit_parity/mergekit_parity.md. Exits 1 when a deterministic method differs beyond
-   float32 round-off on float32 inputs (except in a case that mergekit_parity/cases.py exempts, with its reason,
-   which the report shows), or when either tool fails on a config.
+   benchmarks/results/mergekit_parity/mergekit_parity.md. Where a case of TIES, Breadcrumbs, SCE or model_stock
+   differs beyond round-off, merges its config again in this process with distmerge's top-k tie-break (or
+   model_stock's cosine) swapped for mergekit's (mergekit_parity/explain.py): agreement to round-off then proves
+   the difference is only that documented one. Exits 1 when a deterministic method differs beyond float32
+   round-off on float32 inputs, unless so proven (or in a case that mergekit_parity/cases.py exempts, with its
+   reason, which the report shows), or when either tool fails on a config.
 
 DARE and DELLA are random below density 1: their input variants run at density 1, where both tools must give
 the same bytes; below density 1 they run with distmerge's own draws (checked within sampling error) and with
@@ -35,7 +38,8 @@ from pathlib import Path
 import common
 from mergekit_parity.cases import METHODS, cases_for, make_families, write_configs
 from mergekit_parity.compare import CaseResult, compare_case, tie_probes
-from mergekit_parity.report import cell, render, sampling_text, verdict
+from mergekit_parity.explain import explain
+from mergekit_parity.report import cell, explanation_text, render, sampling_text, verdict
 from peers.venvs import MERGEKIT, driver, ensure_peer_venv, package_versions
 
 RESULTS = common.RESULTS / "mergekit_parity" / "mergekit_parity.md"
@@ -83,8 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def compare_all(cases, outputs: dict, failures: dict, families: dict) -> list[CaseResult]:
-    """One result per case: the tools' errors, or the tensor differences of their outputs."""
+def compare_all(cases, outputs: dict, failures: dict, families: dict, configs: dict, work: Path) -> list[CaseResult]:
+    """One result per case: the tools' errors, or the tensor differences of their outputs; where those exceed
+    round-off in a method with a documented difference, distmerge's merge with mergekit's choice made there
+    (mergekit_parity/explain.py) against mergekit's."""
     results = []
     for case in cases:
         errors = [f"{tool}: {common.last_error_line(failures[tool][str(outputs[tool][case])])}"
@@ -92,6 +98,8 @@ def compare_all(cases, outputs: dict, failures: dict, families: dict) -> list[Ca
         result = (CaseResult(case, error="; ".join(errors)) if errors
                   else compare_case(case, outputs["distmerge"][case], outputs["mergekit"][case],
                                     Path(families[case.variant.family].base)))
+        if not result.error and not result.within_roundoff and result.sampling is None:
+            result.explanation = explain(result, configs[case], outputs["mergekit"][case], work)
         results.append(result)
         log(f"{case.method:17s} {case.variant.label:40s} {verdict(result):9s} {cell(result)}"
             + (f"  {result.error}" if result.error else ""))
@@ -119,7 +127,7 @@ def main(argv=None) -> int:
         jobs = [(configs[case], outputs[tool][case], *(case.mergekit_arguments if tool == "mergekit" else []))
                 for case in cases]
         failures[tool] = run_tool(tool, jobs, work, args.one_process_per_merge, peer_python)
-    results = compare_all(cases, outputs, failures, families)
+    results = compare_all(cases, outputs, failures, families, configs, work)
 
     import torch
 
@@ -141,7 +149,8 @@ def main(argv=None) -> int:
 
     bad = [r for r in results if r.error or (r.case.gated and not r.passes)]
     for r in bad:
-        why = r.error or (sampling_text(r) if r.sampling else f"max abs diff {r.max_abs:.3g} in {r.worst}")
+        why = r.error or (sampling_text(r) if r.sampling else f"max abs diff {r.max_abs:.3g} in {r.worst}"
+                          + (f"; {explanation_text(r.explanation)}" if r.explanation else ""))
         log(f"FAIL {r.case.method} [{r.case.variant.label}]: {why}")
     return 1 if bad else 0
 

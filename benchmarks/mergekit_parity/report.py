@@ -1,16 +1,31 @@
-"""compare_mergekit.py's report: a method x variant summary, every case, what the defaults and random-draw columns
-compare, and the tie probe."""
+"""compare_mergekit.py's report: a method x variant summary, every case, the differences proven to be documented
+ones, what the defaults and random-draw columns compare, and the tie probe."""
 
 from __future__ import annotations
 
 from .cases import METHODS, SEED, SMALL_SCALE, VARIANTS
 from .compare import ROUNDOFF_EPS, SAMPLING_Z, CaseResult, TieProbe
+from .explain import CLAMP, MODEL_STOCK_NORM_CLAMP, TIE_BREAK, Explanation
 
 
 def sampling_text(result: CaseResult) -> str:
     check = result.sampling
     return (f"kept {check.ours.kept_share:.4f}/{check.theirs.kept_share:.4f} (z {check.share_z:.1f}), "
             f"norm {check.ours.norm:.4g}/{check.theirs.norm:.4g} (z {check.norm_z:.1f})")
+
+
+SWAPPED = {TIE_BREAK: "mergekit's order of tied magnitudes", CLAMP: "mergekit's clamped cosine"}
+
+
+def explanation_text(explanation: Explanation) -> str:
+    """What distmerge's merge with mergekit's choice (explain.py) gave against mergekit's output."""
+    swapped = f"distmerge with {SWAPPED[explanation.verdict]}"
+    if explanation.error:
+        return f"{swapped} failed: {explanation.error}"
+    if all(t.identical for t in explanation.swapped):
+        return f"{swapped}: identical to mergekit"
+    return (f"{swapped}: {explanation.swapped_max_abs:.1e} from mergekit, "
+            f"{'round-off' if explanation.proven else 'beyond round-off'}")
 
 
 def cell(result: CaseResult) -> str:
@@ -20,6 +35,8 @@ def cell(result: CaseResult) -> str:
         return ("" if result.sampling.agrees else "DIFFERS: ") + sampling_text(result)
     if result.identical:
         return "identical"
+    if not result.within_roundoff and result.explanation and result.explanation.proven:
+        return f"{result.explanation.verdict} ({result.differing}/{result.numel})"
     return f"{result.max_abs:.1e} ({result.differing}/{result.numel})"
 
 
@@ -32,6 +49,8 @@ def verdict(result: CaseResult) -> str:
         return "identical"
     if result.within_roundoff:
         return "round-off"
+    if result.explanation and result.explanation.proven:
+        return result.explanation.verdict
     return "DIFFERS" if result.case.gated else "differs"
 
 
@@ -58,9 +77,11 @@ def header(context: dict, n_cases: int) -> list[str]:
         (f"- a cell is `identical` (same bytes in every tensor) or `max abs diff (differing elements / total)`. "
          f"Round-off: every tensor within {ROUNDOFF_EPS} float32 eps of its largest magnitude. In the `density < 1` "
          "column (distmerge's own draws) a cell is `kept distmerge/mergekit (z), norm distmerge/mergekit (z)` of "
-         "the merged task vector; it passes within sampling error (see below). The run fails when a "
-         "float32-input column is neither identical nor round-off (nor, there, within sampling error), except "
-         "in the cases listed as not gated below, each with its reason."),
+         "the merged task vector; it passes within sampling error (see below). `tie-break (differing/total)` and "
+         "`by design (clamp) (differing/total)`: a difference proven to be a documented one (see \"Differences "
+         "proven documented\" below). The run fails when a float32-input column is neither identical, round-off "
+         "nor so proven (nor, there, within sampling error), except in the cases listed as not gated below, each "
+         "with its reason."),
         "",
     ]
 
@@ -91,6 +112,43 @@ def detail_table(results: list[CaseResult]) -> list[str]:
         lines.append(f"| {r.case.method} | {r.case.variant.label} | {r.dtypes} | {r.max_abs:.3g} | {r.max_rel:.3g} "
                      f"| {r.differing}/{r.numel} | {'yes' if r.identical else 'no'} | {verdict(r)} | "
                      f"{sampling_text(r) if r.sampling else r.worst} |")
+    return lines
+
+
+def explained_section(results: list[CaseResult]) -> list[str]:
+    explained = [r for r in results if r.explanation]
+    lines = [
+        "## Differences proven documented",
+        "",
+        ("Where a TIES, Breadcrumbs, SCE or model_stock case differs beyond round-off, compare_mergekit.py merges "
+         "its config again with distmerge, in its own process, with one choice swapped for mergekit's (monkeypatched "
+         "in the benchmark, `mergekit_parity/explain.py`; distmerge's code is unchanged), and compares that merge "
+         "with mergekit's output. If it agrees to round-off, the swapped choice was the whole difference:"),
+        "",
+        (f"- `{TIE_BREAK}`: distmerge's top-k selection keeps entries of exactly equal magnitude at the cut in index "
+         "order (deterministic on every device); the swap orders the float32 magnitudes as mergekit 0.1.5 does on "
+         "CPU, with torch's default (unstable) sort: `torch.argsort(descending=True)` for TIES (`magnitude`), one "
+         "ascending `torch.sort` for Breadcrumbs (`magnitude_outliers`), `torch.topk` for SCE's variance mask. "
+         "Both keep the same number of entries; they differ only in which of the tied ones (docs/methods.md, "
+         "section 5)."),
+        (f"- `{CLAMP}`: model_stock's cosine of two task vectors; distmerge divides their dot product by the "
+         f"product of their norms, mergekit by that product clamped at {MODEL_STOCK_NORM_CLAMP:g}, which shrinks "
+         "the cosine (and so the interpolation ratio) of small task vectors (docs/methods.md, section 5). The swap "
+         "clamps the product as mergekit does."),
+        "",
+        "| method | variant | differing elements (where) | distmerge with mergekit's choice | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for r in explained:
+        where = ", ".join(f"{name} ({count})" for name, count in
+                          sorted(r.explanation.differing_tensors.items(), key=lambda item: -item[1])[:4])
+        more = len(r.explanation.differing_tensors) - 4
+        where += f" and {more} more tensors" if more > 0 else ""
+        lines.append(f"| {r.case.method} | {r.case.variant.label} | {r.differing}/{r.numel} in "
+                     f"{len(r.explanation.differing_tensors)} tensor(s): {where} | {explanation_text(r.explanation)} "
+                     f"| {verdict(r)} |")
+    if not explained:
+        lines.append("| (none: no such case differed beyond round-off) | | | | |")
     return lines
 
 
@@ -159,5 +217,5 @@ def probe_section(probes: list[TieProbe]) -> list[str]:
 
 def render(results: list[CaseResult], probes: list[TieProbe], context: dict) -> str:
     sections = [header(context, len(results)), summary_table(results), detail_table(results),
-                defaults_section(list(dict.fromkeys(r.case.method for r in results))), probe_section(probes)]
+                explained_section(results), defaults_section(list(dict.fromkeys(r.case.method for r in results))), probe_section(probes)]
     return "\n\n".join("\n".join(section) for section in sections).replace("\n\n\n", "\n\n") + "\n"
