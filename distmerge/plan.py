@@ -29,6 +29,7 @@ from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params, whole_model_chains
 from .slices import open_slices
+from .vocabulary import OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
 from .writer import TOKENIZER_FILES
 
 TIED_HEAD = "lm_head.weight"
@@ -88,6 +89,7 @@ class MergePlan:
     # The small files the output copies from the inputs (generation config, tokenizer): (name in the output, real
     # path to copy), located and checked by `checkpoint_file` when planned.
     copied_files: tuple[tuple[str, Path | bytes], ...] = ()  # name in the output -> file to copy, or its bytes
+    vocabulary: OutputVocabulary | None = None  # the output vocabulary, where `tokenizer_source`/`tokenizer:` change it
 
     @property
     def reference(self) -> Checkpoint:
@@ -118,6 +120,11 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         base, models, entries, model_ids = sliced.base, list(sliced.models), [], list(range(len(sliced.models)))
     else:
         base, models, entries, model_ids = _open_inputs(config, spec, config_only)
+    vocabulary = _vocabulary(config, base, models, model_ids, sliced is not None)
+    if vocabulary is not None:  # each input read through its view; the same view where one input plays two roles
+        views = {id(ckpt): VocabularyView(ckpt, index, vocabulary) for index, ckpt in enumerate(vocabulary.inputs)}
+        base = views[id(base)] if base is not None else None
+        models = [views[id(ckpt)] for ckpt in models]
     reference = base or models[0]
     if not config_only and not reference.config:
         role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
@@ -158,8 +165,33 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
         first_pass=_first_pass(spec, jobs),
         copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models),
-                                   ([base] if base else []) + models),
+                                   ([base] if base else []) + models, vocabulary),
+        vocabulary=vocabulary,
     )
+
+
+def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], model_ids: list[int],
+                sliced: bool) -> OutputVocabulary | None:
+    """The output vocabulary the config asks for (`vocabulary`), None where it asks for none or where every input
+    already has it. Its inputs are in the order mergekit gathers them: `models:` in order, then the base where it is
+    not listed there."""
+    settings = vocabulary_settings(config)
+    if settings is None:
+        return None
+    if sliced:
+        if settings.source == "union" or config.tokenizer is not None:
+            raise ConfigError("`tokenizer_source: union` and the `tokenizer:` block are not supported with `slices:` "
+                              "yet; use `tokenizer_source: base` or a model, with models of one vocabulary")
+        return None  # a slice merge takes one vocabulary; its tokenizer is copied
+    position = {id(ckpt): index for ckpt, index in zip(models, model_ids)}
+    if base is not None and id(base) not in position:
+        listed = [i for i, entry in enumerate(config.models) if _same_model(entry.model, config, base)]
+        position[id(base)] = listed[0] if listed else len(config.models)
+    inputs = {id(ckpt): ckpt for ckpt in ([base] if base is not None else []) + models}
+    ordered = [inputs[key] for key in sorted(inputs, key=position.__getitem__)]
+    template = (resolve_chat_template(config.chat_template, [(ckpt.ref, ckpt.path) for ckpt in inputs.values()])
+                if config.chat_template is not None else None)
+    return plan_vocabulary(config, settings, ordered, base, template)
 
 
 def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str]) -> None:
@@ -188,13 +220,17 @@ def with_mergekit_draws(plan: MergePlan) -> MergePlan:
     return replace(plan, units=units)
 
 
-def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path,
-                  inputs: list[Checkpoint]) -> tuple:
+def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path, inputs: list[Checkpoint],
+                  vocabulary: OutputVocabulary | None) -> tuple:
     """generation_config.json from the reference model, the tokenizer files from the tokenizer's source (each
     through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end),
-    and the chat template the config asks for, as bytes."""
-    source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
+    and the chat template the config asks for, as bytes. A built vocabulary brings its tokenizer's files (with the
+    chat template), written whatever `copy_tokenizer` says, as mergekit does: the weights need that tokenizer."""
     found = [("generation_config.json", reference.file("generation_config.json"))]
+    if vocabulary is not None:
+        return tuple({name: path for name, path in found if path is not None}.items()) + vocabulary.tokenizer_files
+    settings = vocabulary_settings(config)
+    source = settings.source if settings is not None and settings.source not in ("base", "union") else reference.ref
     if config.engine.copy_tokenizer:
         found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
     files = {name: path for name, path in found if path is not None}
@@ -345,8 +381,9 @@ def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[
 
 
 def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> Path:
-    source = config.tokenizer_source
-    if source is None or source == "base":
+    settings = vocabulary_settings(config)
+    source = settings.source if settings is not None else None
+    if source is None or source in ("base", "union"):
         if source == "base" and base is None:
             raise ConfigError("`tokenizer_source: base` needs `base_model`")
         return (base or models[0]).path
@@ -370,4 +407,6 @@ def fingerprint(plan: MergePlan, device: str, threads: int | None) -> str:
         "threads": threads if device == "cpu" and decomposes else None,
         "version": __version__,
     }
+    if plan.vocabulary is not None:  # it comes from the tokenizers, whose files are not among the inputs' files
+        payload["vocabulary"] = plan.vocabulary.digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
