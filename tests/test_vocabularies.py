@@ -49,9 +49,11 @@ def write_tokenizer(path: Path, vocab: list[str], added: list[str] = ()) -> None
         "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def write_model(path: Path, vocab: list[str], added: list[str] = (), seed: int = 0) -> dict[str, torch.Tensor]:
+def write_model(path: Path, vocab: list[str], added: list[str] = (), seed: int = 0,
+                tie: bool = False) -> dict[str, torch.Tensor]:
     """A tiny Llama whose embedding and head have one row per token; returns its tensors (float32)."""
-    config = llama_config(hidden=16, intermediate=32, layers=2, heads=4, kv_heads=2, vocab=len(vocab) + len(added))
+    config = llama_config(hidden=16, intermediate=32, layers=2, heads=4, kv_heads=2, vocab=len(vocab) + len(added),
+                          tie=tie)
     tensors = random_base(config, seed)
     save_checkpoint(path, tensors, config, dtype=torch.float32, tokenizer=False)
     write_tokenizer(path, vocab, added)
@@ -224,6 +226,32 @@ def test_matching_vocabularies_keep_todays_bytes(tmp_path, models):
         for name in ("model-00001-of-00001.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
             assert (outs[label] / name).read_bytes() == (outs["plain"] / name).read_bytes(), (label, name)
     assert (outs["base"] / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
+
+
+def test_tied_embeddings_and_a_chat_template(tmp_path):
+    """Tied models: only the embedding is laid out and merged (the loader ties the head to it); the output
+    tokenizer carries the chat template as transformers saves one, also with --no-copy-tokenizer."""
+    for seed, (name, vocab, added) in enumerate((("base", BASE_VOCAB, []), ("a", A_VOCAB, []),
+                                                 ("b", B_VOCAB, B_ADDED))):
+        write_model(tmp_path / name, vocab, added, seed, tie=True)
+    models = {name: (tmp_path / name, load(tmp_path / name), {t: i for i, t in enumerate(vocab)})
+              for name, vocab in (("base", BASE_VOCAB), ("a", A_VOCAB), ("b", B_VOCAB + B_ADDED))}
+    doc = {"merge_method": "linear", "models": [{"model": str(tmp_path / n)} for n in ("a", "b")],
+           "tokenizer_source": "union", "chat_template": "chatml"}
+    cfg = tmp_path / "tied.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    run_cli("merge", cfg, "-o", out, "--quiet", "--no-copy-tokenizer")
+    merged = load(out)
+    assert HEAD not in merged
+    order = A_VOCAB + ["g", "<tool>"]  # no base: the union starts from a's tokenizer
+    a, b = (rows(models, name, EMBED, table(order, fills), 11) for name, fills in
+            (("a", {"g": "b", "<tool>": "b"}), ("b", {"d": "a", "f": "a"})))
+    torch.testing.assert_close(merged[EMBED], (a + b) / 2, rtol=0, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    check_loads(out, 11)
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
 def test_bad_token_settings_are_refused(tmp_path, models):
