@@ -357,14 +357,16 @@ def _parse_tokenizer(raw: Any) -> TokenizerSettings | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise ConfigError(f"`tokenizer` must be a mapping with `source`, `tokens` and `pad_to_multiple_of`, got {raw!r}")
+        raise ConfigError(f"`tokenizer` must be a mapping with `source`, `tokens` and `pad_to_multiple_of`, "
+                          f"got {raw!r}")
     extra = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"})
     if extra:
         raise ConfigError(f"unknown key `tokenizer.{extra[0]}`; allowed: source, tokens, pad_to_multiple_of")
     source = _parse_model_ref(raw.get("source", "union"), "tokenizer.source")
     tokens = raw.get("tokens") or {}
     if not isinstance(tokens, dict) or not all(isinstance(token, str) and token for token in tokens):
-        raise ConfigError(f"`tokenizer.tokens` must map tokens (strings) to `{{source: ..., force: ...}}`, got {tokens!r}")
+        raise ConfigError(f"`tokenizer.tokens` must map tokens (strings) to `{{source: ..., force: ...}}`, "
+                          f"got {tokens!r}")
     pad = raw.get("pad_to_multiple_of")
     return TokenizerSettings(
         source=source, tokens=tuple((token, _parse_token(value, f"tokenizer.tokens.{token}"))

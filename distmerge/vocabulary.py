@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
+from .checkpoint import Checkpoint, checkpoint_file, resolve_model_dir
 from .config import LAYER_INDEX, MergeConfig, TokenEmbedding, TokenizerSettings
 from .errors import CheckpointError, ConfigError
 from .writer import TOKENIZER_FILES
@@ -78,25 +78,28 @@ class OutputVocabulary:
             return stored[k]
 
         mine = tensor(index)
-        out = torch.zeros((self.size, *mine.shape[1:]), dtype=dtype)
+        out = torch.zeros((self.size, *mine.shape[1:]), dtype=dtype)  # zero fills stay as they are
         own = self.own[index]
         present = own >= 0
         out[:self.tokens][present] = mine[own[present]]
+        copies: dict[int, tuple[list[int], list[int]]] = {}  # input -> (output tokens, its rows): one gather each
         for token in (~present).nonzero().flatten().tolist():
-            out[token] = self.fill_row(self.fills[token], tensor, out.shape[1:], dtype)
+            fill = self.fills[token]
+            if len(fill.rows) == 1:
+                k, row = fill.rows[0]
+                copies.setdefault(k, ([], []))
+                copies[k][0].append(token)
+                copies[k][1].append(row)
+            elif fill.rows:
+                total = torch.zeros(out.shape[1:], dtype=dtype)  # summed in input order from zero, as mergekit does
+                for k, row in fill.rows:
+                    total = total + tensor(k)[row]
+                out[token] = total / len(fill.rows)
+        for k, (tokens, rows) in copies.items():
+            out[tokens] = tensor(k)[rows]
         if self.size > self.tokens:  # as suggested by https://nlp.stanford.edu/~johnhew/vocab-expansion.html
             out[self.tokens:] = torch.mean(out[:self.tokens], dim=0)
         return out
-
-    @staticmethod
-    def fill_row(fill: Fill, tensor, shape, dtype) -> torch.Tensor:
-        if len(fill.rows) == 1:
-            k, row = fill.rows[0]
-            return tensor(k)[row]
-        total = torch.zeros(shape, dtype=dtype)  # summed in input order from zero, as mergekit does
-        for k, row in fill.rows:
-            total = total + tensor(k)[row]
-        return total / len(fill.rows) if fill.rows else total
 
 
 class VocabularyView(Checkpoint):
@@ -191,11 +194,9 @@ def plan_vocabulary(config: MergeConfig, settings: TokenizerSettings, inputs: li
         if token in configured:
             fills[token_id] = _configured_fill(config, token, configured[token], present, inputs, tokenizers,
                                                reference_tokenizer, rows_of, has, token_id)
-        elif len(present) <= 1 or (base_index in present):
-            fills[token_id] = Fill(tuple((k, int(has[k][token_id])) for k in
-                                         ([base_index] if base_index in present else present)))
-        else:
-            fills[token_id] = Fill(tuple((k, int(has[k][token_id])) for k in present))
+        else:  # the base's row where it has the token; else the one input's, zeros, or the mean of several
+            donors = [base_index] if base_index in present else present
+            fills[token_id] = Fill(tuple((k, int(has[k][token_id])) for k in donors))
     return OutputVocabulary(size=size, tokens=tokens, names=tuple(names), inputs=tuple(inputs), own=own, fills=fills,
                             dtype=config.compute_dtype, tokenizer_files=_saved(output, chat_template))
 
@@ -294,9 +295,9 @@ def _add_union(output, tokenizers: list[tuple], first: int) -> None:
         output.add_tokens(info)
 
 
-def _configured_fill(config: MergeConfig, token: str, embedding: TokenEmbedding, present: list[int], inputs: list[Checkpoint],
-                     tokenizers: list, reference_tokenizer, rows_of: list[int], has: list[torch.Tensor],
-                     token_id: int) -> Fill:
+def _configured_fill(config: MergeConfig, token: str, embedding: TokenEmbedding, present: list[int],
+                     inputs: list[Checkpoint], tokenizers: list, reference_tokenizer, rows_of: list[int],
+                     has: list[torch.Tensor], token_id: int) -> Fill:
     """The fill row `tokenizer.tokens.TOKEN` asks for."""
     key = f"`tokenizer.tokens.{token}`"
     if embedding.kind is None:

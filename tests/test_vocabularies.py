@@ -270,6 +270,11 @@ def test_bad_token_settings_are_refused(tmp_path, models):
     cfg.write_text(yaml.safe_dump(doc))
     assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
                       "gives both `tokenizer_source` and `tokenizer`")
+    doc = {"merge_method": "passthrough", "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": str(models["base"][0]), "layer_range": [0, 2]}]}]}
+    cfg.write_text(yaml.safe_dump(doc))
+    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
+                      "not supported with `slices:` yet")
 
 
 def test_the_block_reads_back_from_the_model_card_yaml():
