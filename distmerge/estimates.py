@@ -32,9 +32,14 @@ FLOPS_PER_BYTE_MOVED = 50.0  # weighs decompositions against data movement when 
 
 
 def read_bytes(plan: MergePlan, job: TensorJob) -> int:
-    """Bytes read from storage for one output tensor (a copied tensor is read once)."""
+    """Bytes read from storage for one output tensor (a copied tensor is read once; an input's vocabulary tensor
+    with those of the inputs its fill rows come from)."""
     if not job.merge:
         return plan.reference.tensors[job.name].nbytes
+    vocabulary = plan.vocabulary
+    if vocabulary is not None and job.name in vocabulary.names:
+        return sum(vocabulary.inputs[k].tensors[job.name].nbytes for ckpt in plan.inputs()
+                   for k in {ckpt.index} | vocabulary.donors(ckpt.index))
     return sum(ckpt.tensors[job.name].nbytes for ckpt in plan.inputs())
 
 
@@ -81,10 +86,14 @@ def tensor_cost(job: TensorJob, n_models: int) -> float:
 
 def peak_bytes_per_worker(plan: MergePlan) -> int:
     """Largest working set of one tensor: T + 1 compute-dtype copies, the stored-dtype read buffer, and the
-    method's declared scratch."""
+    method's declared scratch; for a vocabulary tensor also what reading one input holds (its rows in the output
+    order, and its own and its fill rows' inputs' tensors in the compute dtype)."""
     width = 8 if plan.config.compute_dtype == "float64" else 4
     copies = len(plan.models) + 1
+    vocabulary = plan.vocabulary
+    reading = 2 + max(len(vocabulary.donors(k)) for k in range(len(vocabulary.inputs))) if vocabulary else 0
     return max((copies * job.numel * width + job.numel * 4 + job.work.scratch * width + job.work.scratch_float64 * 8
+                + (reading * job.numel * width if vocabulary and job.name in vocabulary.names else 0)
                 for job in plan.tensors if job.merge), default=0)
 
 

@@ -59,6 +59,11 @@ class OutputVocabulary:
     dtype: str  # the merge's compute dtype: fill rows and padding are computed in it
     tokenizer_files: tuple[tuple[str, bytes], ...]
 
+    def donors(self, index: int) -> set[int]:
+        """The other inputs whose vocabulary tensors reading input `index`'s reads too (its fill rows' sources)."""
+        lacking = (self.own[index] < 0).nonzero().flatten().tolist()
+        return {k for token in lacking for k, _ in self.fills[token].rows} - {index}
+
     def digest(self) -> str:
         """What decides the rows read and the tokenizer written (for the merge's fingerprint)."""
         content = hashlib.sha256(repr((self.size, self.tokens, self.names, self.dtype,
@@ -269,9 +274,8 @@ def _output_tokenizer(config: MergeConfig, settings: TokenizerSettings, inputs: 
     if settings.source == "union":
         _add_union(output, [(tok, model_vocab_size(ckpt)) for ckpt, tok in zip(inputs, tokenizers)
                             if tok is not None], inputs.index(first))
-    for token, _ in settings.tokens:
-        if token not in output.get_vocab():
-            output.add_tokens(token)
+    existing = output.get_vocab()
+    output.add_tokens([token for token, _ in settings.tokens if token not in existing])
     return output
 
 
@@ -288,11 +292,8 @@ def _add_union(output, tokenizers: list[tuple], first: int) -> None:
             if token_id < rows:
                 added.setdefault(info.content, info)
     existing = output.get_vocab()
-    for token in plain:
-        if token not in added and token not in existing:
-            output.add_tokens(token)
-    for info in added.values():
-        output.add_tokens(info)
+    output.add_tokens([token for token in plain if token not in added and token not in existing])
+    output.add_tokens(list(added.values()))  # those the base has keep their ids
 
 
 def _configured_fill(config: MergeConfig, token: str, embedding: TokenEmbedding, present: list[int],

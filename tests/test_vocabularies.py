@@ -161,6 +161,21 @@ def test_union_permutes_rows_and_fills_missing_tokens(tmp_path, models, pad):
     assert AutoTokenizer.from_pretrained(str(out))("a f g <tool>")["input_ids"] == [3, 8, 9, 10]
 
 
+def test_the_plan_counts_the_rows_read_for_fills(tmp_path, models):
+    """Reading an input's embedding (or head) reads those of the inputs its fill rows come from: the base takes
+    rows from a and b, a from b, b from the base and a (the union's fills above). Other tensors: once per input."""
+    from distmerge.estimates import bytes_read
+    from distmerge.plan import build_plan
+
+    doc = {"merge_method": "task_arithmetic", "base_model": str(models["base"][0]),
+           "models": [{"model": str(models[n][0])} for n in "ab"], "tokenizer_source": "union"}
+    plan = build_plan(parse_config(yaml.safe_dump(doc)))
+    row = 16 * 4
+    vocabulary_rows = (8 + 9 + 9) + (9 + 9) + (9 + 8 + 9)  # base + a + b, a + b, b + base + a
+    others = sum(t.numel() * 4 for name, t in models["base"][1].items() if name not in (EMBED, HEAD))
+    assert bytes_read(plan) == 2 * vocabulary_rows * row + 3 * others
+
+
 def test_a_models_tokenizer(tmp_path, models):
     """`tokenizer_source: a`: a's 9 tokens at a's ids; the base and b lack f (only a has it), b lacks d (a and the
     base have it: the base's row)."""
