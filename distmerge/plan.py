@@ -29,7 +29,7 @@ from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params, whole_model_chains
 from .slices import open_slices
-from .vocabulary import OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
+from .vocabulary import VOCABULARY_NAME, OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
 from .writer import TOKENIZER_FILES
 
 TIED_HEAD = "lm_head.weight"
@@ -348,7 +348,9 @@ def _check_same_tensors(reference: Checkpoint, base: Checkpoint | None, models: 
             if mine.shape != theirs.shape:
                 raise CheckpointError(
                     f"model {ckpt.ref}: tensor {name} has shape {list(mine.shape)} but {reference.ref} has "
-                    f"{list(theirs.shape)}. Models must have the same shapes (resized vocabularies must match)")
+                    f"{list(theirs.shape)}. Models must have the same shapes"
+                    + ("; for models whose vocabularies differ, set `tokenizer_source` (union, base or a model)"
+                       if VOCABULARY_NAME.search(name) else ""))
             if mine.is_float != theirs.is_float or (not mine.is_float and mine.dtype != theirs.dtype):
                 raise CheckpointError(
                     f"model {ckpt.ref}: tensor {name} is {mine.dtype} but {reference.ref} has {theirs.dtype}; "

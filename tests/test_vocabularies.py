@@ -285,6 +285,10 @@ def test_bad_token_settings_are_refused(tmp_path, models):
     cfg.write_text(yaml.safe_dump(doc))
     assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
                       "gives both `tokenizer_source` and `tokenizer`")
+    doc = {"merge_method": "linear", "models": [{"model": str(models[n][0])} for n in ("base", "a")]}
+    cfg.write_text(yaml.safe_dump(doc))
+    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
+                      "lm_head.weight has shape [9, 16]", "set `tokenizer_source` (union, base or a model)")
     doc = {"merge_method": "passthrough", "tokenizer_source": "union",
            "slices": [{"sources": [{"model": str(models["base"][0]), "layer_range": [0, 2]}]}]}
     cfg.write_text(yaml.safe_dump(doc))
