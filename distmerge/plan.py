@@ -172,9 +172,9 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
 
 def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], model_ids: list[int],
                 sliced: bool) -> OutputVocabulary | None:
-    """The output vocabulary the config asks for (`vocabulary`), None where it asks for none or where every input
-    already has it. Its inputs are in the order mergekit gathers them: `models:` in order, then the base where it is
-    not listed there."""
+    """The output vocabulary that `tokenizer_source` or `tokenizer:` asks for (vocabulary.py); None where the config
+    asks for none or every input already has it. Its inputs are in the order mergekit gathers them: `models:` in
+    order, then the base where it is not listed there."""
     settings = vocabulary_settings(config)
     if settings is None:
         return None

@@ -366,3 +366,55 @@ def test_same_tensors_and_vocabulary_as_mergekit(tmp_path, models):
                 torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=f"{label}: {name}")
             else:
                 assert torch.equal(ours[name], theirs[name]), f"{label}: {name} differs from mergekit's"
+
+
+def write_bpe_model(path: Path, corpus: list[str], special: list[str], seed: int) -> None:
+    """A tiny Llama with a byte-level BPE tokenizer (GPT-2's, Llama 3's and Qwen's kind) trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", *special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    config = llama_config(hidden=16, intermediate=32, layers=2, heads=4, kv_heads=2, vocab=tokenizer.get_vocab_size())
+    save_checkpoint(path, random_base(config, seed), config, dtype=torch.float32, tokenizer=False)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "eos_token": "<|endoftext|>"}))
+
+
+@pytest.mark.peers
+def test_a_union_of_bpe_vocabularies_has_mergekits_rows_per_token(tmp_path):
+    """Byte-level BPE tokenizers trained on different text (dozens of tokens new in each model), merged with TIES
+    over their union by `mergekit-yaml` and distmerge: the same tokens, and every token's embedding and head rows
+    the same bytes. Their ids differ: mergekit adds a model's new tokens in its vocabulary's hash-map order (and
+    the models in set order), distmerge by id and in `models:` order."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from peers.venvs import MERGEKIT, ensure_peer_venv
+
+    peer_python, _ = ensure_peer_venv(MERGEKIT)
+    corpora = {"base": ["the cat sat on the mat", "a dog ran far away"],
+               "a": ["the cat sat on the mat", "quantum physics rocks", "merging models is fun"],
+               "b": ["a dog ran far away", "the cat sat", "zebra xylophone"]}
+    for seed, (name, corpus) in enumerate(corpora.items()):
+        write_bpe_model(tmp_path / name, corpus * 20, ["<|im_start|>"] if name == "b" else [], seed)
+    doc = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "dtype": "float32",
+           "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in "ab"],
+           "tokenizer_source": "union"}
+    cfg = tmp_path / "bpe.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    subprocess.run([str(peer_python.parent / "mergekit-yaml"), str(cfg), str(tmp_path / "mk"), "--no-lazy-unpickle",
+                    "--quiet", "--no-write-model-card"], check=True, capture_output=True, timeout=600)
+    run_cli("merge", cfg, "-o", tmp_path / "dm", "--quiet")
+    ours_vocab, theirs_vocab = output_vocab(tmp_path / "dm"), output_vocab(tmp_path / "mk")
+    assert set(ours_vocab) == set(theirs_vocab) and len(ours_vocab) > 300
+    ours, theirs = load(tmp_path / "dm"), load(tmp_path / "mk")
+    tokens = sorted(theirs_vocab)
+    for name in theirs:
+        if name in (EMBED, HEAD):
+            rows_of = [ours_vocab[t] for t in tokens], [theirs_vocab[t] for t in tokens]
+            assert torch.equal(ours[name][rows_of[0]], theirs[name][rows_of[1]]), name
+        else:
+            assert torch.equal(ours[name], theirs[name]), name
