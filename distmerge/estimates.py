@@ -36,10 +36,8 @@ def read_bytes(plan: MergePlan, job: TensorJob) -> int:
     with those of the inputs its fill rows come from)."""
     if not job.merge:
         return plan.reference.tensors[job.name].nbytes
-    vocabulary = plan.vocabulary
-    if vocabulary is not None and job.name in vocabulary.names:
-        return sum(vocabulary.inputs[k].tensors[job.name].nbytes for ckpt in plan.inputs()
-                   for k in {ckpt.index} | vocabulary.donors(ckpt.index))
+    if plan.vocabulary is not None and job.name in plan.vocabulary.names:
+        return sum(read.tensors[job.name].nbytes for ckpt in plan.inputs() for read in ckpt.vocabulary_reads(job.name))
     return sum(ckpt.tensors[job.name].nbytes for ckpt in plan.inputs())
 
 
@@ -90,11 +88,13 @@ def peak_bytes_per_worker(plan: MergePlan) -> int:
     order, and its own and its fill rows' inputs' tensors in the compute dtype)."""
     width = 8 if plan.config.compute_dtype == "float64" else 4
     copies = len(plan.models) + 1
-    vocabulary = plan.vocabulary
-    reading = 2 + max(len(vocabulary.donors(k)) for k in range(len(vocabulary.inputs))) if vocabulary else 0
+    def reading(job: TensorJob) -> int:
+        if plan.vocabulary is None or job.name not in plan.vocabulary.names:
+            return 0
+        return (1 + max(len(ckpt.vocabulary_reads(job.name)) for ckpt in plan.inputs())) * job.numel * width
+
     return max((copies * job.numel * width + job.numel * 4 + job.work.scratch * width + job.work.scratch_float64 * 8
-                + (reading * job.numel * width if vocabulary and job.name in vocabulary.names else 0)
-                for job in plan.tensors if job.merge), default=0)
+                + reading(job) for job in plan.tensors if job.merge), default=0)
 
 
 # ---- time on a cluster -----------------------------------------------------------------------------------------

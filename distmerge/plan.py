@@ -28,7 +28,7 @@ from .estimates import tensor_cost
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params, whole_model_chains
-from .slices import open_slices
+from .slices import EMBEDDING, SlicedInputs, open_slices
 from .vocabulary import VOCABULARY_NAME, OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
 from .writer import TOKENIZER_FILES
 
@@ -120,9 +120,12 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
         base, models, entries, model_ids = sliced.base, list(sliced.models), [], list(range(len(sliced.models)))
     else:
         base, models, entries, model_ids = _open_inputs(config, spec, config_only)
-    vocabulary = _vocabulary(config, base, models, model_ids, sliced is not None)
+    vocabulary = _vocabulary(config, base, models, model_ids, sliced)
     if vocabulary is not None:  # each input read through its view; the same view where one input plays two roles
-        views = {id(ckpt): VocabularyView(ckpt, index, vocabulary) for index, ckpt in enumerate(vocabulary.inputs)}
+        views = {}
+        for ckpt in ([base] if base is not None else []) + models:
+            sources = {name: ckpt.reads[name][0] if sliced is not None else ckpt for name in vocabulary.names}
+            views.setdefault(id(ckpt), VocabularyView(ckpt, sources, vocabulary))
         base = views[id(base)] if base is not None else None
         models = [views[id(ckpt)] for ckpt in models]
     reference = base or models[0]
@@ -171,27 +174,35 @@ def build_plan(config: MergeConfig, config_only: bool = False) -> MergePlan:
 
 
 def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], model_ids: list[int],
-                sliced: bool) -> OutputVocabulary | None:
+                sliced: SlicedInputs | None) -> OutputVocabulary | None:
     """The output vocabulary that `tokenizer_source` or `tokenizer:` asks for (vocabulary.py); None where the config
-    asks for none or every input already has it. Its inputs are in the order mergekit gathers them: `models:` in
-    order, then the base where it is not listed there."""
+    asks for none or every input already has it. A vocabulary tensor is merged from the inputs in the order
+    mergekit gathers them: `models:` in order, then the base where it is not listed there; in a slice merge, the
+    sources of the first slice (embeddings) or of the last (the head), as they are listed."""
     settings = vocabulary_settings(config)
     if settings is None:
         return None
-    if sliced:
-        if settings.source == "union" or config.tokenizer is not None:
-            raise ConfigError("`tokenizer_source: union` and the `tokenizer:` block are not supported with `slices:` "
-                              "yet; use `tokenizer_source: base` or a model, with models of one vocabulary")
-        return None  # a slice merge takes one vocabulary; its tokenizer is copied
+    inputs = ([base] if base is not None else []) + models
+    template = (resolve_chat_template(config.chat_template, [(ckpt.ref, ckpt.path) for ckpt in inputs])
+                if config.chat_template is not None else None)
+    if sliced is not None:
+        opened = sliced.checkpoints
+        everyone = list({id(opened[ref]): opened[ref] for ref in config.model_refs()}.values())
+
+        def slice_inputs(name: str) -> tuple[list[Checkpoint], Checkpoint | None]:
+            output_slice = config.slices[0 if EMBEDDING.search(name) else -1]
+            base_ref = output_slice.base_model or config.base_model
+            sources = {id(opened[s.model]): opened[s.model] for s in output_slice.sources}
+            return list(sources.values()), opened.get(base_ref)
+
+        return plan_vocabulary(config, settings, everyone, opened.get(config.base_model), template, slice_inputs)
     position = {id(ckpt): index for ckpt, index in zip(models, model_ids)}
     if base is not None and id(base) not in position:
         listed = [i for i, entry in enumerate(config.models) if _same_model(entry.model, config, base)]
         position[id(base)] = listed[0] if listed else len(config.models)
-    inputs = {id(ckpt): ckpt for ckpt in ([base] if base is not None else []) + models}
-    ordered = [inputs[key] for key in sorted(inputs, key=position.__getitem__)]
-    template = (resolve_chat_template(config.chat_template, [(ckpt.ref, ckpt.path) for ckpt in inputs.values()])
-                if config.chat_template is not None else None)
-    return plan_vocabulary(config, settings, ordered, base, template)
+    distinct = {id(ckpt): ckpt for ckpt in inputs}
+    ordered = [distinct[key] for key in sorted(distinct, key=position.__getitem__)]
+    return plan_vocabulary(config, settings, ordered, base, template, lambda name: (ordered, base))
 
 
 def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str]) -> None:

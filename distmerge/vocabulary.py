@@ -27,6 +27,7 @@ import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,49 +48,77 @@ class Fill:
 
 
 @dataclass(frozen=True)
-class OutputVocabulary:
-    """What the merge's inputs are read as, and the tokenizer the output gets."""
+class Layout:
+    """How the inputs of some vocabulary tensors are read: every input once, in mergekit's order (`models:`, then
+    the base; in a slice merge, the sources of the slice the tensors come from), and per input, for each output
+    token, its own row, or -1 where it takes the token's fill row."""
 
-    size: int  # rows of the output's vocabulary tensors, padding included (its config's vocab_size)
-    tokens: int  # tokens of the output tokenizer (ids 0 .. tokens - 1)
-    names: tuple[str, ...]  # the vocabulary tensors
-    inputs: tuple[Checkpoint, ...]  # every input, as stored, in mergekit's order (`models:`, then the base)
-    own: tuple[torch.Tensor, ...]  # per input: for each output token its own row, or -1 where it takes the fill row
+    inputs: tuple[Checkpoint, ...]
+    own: tuple[torch.Tensor, ...]
     fills: dict[int, Fill]  # output token -> its fill row, for every token some input takes it for
-    dtype: str  # the merge's compute dtype: fill rows and padding are computed in it
-    tokenizer_files: tuple[tuple[str, bytes], ...]
+
+    def index(self, ckpt: Checkpoint) -> int:
+        return next(k for k, candidate in enumerate(self.inputs) if candidate is ckpt)
 
     def donors(self, index: int) -> set[int]:
-        """The other inputs whose vocabulary tensors reading input `index`'s reads too (its fill rows' sources)."""
+        """The other inputs whose tensor reading input `index`'s reads too (its fill rows' sources)."""
         lacking = (self.own[index] < 0).nonzero().flatten().tolist()
         return {k for token in lacking for k, _ in self.fills[token].rows} - {index}
 
+    @property
+    def is_identity(self) -> bool:
+        return all(torch.equal(own, torch.arange(len(own))) for own in self.own)
+
+
+@dataclass(frozen=True)
+class OutputVocabulary:
+    """What the merge's inputs' vocabulary tensors are read as, and the tokenizer the output gets."""
+
+    size: int  # rows of the output's vocabulary tensors, padding included (its config's vocab_size)
+    tokens: int  # tokens of the output tokenizer (ids 0 .. tokens - 1)
+    layouts: dict[str, Layout]  # vocabulary tensor -> how its inputs are read
+    dtype: str  # the merge's compute dtype: fill rows and padding are computed in it
+    tokenizer_files: tuple[tuple[str, bytes], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.layouts)
+
+    def reads(self, name: str, ckpt: Checkpoint) -> list[Checkpoint]:
+        """The checkpoints whose tensor `name` reading `ckpt`'s in the output vocabulary reads."""
+        layout = self.layouts[name]
+        index = layout.index(ckpt)
+        return [layout.inputs[k] for k in sorted({index} | layout.donors(index))]
+
     def digest(self) -> str:
         """What decides the rows read and the tokenizer written (for the merge's fingerprint)."""
-        content = hashlib.sha256(repr((self.size, self.tokens, self.names, self.dtype,
-                                       [o.tolist() for o in self.own], sorted(self.fills.items()))).encode())
+        layouts = [(name, [c.ref for c in layout.inputs], [o.tolist() for o in layout.own],
+                    sorted(layout.fills.items())) for name, layout in self.layouts.items()]
+        content = hashlib.sha256(repr((self.size, self.tokens, self.dtype, layouts)).encode())
         for name, data in self.tokenizer_files:
             content.update(name.encode() + b"\0" + data)
         return content.hexdigest()
 
-    def read(self, index: int, name: str) -> torch.Tensor:
-        """Input `index`'s tensor `name` with its rows in the output vocabulary."""
+    def read(self, name: str, ckpt: Checkpoint) -> torch.Tensor:
+        """Checkpoint `ckpt`'s tensor `name` with its rows in the output vocabulary."""
         dtype = getattr(torch, self.dtype)
+        layout = self.layouts[name]
         stored: dict[int, torch.Tensor] = {}
 
         def tensor(k: int) -> torch.Tensor:
             if k not in stored:
-                stored[k] = self.inputs[k].read(name).to(dtype)
+                stored[k] = layout.inputs[k].read(name).to(dtype)
             return stored[k]
 
+        index = layout.index(ckpt)
         mine = tensor(index)
         out = torch.zeros((self.size, *mine.shape[1:]), dtype=dtype)  # zero fills stay as they are
-        own = self.own[index]
+        own = layout.own[index]
         present = own >= 0
         out[:self.tokens][present] = mine[own[present]]
         copies: dict[int, tuple[list[int], list[int]]] = {}  # input -> (output tokens, its rows): one gather each
         for token in (~present).nonzero().flatten().tolist():
-            fill = self.fills[token]
+            fill = layout.fills[token]
             if len(fill.rows) == 1:
                 k, row = fill.rows[0]
                 copies.setdefault(k, ([], []))
@@ -108,21 +137,27 @@ class OutputVocabulary:
 
 
 class VocabularyView(Checkpoint):
-    """An input whose vocabulary tensors are read in the output vocabulary (`OutputVocabulary.read`)."""
+    """An input whose vocabulary tensors are read in the output vocabulary (`OutputVocabulary.read`). `sources`:
+    vocabulary tensor -> the checkpoint it is read from (the input itself; for an input role of a slice merge, the
+    source of the slice the tensor comes from)."""
 
-    def __init__(self, inner: Checkpoint, index: int, vocabulary: OutputVocabulary):
-        tensors = {name: (replace(info, shape=(vocabulary.size, *info.shape[1:])) if name in vocabulary.names
+    def __init__(self, inner: Checkpoint, sources: dict[str, Checkpoint], vocabulary: OutputVocabulary):
+        tensors = {name: (replace(info, shape=(vocabulary.size, *info.shape[1:])) if name in vocabulary.layouts
                           else info) for name, info in inner.tensors.items()}
         super().__init__(inner.ref, inner.path, tensors, inner.config)
         self.inner = inner
-        self.index = index
+        self.sources = sources
         self.vocabulary = vocabulary
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if name not in self.vocabulary.names:
+        if name not in self.vocabulary.layouts:
             return self.inner.read(name, rows)
-        tensor = self.vocabulary.read(self.index, name)
+        tensor = self.vocabulary.read(name, self.sources[name])
         return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+    def vocabulary_reads(self, name: str) -> list[Checkpoint]:
+        """The checkpoints whose tensor `name` reading this input's reads (its own and its fill rows')."""
+        return self.vocabulary.reads(name, self.sources[name])
 
     @property
     def files(self) -> list[str]:
@@ -160,16 +195,18 @@ def vocabulary_tensors(ckpt: Checkpoint) -> list[str]:
                   and info.shape and info.shape[0] == rows)
 
 
-def plan_vocabulary(config: MergeConfig, settings: TokenizerSettings, inputs: list[Checkpoint],
-                    base: Checkpoint | None, chat_template: str | None) -> OutputVocabulary | None:
-    """The output vocabulary for `inputs` (every input once, in mergekit's order); None when it changes nothing:
-    every input already has the output's tokens at the output's ids and rows, and no token is forced.
-    `chat_template`: the template the output tokenizer gets (already resolved), or None."""
-    names = _vocabulary_names(inputs)
-    tokenizers = _input_tokenizers(inputs, base)
-    first = base or inputs[0]
-    reference_tokenizer = tokenizers[inputs.index(first)]
-    output = _output_tokenizer(config, settings, inputs, first, tokenizers)
+def plan_vocabulary(config: MergeConfig, settings: TokenizerSettings, everyone: list[Checkpoint],
+                    base: Checkpoint | None, chat_template: str | None,
+                    inputs_of: Callable[[str], tuple[list[Checkpoint], Checkpoint | None]]) -> OutputVocabulary | None:
+    """The output vocabulary of a merge of `everyone` (every input checkpoint once; the union takes them in this
+    order, after `base`, else its first); None when it changes nothing: every input already has the output's tokens
+    at the output's ids and rows, and no token is forced. `inputs_of(tensor)`: the checkpoints a vocabulary tensor
+    is merged from, in mergekit's order, and its base model. `chat_template`: the template the output tokenizer
+    gets (already resolved), or None."""
+    names = _vocabulary_names(everyone)
+    first = base or everyone[0]
+    tokenizers = _input_tokenizers(everyone, first)
+    output = _output_tokenizer(config, settings, everyone, first, tokenizers)
     vocab = output.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise CheckpointError(f"the output tokenizer's ids are not 0 .. {len(vocab) - 1} without gaps; distmerge "
@@ -177,33 +214,46 @@ def plan_vocabulary(config: MergeConfig, settings: TokenizerSettings, inputs: li
     tokens = len(vocab)
     pad = settings.pad_to_multiple_of
     size = -(-tokens // pad) * pad if pad else tokens
-
     by_id = [None] * tokens
     for token, token_id in vocab.items():
         by_id[token_id] = token
+    reference_tokenizer = tokenizers[id(first)]  # also the vocabulary of a model without a tokenizer
+    layouts, made = {}, {}
+    for name in names:
+        inputs, group_base = inputs_of(name)
+        key = (tuple(map(id, inputs)), id(group_base))
+        if key not in made:
+            made[key] = _layout(config, settings, by_id, inputs, group_base,
+                                [tokenizers[id(ckpt)] or reference_tokenizer for ckpt in inputs])
+        layouts[name] = made[key]
+    if size == tokens and all(model_vocab_size(ckpt) == size for ckpt in everyone) and all(
+            layout.is_identity for layout in layouts.values()):
+        return None
+    return OutputVocabulary(size=size, tokens=tokens, layouts=layouts, dtype=config.compute_dtype,
+                            tokenizer_files=_saved(output, chat_template))
+
+
+def _layout(config: MergeConfig, settings: TokenizerSettings, by_id: list[str], inputs: list[Checkpoint],
+            base: Checkpoint | None, tokenizers: list) -> Layout:
+    """How `inputs` are read in the output vocabulary `by_id` (output id -> token), with mergekit's fills."""
     rows_of = [model_vocab_size(ckpt) for ckpt in inputs]
-    vocabs = [_usable(tok if tok is not None else reference_tokenizer, rows) for tok, rows in zip(tokenizers, rows_of)]
+    vocabs = [_usable(tokenizer, rows) for tokenizer, rows in zip(tokenizers, rows_of)]
     has = [torch.tensor([v.get(token, -1) for token in by_id], dtype=torch.int64) for v in vocabs]
     configured = dict(settings.tokens)
     forced = torch.tensor([configured.get(token, TokenEmbedding()).force for token in by_id], dtype=torch.bool)
     own = tuple(torch.where(forced, -1, found) for found in has)
-
-    if size == tokens and all(rows == size for rows in rows_of) and all(
-            torch.equal(o, torch.arange(tokens)) for o in own):
-        return None
-    base_index = inputs.index(base) if base is not None else None
+    base_index = next((k for k, ckpt in enumerate(inputs) if ckpt is base), None)
     fills = {}
     for token_id in sorted(set(torch.cat([(o < 0).nonzero().flatten() for o in own]).tolist())):
         token = by_id[token_id]
         present = [k for k in range(len(inputs)) if has[k][token_id] >= 0]
         if token in configured:
             fills[token_id] = _configured_fill(config, token, configured[token], present, inputs, tokenizers,
-                                               reference_tokenizer, rows_of, has, token_id)
+                                               rows_of, has, token_id)
         else:  # the base's row where it has the token; else the one input's, zeros, or the mean of several
             donors = [base_index] if base_index in present else present
             fills[token_id] = Fill(tuple((k, int(has[k][token_id])) for k in donors))
-    return OutputVocabulary(size=size, tokens=tokens, names=tuple(names), inputs=tuple(inputs), own=own, fills=fills,
-                            dtype=config.compute_dtype, tokenizer_files=_saved(output, chat_template))
+    return Layout(tuple(inputs), own, fills)
 
 
 def _vocabulary_names(inputs: list[Checkpoint]) -> list[str]:
@@ -237,12 +287,11 @@ def load_tokenizer(ref: str, directory: Path):
         raise CheckpointError(f"model {ref}: transformers cannot load the tokenizer in {directory}: {exc}") from None
 
 
-def _input_tokenizers(inputs: list[Checkpoint], base: Checkpoint | None) -> list:
-    """Each input's tokenizer; None for a model without one, which is taken to have the base's (as mergekit does).
-    The base's (else the first input's) must exist and fit its embedding."""
-    tokenizers = [load_tokenizer(ckpt.ref, ckpt.path) for ckpt in inputs]
-    first = base or inputs[0]
-    tokenizer = tokenizers[inputs.index(first)]
+def _input_tokenizers(inputs: list[Checkpoint], first: Checkpoint) -> dict[int, object]:
+    """id(input) -> its tokenizer; None for a model without one, which is taken to have `first`'s (the base's, as
+    in mergekit), which must exist and fit its embedding."""
+    tokenizers = {id(ckpt): load_tokenizer(ckpt.ref, ckpt.path) for ckpt in inputs}
+    tokenizer = tokenizers[id(first)]
     if tokenizer is None:
         raise CheckpointError(f"model {first.ref}: {first.path} has no tokenizer (tokenizer.json or "
                               "tokenizer.model), which the output vocabulary starts from")
@@ -261,7 +310,7 @@ def _usable(tokenizer, rows: int) -> dict[str, int]:
 
 
 def _output_tokenizer(config: MergeConfig, settings: TokenizerSettings, inputs: list[Checkpoint], first: Checkpoint,
-                      tokenizers: list):
+                      tokenizers: dict[int, object]):
     """A fresh tokenizer with the output vocabulary: the source's, then the configured tokens it lacks."""
     if settings.source in ("base", "union"):
         output = load_tokenizer(first.ref, first.path)
@@ -272,20 +321,20 @@ def _output_tokenizer(config: MergeConfig, settings: TokenizerSettings, inputs: 
             raise CheckpointError(f"model {settings.source}: {directory} has no tokenizer (tokenizer.json or "
                                   "tokenizer.model) to take the output vocabulary from")
     if settings.source == "union":
-        _add_union(output, [(tok, model_vocab_size(ckpt)) for ckpt, tok in zip(inputs, tokenizers)
-                            if tok is not None], inputs.index(first))
+        ordered = [first] + [ckpt for ckpt in inputs if ckpt is not first]
+        _add_union(output, [(tokenizers[id(ckpt)], model_vocab_size(ckpt)) for ckpt in ordered
+                            if tokenizers[id(ckpt)] is not None])
     existing = output.get_vocab()
     output.add_tokens([token for token, _ in settings.tokens if token not in existing])
     return output
 
 
-def _add_union(output, tokenizers: list[tuple], first: int) -> None:
-    """Add to `output` (the base's tokenizer) every other tokenizer's tokens it lacks: the base's first, then the
-    models in order, each model's tokens by id. A token that is an added token in any model is added with the
-    settings of its first model (special or not, stripping); the others as plain tokens, after the base's."""
-    ordered = [tokenizers[first]] + tokenizers[:first] + tokenizers[first + 1:]
+def _add_union(output, tokenizers: list[tuple]) -> None:
+    """Add to `output` (the base's tokenizer) every other tokenizer's tokens it lacks, from (tokenizer, rows) in
+    order, the base's first, each model's tokens by id. A token that is an added token in any model is added with
+    the settings of its first model (special or not, stripping); the others as plain tokens, after the base's."""
     plain, added = {}, {}
-    for tokenizer, rows in ordered:
+    for tokenizer, rows in tokenizers:
         for token, _ in sorted(_usable(tokenizer, rows).items(), key=lambda item: item[1]):
             plain.setdefault(token, None)
         for token_id, info in sorted(tokenizer.added_tokens_decoder.items()):
@@ -297,8 +346,8 @@ def _add_union(output, tokenizers: list[tuple], first: int) -> None:
 
 
 def _configured_fill(config: MergeConfig, token: str, embedding: TokenEmbedding, present: list[int],
-                     inputs: list[Checkpoint], tokenizers: list, reference_tokenizer, rows_of: list[int],
-                     has: list[torch.Tensor], token_id: int) -> Fill:
+                     inputs: list[Checkpoint], tokenizers: list, rows_of: list[int], has: list[torch.Tensor],
+                     token_id: int) -> Fill:
     """The fill row `tokenizer.tokens.TOKEN` asks for."""
     key = f"`tokenizer.tokens.{token}`"
     if embedding.kind is None:
@@ -314,7 +363,7 @@ def _configured_fill(config: MergeConfig, token: str, embedding: TokenEmbedding,
         return Fill(((k, int(has[k][token_id])),))
     row = embedding.token_id
     if row is None:
-        vocab = (tokenizers[k] or reference_tokenizer).get_vocab()
+        vocab = tokenizers[k].get_vocab()
         if embedding.token not in vocab:
             raise ConfigError(f"{key}: model {embedding.model} has no token {embedding.token!r}")
         row = vocab[embedding.token]

@@ -269,6 +269,27 @@ def test_tied_embeddings_and_a_chat_template(tmp_path):
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
+def test_a_frankenmerge_takes_the_embedding_from_the_first_slice_and_the_head_from_the_last(tmp_path, models):
+    """passthrough of the base's layer 0 and a's layer 1 over the union of their vocabularies (the base's, then
+    a's f): the embedding is the base's alone, so f, which it lacks and no other input of that tensor has, is zeros;
+    the head is a's alone, which has every token."""
+    base, a = str(models["base"][0]), str(models["a"][0])
+    doc = {"merge_method": "passthrough", "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": base, "layer_range": [0, 1]}]},
+                      {"sources": [{"model": a, "layer_range": [1, 2]}]}]}
+    cfg = tmp_path / "franken.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    run_cli("merge", cfg, "-o", out, "--quiet")
+    order = BASE_VOCAB + ["f"]
+    assert output_vocab(out) == {token: i for i, token in enumerate(order)}
+    merged = load(out)
+    assert torch.equal(merged[EMBED], rows(models, "base", EMBED, table(order, {"f": "zero"}), 9))
+    assert torch.equal(merged[HEAD], rows(models, "a", HEAD, table(order, {}), 9))
+    assert torch.equal(merged["model.layers.1.mlp.up_proj.weight"], models["a"][1]["model.layers.1.mlp.up_proj.weight"])
+    check_loads(out, 9)
+
+
 def test_bad_token_settings_are_refused(tmp_path, models):
     for tokens, wanted in (({"d": {"force": True}}, "tokenizer.tokens.d`: not every model has this token"),
                            ({"d": {"source": str(models["b"][0])}}, f"model {models['b'][0]} does not have this"),
@@ -289,11 +310,6 @@ def test_bad_token_settings_are_refused(tmp_path, models):
     cfg.write_text(yaml.safe_dump(doc))
     assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
                       "lm_head.weight has shape [9, 16]", "set `tokenizer_source` (union, base or a model)")
-    doc = {"merge_method": "passthrough", "tokenizer_source": "union",
-           "slices": [{"sources": [{"model": str(models["base"][0]), "layer_range": [0, 2]}]}]}
-    cfg.write_text(yaml.safe_dump(doc))
-    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", check=False),
-                      "not supported with `slices:` yet")
 
 
 def test_the_block_reads_back_from_the_model_card_yaml():
@@ -319,10 +335,11 @@ tokenizer:
 
 @pytest.mark.peers
 def test_same_tensors_and_vocabulary_as_mergekit(tmp_path, models):
-    """union, a model's tokenizer, and the block with tokens, force and padding through `mergekit-yaml` (0.1.5, its
-    scratch venv) and distmerge: the same vocabulary, every tensor equal to round-off. (b's plain new token g is
-    left out of the union case there: mergekit orders the models of a union as a Python set, so where two models
-    bring new tokens their ids change from run to run.)"""
+    """union, a model's tokenizer, the block with tokens, force and padding, and slices (TIES, a frankenmerge)
+    through `mergekit-yaml` (0.1.5, its scratch venv) and distmerge: the same tokenizer.json, every tensor the same
+    bytes (round-off for linear). The models are the base, a and c (b without its plain new token g): mergekit
+    orders the models of a union as a Python set, so where two models bring new tokens their ids change from run
+    to run."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from peers.venvs import MERGEKIT, ensure_peer_venv
 
@@ -334,6 +351,7 @@ def test_same_tensors_and_vocabulary_as_mergekit(tmp_path, models):
     # to the base's own tokenizer, whose vocab_size then excludes them), so the block's case is a union
     tokens = {"f": {"source": {"kind": "model_token", "model": str(c), "token": "e"}},
               "a": {"source": str(c), "force": True}, "<new>": {"source": {"kind": "zero"}}}
+    ties = {"weight": 1.0, "density": 0.5}
     cases = {
         "union": ("ties", [a, str(c)], {"tokenizer_source": "union"}),
         # padding rows are copies of one row, so their magnitudes tie exactly: TIES's top-k would then keep different
@@ -342,12 +360,23 @@ def test_same_tensors_and_vocabulary_as_mergekit(tmp_path, models):
         "model": ("linear", [base, a, b], {"tokenizer_source": a}),
         "block": ("task_arithmetic", [a, str(c)], {"tokenizer": {"source": "union", "tokens": tokens,
                                                                  "pad_to_multiple_of": 4}}),
+        # slices: the embedding merged over the first slice's sources, the head over the last's
+        "ties slices": ("ties", [{"sources": [{"model": m, "layer_range": [0, 1], "parameters": ties}
+                                              for m in (base, a, str(c))]},
+                                 {"sources": [{"model": m, "layer_range": [1, 2], "parameters": ties}
+                                              for m in (base, str(c), a)]}], {"tokenizer_source": "union"}),
+        "frankenmerge": ("passthrough", [{"sources": [{"model": str(c), "layer_range": [0, 2]}]},
+                                         {"sources": [{"model": a, "layer_range": [1, 2]}]}],
+                         {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}}),
     }
     for label, (method, paths, top) in cases.items():
-        doc = {"merge_method": method, **({"base_model": base} if method != "linear" else {}),
-               "models": [{"model": p, "parameters": {"weight": w, **({"density": 0.5} if method == "ties" else {})}}
-                          for p, w in zip(paths, (1.0, 0.7, 0.4))],
+        doc = {"merge_method": method, **({"base_model": base} if method not in ("linear", "passthrough") else {}),
                "dtype": "float32", **top}
+        if isinstance(paths[0], dict):
+            doc["slices"] = paths
+        else:
+            doc["models"] = [{"model": p, "parameters": {"weight": w, **({"density": 0.5} if method == "ties" else {})}}
+                             for p, w in zip(paths, (1.0, 0.7, 0.4))]
         cfg = tmp_path / f"{label}.yaml"
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
         theirs_dir, ours_dir = tmp_path / f"mk-{label}", tmp_path / f"dm-{label}"
