@@ -204,6 +204,7 @@ METHODS: dict[str, dict] = {
             "w_new": {"source": {"kind": "model_token", "model": "@1", "token": "w6"}},
             "w7": {"source": "@2", "force": True}, "<new>": {"source": {"kind": "zero"}}}}}},
 }
+METHODS["ties slices union"] = {**METHODS["ties slices"], "vocabulary": {"tokenizer_source": "union"}}
 VOCABULARIES = "f32, vocabularies differ"
 
 
