@@ -10,7 +10,9 @@ The vocabulary tensors are the tensors indexed by token id on their first axis: 
 the layers whose name contains `embed`, `lm_head` or `wte` (model.embed_tokens.weight, lm_head.weight, GPT-2's
 transformer.wte.weight) and whose first axis is the model's `vocab_size`. The planner merges the same inputs in
 every tensor, so each input is read through a `VocabularyView`: its vocabulary tensors come with one row per
-output token, in the output's order, and everything downstream merges [V_out, ...] tensors as usual.
+output token, in the output's order, and everything downstream merges [V_out, ...] tensors as usual. A tensor's
+inputs (its `Layout`) are the merge's, or in a slice merge the sources of the first slice (the embedding) or of the
+last (the head), as in mergekit.
 
 A row of output token t, for one input (mergekit's PermutedVocabulary):
 - the input has t (in its tokenizer, at an id below its vocab_size) and t is not forced: the input's own row;
