@@ -10,7 +10,7 @@
     parameters: {lambda: 1.0}                    # for every model; per-model values override
     dtype: float32                               # compute precision (never below float32)
     out_dtype: bfloat16                          # saved dtype
-    tokenizer_source: base                       # base, or a model reference
+    tokenizer_source: base                       # base, union, or a model reference (or a `tokenizer:` block)
     distmerge: {seed: 0, shard_size: 2GB, device: cpu}   # rng: mergekit draws as `mergekit-yaml --random-seed`
 
 Parameter values follow mergekit: a scalar; a list of numbers, interpolated over the layers (the first value
@@ -42,13 +42,11 @@ DTYPE_NAMES = {
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "chat_template", "distmerge",
+    "tokenizer", "chat_template", "distmerge",
 )
 # mergekit keys that describe merges distmerge does not do; each gets its own explanation.
 UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported: list whole models under `models:`",
-    "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported: use `tokenizer_source: base` "
-                 "or name one of the models",
 }
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -105,6 +103,29 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class TokenEmbedding:
+    """How one token's embedding (and head) rows are filled (mergekit's `tokenizer.tokens.TOKEN`): `kind` zero (a
+    zero row), model (the row of this token in `model`) or model_token (the row of `token`, or of id `token_id`,
+    in `model`); None: mergekit's default. `force`: every model gets this row, even those that have the token."""
+
+    kind: str | None = None
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """The `tokenizer:` block (or `tokenizer_source:`): the output's vocabulary is `source`'s (union: every
+    model's tokens; base; or a model's), plus `tokens` not in it; `pad_to_multiple_of` rounds the rows up."""
+
+    source: str = "union"
+    tokens: tuple[tuple[str, TokenEmbedding], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     model: str
     parameters: dict = field(default_factory=dict)
@@ -142,6 +163,7 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None  # the `tokenizer:` block (never together with tokenizer_source)
     chat_template: str | None = None  # auto, a built-in name or a Jinja template (see chat_templates.py)
     engine: EngineSettings = field(default_factory=EngineSettings)
     base_dir: str = "."  # relative model paths resolve against the config file's directory
@@ -170,6 +192,7 @@ class MergeConfig:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
+            "tokenizer": _tokenizer_document(self.tokenizer),
             "chat_template": self.chat_template,
             "seed": self.engine.seed,
             "rng": self.engine.rng,
@@ -192,6 +215,8 @@ class MergeConfig:
             value = getattr(self, key)
             if value:
                 doc[key] = value
+        if self.tokenizer is not None:
+            doc["tokenizer"] = _tokenizer_document(self.tokenizer)
         doc["distmerge"] = {"seed": self.engine.seed, "rng": self.engine.rng, "shard_size": self.engine.shard_size}
         return yaml.safe_dump(doc, sort_keys=False)
 
@@ -249,11 +274,9 @@ def config_from_document(raw: Any, base_dir: str = ".", source: str = "config") 
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source is not None:
         tokenizer_source = _parse_model_ref(tokenizer_source, "tokenizer_source")
-        if tokenizer_source == "union":
-            raise ConfigError(
-                "`tokenizer_source: union` is not supported: distmerge merges models that share one vocabulary; "
-                "use `base` or name one of the models"
-            )
+    if tokenizer_source is not None and raw.get("tokenizer") is not None:
+        raise ConfigError(f"{source} gives both `tokenizer_source` and `tokenizer`; keep one (the block's `source` "
+                          "is the tokenizer source)")
 
     return MergeConfig(
         merge_method=method,
@@ -263,6 +286,7 @@ def config_from_document(raw: Any, base_dir: str = ".", source: str = "config") 
         dtype=parse_dtype(raw["dtype"], "dtype") if raw.get("dtype") is not None else None,
         out_dtype=parse_dtype(raw["out_dtype"], "out_dtype") if raw.get("out_dtype") is not None else None,
         tokenizer_source=tokenizer_source,
+        tokenizer=_parse_tokenizer(raw.get("tokenizer")),
         chat_template=_parse_chat_template(raw.get("chat_template")),
         engine=EngineSettings.parse(raw.get("distmerge")),
         base_dir=base_dir,
@@ -327,6 +351,73 @@ def _slice_document(output_slice: OutputSlice) -> dict:
     if output_slice.parameters:
         doc["parameters"] = output_slice.parameters
     return doc
+
+
+def _parse_tokenizer(raw: Any) -> TokenizerSettings | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`tokenizer` must be a mapping with `source`, `tokens` and `pad_to_multiple_of`, "
+                          f"got {raw!r}")
+    extra = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"})
+    if extra:
+        raise ConfigError(f"unknown key `tokenizer.{extra[0]}`; allowed: source, tokens, pad_to_multiple_of")
+    source = _parse_model_ref(raw.get("source", "union"), "tokenizer.source")
+    tokens = raw.get("tokens") or {}
+    if not isinstance(tokens, dict) or not all(isinstance(token, str) and token for token in tokens):
+        raise ConfigError(f"`tokenizer.tokens` must map tokens (strings) to `{{source: ..., force: ...}}`, "
+                          f"got {tokens!r}")
+    pad = raw.get("pad_to_multiple_of")
+    return TokenizerSettings(
+        source=source, tokens=tuple((token, _parse_token(value, f"tokenizer.tokens.{token}"))
+                                    for token, value in tokens.items()),
+        pad_to_multiple_of=None if pad is None else parse_positive_int(pad, "tokenizer.pad_to_multiple_of"))
+
+
+def _parse_token(raw: Any, key: str) -> TokenEmbedding:
+    """mergekit's TokenEmbeddingConfig: `source` is a model reference, `{kind: zero}` or
+    `{kind: model_token, model: M, token: T}` (or `token_id: N`), and `force` a flag."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict) or sorted(set(raw) - {"source", "force"}):
+        raise ConfigError(f"`{key}` must be a mapping with `source` and/or `force`, got {raw!r}")
+    force = parse_bool(raw.get("force", False), f"{key}.force")
+    source = raw.get("source")
+    if source is None:
+        return TokenEmbedding(force=force)
+    if isinstance(source, dict) and source.get("kind") == "zero":
+        if set(source) != {"kind"}:
+            raise ConfigError(f"`{key}.source: {{kind: zero}}` takes nothing else, got {source!r}")
+        return TokenEmbedding(kind="zero", force=force)
+    if isinstance(source, dict) and source.get("kind") == "model_token":
+        extra = sorted(set(source) - {"kind", "model", "token", "token_id"})
+        token, token_id = source.get("token"), source.get("token_id")
+        if extra or "model" not in source or (token is None) == (token_id is None):
+            raise ConfigError(f"`{key}.source` of kind model_token needs `model` and one of `token` or `token_id`, "
+                              f"got {source!r}")
+        if token_id is not None:
+            token_id = parse_seed(token_id, f"{key}.source.token_id")
+        elif not isinstance(token, str):
+            raise ConfigError(f"`{key}.source.token: {token!r}` must be a token (a string)")
+        return TokenEmbedding("model_token", _parse_model_ref(source["model"], f"{key}.source.model"), token,
+                              token_id, force)
+    if isinstance(source, dict) and "kind" in source:
+        raise ConfigError(f"`{key}.source.kind: {source['kind']!r}` is not allowed; choose zero or model_token "
+                          "(or give a model)")
+    return TokenEmbedding("model", _parse_model_ref(source, f"{key}.source"), force=force)
+
+
+def _tokenizer_document(settings: TokenizerSettings | None) -> dict | None:
+    if settings is None:
+        return None
+    tokens = {}
+    for token, embedding in settings.tokens:
+        source = ({"kind": "zero"} if embedding.kind == "zero" else embedding.model if embedding.kind == "model"
+                  else {"kind": "model_token", "model": embedding.model,
+                        **({"token": embedding.token} if embedding.token is not None else
+                           {"token_id": embedding.token_id})} if embedding.kind == "model_token" else None)
+        tokens[token] = {**({"source": source} if source is not None else {}), "force": embedding.force}
+    return {"source": settings.source, **({"tokens": tokens} if tokens else {}),
+            **({"pad_to_multiple_of": settings.pad_to_multiple_of} if settings.pad_to_multiple_of else {})}
 
 
 def _parse_chat_template(value: Any) -> str | None:

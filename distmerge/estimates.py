@@ -32,9 +32,12 @@ FLOPS_PER_BYTE_MOVED = 50.0  # weighs decompositions against data movement when 
 
 
 def read_bytes(plan: MergePlan, job: TensorJob) -> int:
-    """Bytes read from storage for one output tensor (a copied tensor is read once)."""
+    """Bytes read from storage for one output tensor (a copied tensor is read once; an input's vocabulary tensor
+    with those of the inputs its fill rows come from)."""
     if not job.merge:
         return plan.reference.tensors[job.name].nbytes
+    if plan.vocabulary is not None and job.name in plan.vocabulary.names:
+        return sum(read.tensors[job.name].nbytes for ckpt in plan.inputs() for read in ckpt.vocabulary_reads(job.name))
     return sum(ckpt.tensors[job.name].nbytes for ckpt in plan.inputs())
 
 
@@ -81,11 +84,17 @@ def tensor_cost(job: TensorJob, n_models: int) -> float:
 
 def peak_bytes_per_worker(plan: MergePlan) -> int:
     """Largest working set of one tensor: T + 1 compute-dtype copies, the stored-dtype read buffer, and the
-    method's declared scratch."""
+    method's declared scratch; for a vocabulary tensor also what reading one input holds (its rows in the output
+    order, and its own and its fill rows' inputs' tensors in the compute dtype)."""
     width = 8 if plan.config.compute_dtype == "float64" else 4
     copies = len(plan.models) + 1
+    def reading(job: TensorJob) -> int:
+        if plan.vocabulary is None or job.name not in plan.vocabulary.names:
+            return 0
+        return (1 + max(len(ckpt.vocabulary_reads(job.name)) for ckpt in plan.inputs())) * job.numel * width
+
     return max((copies * job.numel * width + job.numel * 4 + job.work.scratch * width + job.work.scratch_float64 * 8
-                for job in plan.tensors if job.merge), default=0)
+                + reading(job) for job in plan.tensors if job.merge), default=0)
 
 
 # ---- time on a cluster -----------------------------------------------------------------------------------------

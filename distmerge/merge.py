@@ -89,10 +89,16 @@ def finalize(plan: MergePlan, out_dir: OutputDir, records: list[ShardRecord]) ->
 
 
 def output_config(plan: MergePlan) -> dict | None:
-    """The reference model's config.json with the saved dtype recorded."""
+    """The reference model's config.json with the saved dtype recorded, and the output's vocab_size where the
+    merge laid the vocabulary out anew (in `text_config` where the model keeps it there)."""
     if not plan.reference.config:
         return None
     config = dict(plan.reference.config)
+    if plan.vocabulary is not None:
+        if "vocab_size" in config.get("text_config", {}):
+            config["text_config"] = {**config["text_config"], "vocab_size": plan.vocabulary.size}
+        else:
+            config["vocab_size"] = plan.vocabulary.size
     dtype = CODE_TO_NAME.get(Counter(t.out_dtype for t in plan.tensors if t.merge).most_common(1)[0][0])
     if dtype:
         for key in ("torch_dtype", "dtype"):

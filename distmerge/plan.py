@@ -29,7 +29,8 @@ from .hub import HubAccess
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
 from .params import check_parameter_names, resolve_params, whole_model_chains
-from .slices import open_slices
+from .slices import EMBEDDING, SlicedInputs, open_slices
+from .vocabulary import VOCABULARY_NAME, OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
 from .writer import TOKENIZER_FILES
 
 TIED_HEAD = "lm_head.weight"
@@ -89,6 +90,7 @@ class MergePlan:
     # The small files the output copies from the inputs (generation config, tokenizer): (name in the output, real
     # path to copy), located and checked by `checkpoint_file` when planned.
     copied_files: tuple[tuple[str, Path | bytes], ...] = ()  # name in the output -> file to copy, or its bytes
+    vocabulary: OutputVocabulary | None = None  # the output vocabulary, where `tokenizer_source`/`tokenizer:` change it
 
     @property
     def reference(self) -> Checkpoint:
@@ -120,6 +122,14 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
         base, models, entries, model_ids = sliced.base, list(sliced.models), [], list(range(len(sliced.models)))
     else:
         base, models, entries, model_ids = _open_inputs(config, spec, config_only, hub)
+    vocabulary = _vocabulary(config, base, models, model_ids, sliced, hub)
+    if vocabulary is not None:  # each input read through its view; the same view where one input plays two roles
+        views = {}
+        for ckpt in ([base] if base is not None else []) + models:
+            sources = {name: ckpt.reads[name][0] if sliced is not None else ckpt for name in vocabulary.names}
+            views.setdefault(id(ckpt), VocabularyView(ckpt, sources, vocabulary))
+        base = views[id(base)] if base is not None else None
+        models = [views[id(ckpt)] for ckpt in models]
     reference = base or models[0]
     if not config_only and not reference.config:
         role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
@@ -159,8 +169,42 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
         first_pass=_first_pass(spec, jobs),
         copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models, hub),
-                                   ([base] if base else []) + models),
+                                   ([base] if base else []) + models, vocabulary),
+        vocabulary=vocabulary,
     )
+
+
+def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], model_ids: list[int],
+                sliced: SlicedInputs | None, hub: HubAccess) -> OutputVocabulary | None:
+    """The output vocabulary that `tokenizer_source` or `tokenizer:` asks for (vocabulary.py); None where the config
+    asks for none or every input already has it. A vocabulary tensor is merged from the inputs in the order
+    mergekit gathers them: `models:` in order, then the base where it is not listed there; in a slice merge, the
+    sources of the first slice (embeddings) or of the last (the head), as they are listed."""
+    settings = vocabulary_settings(config)
+    if settings is None:
+        return None
+    inputs = ([base] if base is not None else []) + models
+    template = (resolve_chat_template(config.chat_template, [(ckpt.ref, ckpt.path) for ckpt in inputs])
+                if config.chat_template is not None else None)
+    if sliced is not None:
+        opened = sliced.checkpoints
+        everyone = list({id(opened[ref]): opened[ref] for ref in config.model_refs()}.values())
+
+        def slice_inputs(name: str) -> tuple[list[Checkpoint], Checkpoint | None]:
+            output_slice = config.slices[0 if EMBEDDING.search(name) else -1]
+            base_ref = output_slice.base_model or config.base_model
+            sources = {id(opened[s.model]): opened[s.model] for s in output_slice.sources}
+            return list(sources.values()), opened.get(base_ref)
+
+        return plan_vocabulary(config, settings, everyone, opened.get(config.base_model), template, slice_inputs,
+                               hub)
+    position = {id(ckpt): index for ckpt, index in zip(models, model_ids)}
+    if base is not None and id(base) not in position:
+        listed = [i for i, entry in enumerate(config.models) if _same_model(entry.model, config, base)]
+        position[id(base)] = listed[0] if listed else len(config.models)
+    distinct = {id(ckpt): ckpt for ckpt in inputs}
+    ordered = [distinct[key] for key in sorted(distinct, key=position.__getitem__)]
+    return plan_vocabulary(config, settings, ordered, base, template, lambda name: (ordered, base), hub)
 
 
 def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str]) -> None:
@@ -201,20 +245,24 @@ def check_config(config: MergeConfig) -> MethodSpec:
                                          if not (spec.needs_base and entry.model == config.base_model)])
     if config.tokenizer_source == "base" and config.base_model is None:
         raise ConfigError("`tokenizer_source: base` needs `base_model`")
-    if config.chat_template is not None and not config.engine.copy_tokenizer:
+    if config.chat_template is not None and not config.engine.copy_tokenizer and vocabulary_settings(config) is None:
         raise ConfigError("`chat_template` is written into the output's tokenizer, and --no-copy-tokenizer "
                           "leaves it out: drop one of them")
     return spec
 
 
-def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path,
-                  inputs: list[Checkpoint]) -> tuple:
+def _copied_files(config: MergeConfig, reference: Checkpoint, tokenizer_dir: Path, inputs: list[Checkpoint],
+                  vocabulary: OutputVocabulary | None) -> tuple:
     """generation_config.json from the reference model, the tokenizer files from the tokenizer's source (each
     through `checkpoint_file`, so a link leading out of its checkpoint is refused now, not copied at the end),
-    and the chat template the config asks for, as bytes."""
-    source = config.tokenizer_source if config.tokenizer_source not in (None, "base") else reference.ref
+    and the chat template the config asks for, as bytes. A built vocabulary brings its tokenizer's files (with the
+    chat template), written whatever `copy_tokenizer` says, as mergekit does: the weights need that tokenizer."""
     found = [("generation_config.json", reference.file("generation_config.json"))]
-    if config.engine.copy_tokenizer:
+    if vocabulary is not None:
+        return tuple({name: path for name, path in found if path is not None}.items()) + vocabulary.tokenizer_files
+    settings = vocabulary_settings(config)
+    source = settings.source if settings is not None and settings.source not in ("base", "union") else reference.ref
+    if config.engine.copy_tokenizer or settings is not None:  # a tokenizer asked for is written, as in mergekit
         found += [(name, checkpoint_file(source, tokenizer_dir, name)) for name in TOKENIZER_FILES]
     files = {name: path for name, path in found if path is not None}
     if config.chat_template is not None:
@@ -326,7 +374,9 @@ def _check_same_tensors(reference: Checkpoint, base: Checkpoint | None, models: 
             if mine.shape != theirs.shape:
                 raise CheckpointError(
                     f"model {ckpt.ref}: tensor {name} has shape {list(mine.shape)} but {reference.ref} has "
-                    f"{list(theirs.shape)}. Models must have the same shapes (resized vocabularies must match)")
+                    f"{list(theirs.shape)}. Models must have the same shapes"
+                    + ("; for models whose vocabularies differ, set `tokenizer_source` (union, base or a model)"
+                       if VOCABULARY_NAME.search(name) else ""))
             if mine.is_float != theirs.is_float or (not mine.is_float and mine.dtype != theirs.dtype):
                 raise CheckpointError(
                     f"model {ckpt.ref}: tensor {name} is {mine.dtype} but {reference.ref} has {theirs.dtype}; "
@@ -359,8 +409,11 @@ def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[
 
 
 def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], hub: HubAccess) -> Path:
-    source = config.tokenizer_source
-    if source is None or source == "base":
+    settings = vocabulary_settings(config)
+    source = settings.source if settings is not None else None
+    if source is None or source in ("base", "union"):
+        if source == "base" and base is None:
+            raise ConfigError("`tokenizer_source: base` needs `base_model`")
         return (base or models[0]).path
     # a `model+adapter` has its model's tokenizer; of a hub id, only the small files are needed
     return resolve_model_dir(source.partition("+")[0], config.base_dir, hub, weights=False)
@@ -383,4 +436,6 @@ def fingerprint(plan: MergePlan, device: str, threads: int | None) -> str:
         "threads": threads if device == "cpu" and decomposes else None,
         "version": __version__,
     }
+    if plan.vocabulary is not None:  # it comes from the tokenizers, whose files are not among the inputs' files
+        payload["vocabulary"] = plan.vocabulary.digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -66,6 +66,7 @@ class SlicedInputs:
     model_sources: tuple[tuple[SliceSource, ...], ...]  # per slice, its sources besides the base, in role order
     slice_of: dict[str, int]  # output tensor -> the slice whose settings it takes
     position: dict[str, float]  # output tensor -> its place in its slice's layers (0 outside the layers)
+    checkpoints: dict[str, Checkpoint]  # every model the slices name, as stored: reference -> checkpoint
 
     def chains(self, config: MergeConfig, name: str) -> tuple[Chain, list[Chain]]:
         """(merge-wide settings, per-model settings) for output tensor `name`: its slice's, over the top level."""
@@ -110,7 +111,7 @@ def open_slices(config: MergeConfig, spec: MethodSpec, config_only: bool, hub: H
     models = tuple(_role(config, f"model {k}", role, checkpoint, slice_of, position) for k, role in enumerate(roles))
     base = (_role(config, "base", base_sources, checkpoint, slice_of, position)
             if base_sources[0] is not None else None)
-    return SlicedInputs(base, models, tuple(map(tuple, model_sources)), slice_of, position)
+    return SlicedInputs(base, models, tuple(map(tuple, model_sources)), slice_of, position, opened)
 
 
 def _check_count(spec: MethodSpec, index: int, others: list, earlier: list) -> None:

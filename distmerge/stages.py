@@ -1,8 +1,9 @@
 """Multi-stage merges, in mergekit-multi's format: one YAML file of several documents, each a merge config with
 an optional `name`. A later document uses an earlier merge by writing its name where a model goes (`model:`,
-`base_model:`, `tokenizer_source:`, also as `name+adapter`). The unnamed document is the final merge, written to
-OUT; every named one is written to the intermediate directory under its name, and is reused by the next run
-while its config and inputs are unchanged (`stages.json` there records what each was merged from).
+`base_model:`, `tokenizer_source:`, the `tokenizer:` block's sources, also as `name+adapter`). The unnamed
+document is the final merge, written to OUT; every named one is written to the intermediate directory under its
+name, and is reused by the next run while its config and inputs are unchanged (`stages.json` there records what
+each was merged from).
 
 This module reads the documents and orders the stages; `merge.merge_stages` runs them.
 """
@@ -117,6 +118,12 @@ def _link(name: str | None, config: MergeConfig, names: set[str], intermediate_d
                              sources=tuple(replace(source, model=resolve(source.model))
                                            for source in output_slice.sources))
                      for output_slice in config.slices),
-        tokenizer_source=config.tokenizer_source if config.tokenizer_source in (None, "base")
-        else resolve(config.tokenizer_source))
+        tokenizer_source=config.tokenizer_source if config.tokenizer_source in (None, "base", "union")
+        else resolve(config.tokenizer_source),
+        tokenizer=config.tokenizer and replace(
+            config.tokenizer,
+            source=config.tokenizer.source if config.tokenizer.source in ("base", "union")
+            else resolve(config.tokenizer.source),
+            tokens=tuple((token, replace(embedding, model=resolve(embedding.model)))
+                         for token, embedding in config.tokenizer.tokens)))
     return Stage(name, config, tuple(dict.fromkeys(needs)))

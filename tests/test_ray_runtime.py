@@ -122,6 +122,24 @@ def test_slices_under_ray_write_the_local_bytes(tmp_path, family_bf16_sharded, r
     assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
 
 
+@pytest.mark.slow
+def test_a_union_of_vocabularies_under_ray_writes_the_local_bytes(tmp_path, ray_address):
+    """Each input's embedding and head, read in the output vocabulary on the workers, as locally."""
+    import yaml
+    from test_vocabularies import A_VOCAB, B_ADDED, B_VOCAB, BASE_VOCAB, write_model
+
+    for seed, (name, vocab, added) in enumerate((("base", BASE_VOCAB, []), ("a", A_VOCAB, []),
+                                                 ("b", B_VOCAB, B_ADDED))):
+        write_model(tmp_path / name, vocab, added, seed)
+    doc = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"density": 0.5},
+           "models": [{"model": str(tmp_path / name)} for name in "ab"],
+           "tokenizer": {"source": "union", "pad_to_multiple_of": 16}}
+    cfg = tmp_path / "union.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    local = merged(cfg, tmp_path / "local", shard_size=3000)
+    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=3000) == local
+
+
 def linear_that_kills_its_worker_once(marker: Path):
     """linear, except that the first worker to reach the second layer's down_proj kills its own process."""
 

@@ -45,6 +45,7 @@ def make_families(work: Path, hidden: int, layers: int) -> dict[str, Family]:
                                                             "shard_size": shard_size, "seed": 0})
             families[label] = Family(label, dtype, sharded, str(paths["base"]), tuple(map(str, paths["experts"])))
     families["f32-small"] = make_small_family(families["f32-single"], directory)
+    families["f32-vocab"] = make_vocabulary_family(families["f32-single"], directory)
     return families
 
 
@@ -68,6 +69,52 @@ def make_small_family(family: Family, directory: Path) -> Family:
     return Family("f32-small", "float32", False, str(directory / "base"), experts)
 
 
+def make_vocabulary_family(family: Family, directory: Path) -> Family:
+    """The float32 family with vocabularies that differ (for `tokenizer_source` and `tokenizer:`): the base and
+    expert 3 as they are; expert 1 with the ids of w3 and w4 swapped and a new token w_new (its row: half its w3
+    row); expert 2 without w5 (the rows after it move up) and a new special token <tool> (its row: its <s> row).
+    Only expert 1 brings a plain new token: mergekit orders a union's models as a Python set, so tokens new in two
+    models would take ids that change from run to run."""
+    import torch
+
+    from distmerge.synthetic import save_checkpoint
+
+    directory = directory / "f32-vocab"
+    experts = (str(directory / "expert1"), str(directory / "expert2"), family.experts[2])
+    if not (directory / "expert2" / "config.json").exists():
+        config = json.loads((Path(family.base) / "config.json").read_text())
+        tokens = json.loads((Path(family.base) / "tokenizer.json").read_text())["model"]["vocab"]
+        vocab = sorted(tokens, key=tokens.get)
+        one = vocab[:3] + ["w4", "w3"] + vocab[5:] + ["w_new"]
+        two = [token for token in vocab if token != "w5"] + ["<tool>"]
+        for source, target, order, special in ((family.experts[0], experts[0], one, []),
+                                               (family.experts[1], experts[1], two, ["<tool>"])):
+            tensors = common.load_checkpoint(Path(source))
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                rows = tensors[name]
+                new = {"w_new": 0.5 * rows[tokens["w3"]], "<tool>": rows[tokens["<s>"]]}
+                tensors[name] = torch.stack([new[t] if t in new else rows[tokens[t]] for t in order])
+            save_checkpoint(target, tensors, {**config, "vocab_size": len(order)}, dtype=torch.float32,
+                            tokenizer=False)
+            write_word_level_tokenizer(Path(target), [t for t in order if t not in special], special)
+    return Family("f32-vocab", "float32", False, family.base, experts)
+
+
+def write_word_level_tokenizer(path: Path, vocab: list[str], special: list[str]) -> None:
+    """A WordLevel tokenizer like distmerge.synthetic's: `vocab` at ids 0.., then the `special` added tokens."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tokenizer = Tokenizer(WordLevel({token: i for i, token in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in ["<unk>", "<s>", "</s>", *special]])
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
+
+
 # case -> models: per-model parameters (None: the base + one model, for slerp, arcee_fusion and nearswap);
 #         top: top-level parameters (every one a mergekit default or not, set explicitly in the input variants);
 #         required: top-level parameters mergekit requires (kept in the defaults variant); sampled: per-model
@@ -76,7 +123,9 @@ def make_small_family(family: Family, directory: Path) -> Family:
 #         the case is a second configuration of one (default: the case's name); extra_variants: labels of
 #         on-request variants to run too; ungated: {variant label: why the gate does not apply to this case
 #         there}; mergekit_writes: {YAML dtype: the dtype mergekit 0.1.5 writes instead} where, without
-#         out_dtype, it does not write the YAML's dtype (float32 masks or factors promote its bfloat16 result)
+#         out_dtype, it does not write the YAML's dtype (float32 masks or factors promote its bfloat16 result);
+#         vocabulary: top-level keys for the output vocabulary (`tokenizer_source`, `tokenizer`; "@N" names expert
+#         N), run on the family whose vocabularies differ only (make_vocabulary_family)
 BREADCRUMBS_MODELS = [{"weight": w, "density": d, "gamma": g}
                       for w, d, g in zip(WEIGHTS, (0.6, 0.5, 0.8), (0.05, 0.02, 0.1))]
 DENSITY_1 = [{"weight": w, "density": 1.0} for w in WEIGHTS]  # DARE/DELLA: their random parts are off
@@ -143,7 +192,20 @@ METHODS: dict[str, dict] = {
     "ram": {"models": [{} for _ in WEIGHTS], "top": {"epsilon": RAM_EPSILON}},
     "ramplus_tl": {"models": [{} for _ in WEIGHTS], "top": {"r": 0.5, "alpha": 0.5, "epsilon": RAM_EPSILON},
                    "mergekit_writes": {"bfloat16": "float32"}},
+    # vocabularies that differ (make_vocabulary_family): the union, a model's tokenizer, the `tokenizer:` block with
+    # per-token sources, `force` and padding (its padding rows tie exactly: task arithmetic, not TIES' top-k)
+    "ties union": {"method": "ties", "models": [{"weight": w, "density": 0.5} for w in WEIGHTS],
+                   "top": {"normalize": True}, "vocabulary": {"tokenizer_source": "union"}},
+    "linear model's tokenizer": {"method": "linear", "models": [{"weight": w} for w in WEIGHTS], "top": {},
+                                 "base": False, "vocabulary": {"tokenizer_source": "@0"}},
+    "task_arithmetic tokenizer block": {
+        "method": "task_arithmetic", "models": [{"weight": w} for w in WEIGHTS], "top": {"lambda": 0.9},
+        "vocabulary": {"tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {
+            "w_new": {"source": {"kind": "model_token", "model": "@1", "token": "w6"}},
+            "w7": {"source": "@2", "force": True}, "<new>": {"source": {"kind": "zero"}}}}}},
 }
+METHODS["ties slices union"] = {**METHODS["ties slices"], "vocabulary": {"tokenizer_source": "union"}}
+VOCABULARIES = "f32, vocabularies differ"
 
 
 @dataclass(frozen=True)
@@ -183,6 +245,7 @@ VARIANTS = (
     Variant("f32, mergekit defaults, density < 1, rng: mergekit", "f32-single", "float32", defaults=True,
             sampled=True, rng="mergekit"),
     Variant(f"f32, task vectors x{SMALL_SCALE}, dtype float64", "f32-small", "float64", on_request=True),
+    Variant(VOCABULARIES, "f32-vocab", "float32", on_request=True),  # only, and always, for the `vocabulary` cases
 )
 
 
@@ -219,9 +282,14 @@ class Case:
 def cases_for(methods: list[str]) -> list[Case]:
     """Every variant of every case; the variants below density 1 only for the random methods, on-request ones
     where asked for."""
-    return [Case(method, variant) for method in methods for variant in VARIANTS
-            if (not variant.sampled or "sampled" in METHODS[method])
-            and (not variant.on_request or variant.label in METHODS[method].get("extra_variants", ()))]
+    def runs(method: str, variant: Variant) -> bool:
+        spec = METHODS[method]
+        if "vocabulary" in spec or variant.label == VOCABULARIES:
+            return "vocabulary" in spec and variant.label == VOCABULARIES
+        return ((not variant.sampled or "sampled" in spec)
+                and (not variant.on_request or variant.label in spec.get("extra_variants", ())))
+
+    return [Case(method, variant) for method in methods for variant in VARIANTS if runs(method, variant)]
 
 
 def mergekit_config(case: Case, family: Family) -> dict:
@@ -248,9 +316,20 @@ def mergekit_config(case: Case, family: Family) -> dict:
     doc["dtype"] = variant.dtype
     if variant.out_dtype:
         doc["out_dtype"] = variant.out_dtype
+    if "vocabulary" in spec:
+        doc.update(with_experts(spec["vocabulary"], family))
     if variant.sampled:  # mergekit ignores this block; it gets the seed as --random-seed
         doc["distmerge"] = {"seed": SEED, **({"rng": variant.rng} if variant.rng else {})}
     return doc
+
+
+def with_experts(value, family: Family):
+    """`value` with every "@N" replaced by expert N's path."""
+    if isinstance(value, dict):
+        return {with_experts(k, family): with_experts(v, family) for k, v in value.items()}
+    if isinstance(value, str) and value.startswith("@") and value[1:].isdigit():
+        return family.experts[int(value[1:])]
+    return value
 
 
 def mergekit_slices(slices: list[dict], family: Family) -> list[dict]:
