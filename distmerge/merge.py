@@ -30,9 +30,11 @@ from .writer import STATE_DIR, OutputDir, ShardRecord, atomic_write_text
 
 
 def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: bool = False,
-          address: str | None = None, log=print, offline: bool = False) -> MergePlan:
+          address: str | None = None, log=print, offline: bool = False, runtime: Runtime | None = None) -> MergePlan:
     """Merge per `config` into `out`; the runtime, device, seed, threads and workers come from config.engine.
-    Hub ids not in the local Hugging Face cache are downloaded first, unless `offline` (or HF_HUB_OFFLINE)."""
+    Hub ids not in the local Hugging Face cache are downloaded first, unless `offline` (or HF_HUB_OFFLINE).
+    `runtime`: a connected runtime to run on, left open for the caller's next merge (by default one is made from
+    config.engine and closed at the end)."""
     # every check that needs no tensor data, before anything starts; under Ray too, only this process downloads
     plan = build_plan(config, hub=HubAccess(offline=offline, quiet=quiet))
     if config.engine.rng == "mergekit" and plan.spec.mergekit_draws is not None:
@@ -40,10 +42,7 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     engine = config.engine
     out_dir = OutputDir(out)
     with out_dir.lock(log):  # one merge per output, held to the end; a second one fails here
-        sigterm = signal.getsignal(signal.SIGTERM)
-        runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
-        if sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); the caller's handler stays
+        runner = runtime or connect(engine, address, quiet)
         try:
             placement = runner.placement
             finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
@@ -62,9 +61,19 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
             records = list(finished.values()) + runner.merge(plan, pending, out_dir, first_pass, progress)
             progress.close()
         finally:
-            runner.close()
+            if runtime is None:
+                runner.close()
         finalize(plan, out_dir, records)
     return plan
+
+
+def connect(engine, address: str | None, quiet: bool) -> Runtime:
+    """The runtime `engine` asks for, connected."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    runner = make_runtime(engine.runtime, engine.device, engine.workers, address, engine.threads, quiet=quiet)
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); the caller's handler stays
+    return runner
 
 
 def run_first_pass(plan: MergePlan, runner: Runtime, out_dir: OutputDir, quiet: bool):
@@ -143,22 +152,32 @@ def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | P
     for stage in stages:
         check_stage(stage, intermediate_dir, hub)
     record_file = intermediate_dir / STAGE_RECORD
-    for number, stage in enumerate(stages, start=1):
-        final = number == len(stages)
-        target = Path(out) if final else intermediate_dir / stage.name
-        label = f"{'final merge' if stage.name is None else f'stage {stage.name}'} ({number} of {len(stages)})"
-        records = _read_json_object(record_file)
-        if not final and not redo and _finished(target) and records.get(stage.name) == stage_fingerprint(stage, hub):
-            log(f"{label}: up to date in {target}")
-            continue
-        if not quiet:
-            log(f"{label}: {stage.config.merge_method} into {target}")
-        # a stage's directory is distmerge's own: replacing what an earlier run left there needs no --force
-        plan = merge(stage.config, target, force=force or not final, quiet=quiet, address=address, log=log,
-                     offline=offline)
-        if not final:
-            records[stage.name] = stage_fingerprint(stage, hub)
-            atomic_write_text(record_file, json.dumps(records, indent=2, sort_keys=True) + "\n")
+    runtimes: dict[tuple, Runtime] = {}  # one per way of running, reused by every stage that runs that way
+    try:
+        for number, stage in enumerate(stages, start=1):
+            final = number == len(stages)
+            target = Path(out) if final else intermediate_dir / stage.name
+            label = f"{'final merge' if stage.name is None else f'stage {stage.name}'} ({number} of {len(stages)})"
+            records = _read_json_object(record_file)
+            if (not final and not redo and _finished(target)
+                    and records.get(stage.name) == stage_fingerprint(stage, hub)):
+                log(f"{label}: up to date in {target}")
+                continue
+            if not quiet:
+                log(f"{label}: {stage.config.merge_method} into {target}")
+            engine = stage.config.engine
+            way = (engine.runtime, engine.device, engine.workers, engine.threads)
+            if way not in runtimes:
+                runtimes[way] = connect(engine, address, quiet)
+            # a stage's directory is distmerge's own: replacing what an earlier run left there needs no --force
+            plan = merge(stage.config, target, force=force or not final, quiet=quiet, address=address, log=log,
+                         offline=offline, runtime=runtimes[way])
+            if not final:
+                records[stage.name] = stage_fingerprint(stage, hub)
+                atomic_write_text(record_file, json.dumps(records, indent=2, sort_keys=True) + "\n")
+    finally:
+        for runner in runtimes.values():
+            runner.close()
     return plan
 
 

@@ -36,10 +36,31 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.safetensors"))}
 
 
-def merged(config_path: Path, out: Path, **engine) -> dict[str, bytes]:
+def merged(config_path: Path, out: Path, on=None, **engine) -> dict[str, bytes]:
+    """The shards of a merge of `config_path` with these `distmerge:` settings (on the runtime `on`, if given)."""
     config = load_config(config_path)
-    merge(replace(config, engine=replace(config.engine, **engine)), out, quiet=True)
+    merge(replace(config, engine=replace(config.engine, **engine)), out, quiet=True, runtime=on)
     return shard_bytes(out)
+
+
+@pytest.fixture(scope="class")
+def ray_workers(ray_address):
+    """`ray_workers(n)`: a Ray runtime of n CPU workers, kept for the next merges of the class that ask for n,
+    as a multi-stage merge keeps its actors from one stage to the next: each merge is loaded into the same actors.
+    The session's Ray has room for one runtime at a time."""
+    runtimes = {}
+
+    def runtime(workers: int) -> RayRuntime:
+        if workers not in runtimes:
+            for other in runtimes.values():
+                other.close()
+            runtimes.clear()
+            runtimes[workers] = RayRuntime("cpu", workers=workers, quiet=True)
+        return runtimes[workers]
+
+    yield runtime
+    for runner in runtimes.values():
+        runner.close()
 
 
 METHOD_CONFIGS = {
@@ -87,57 +108,83 @@ def method_config(tmp_path: Path, family: dict, case: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(METHOD_CONFIGS))
-def test_ray_writes_the_same_bytes_as_local(tmp_path, family_bf16_sharded, ray_address, case):
-    cfg = method_config(tmp_path, family_bf16_sharded, case)
-    local = merged(cfg, tmp_path / "local", shard_size=6000, threads=1 if case in SPECTRAL else None)
-    assert len(local) >= 3
-    assert merged(cfg, tmp_path / "ray2", runtime="ray", workers=2, shard_size=6000) == local
-    if case in ("ties_global", "dare_ties", "dare_ties_rng_mergekit", "rtsvm"):  # two-pass, random, SVD: 1 worker too
-        assert merged(cfg, tmp_path / "ray1", runtime="ray", workers=1, shard_size=6000) == local
+class TestTheSameBytesAsLocal:
+    """Every method, and the input views (LoRA, slices, vocabularies), on one Ray runtime reused from merge to
+    merge, as a multi-stage merge reuses its actors."""
+
+    @pytest.mark.parametrize("case", sorted(METHOD_CONFIGS))
+    def test_two_workers_write_the_same_bytes_as_local(self, tmp_path, family_bf16_sharded, ray_workers, case):
+        cfg = method_config(tmp_path, family_bf16_sharded, case)
+        local = merged(cfg, tmp_path / "local", shard_size=6000, threads=1 if case in SPECTRAL else None)
+        assert len(local) >= 3
+        assert merged(cfg, tmp_path / "ray2", ray_workers(2), runtime="ray", workers=2, shard_size=6000) == local
+
+    def test_a_lora_input_under_ray_writes_the_local_bytes(self, tmp_path, family_bf16_sharded, ray_workers):
+        pytest.importorskip("peft")
+        base = family_bf16_sharded["base"]
+        adapter = make_adapter(base, tmp_path / "adapter", {"r": 4, "target_modules": ["q_proj", "down_proj"]})
+        models = [{"model": f"{base}+{adapter}"}, {"model": str(family_bf16_sharded["experts"][0])}]
+        cfg = write_config(tmp_path / "lora.yaml", "ties", family_bf16_sharded, models=models,
+                           parameters={"density": 0.5})
+        local = merged(cfg, tmp_path / "local", shard_size=6000)
+        assert len(local) >= 3 and merged(cfg, tmp_path / "ray", ray_workers(2), runtime="ray", workers=2,
+                                          shard_size=6000) == local
+
+    def test_slices_under_ray_write_the_local_bytes(self, tmp_path, family_bf16_sharded, ray_workers):
+        import yaml
+
+        base, e1, e2, e3 = map(str, (family_bf16_sharded["base"], *family_bf16_sharded["experts"]))
+        doc = {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5}, "slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e1, e2)]},
+            {"sources": [{"model": m, "layer_range": [1, 2]} for m in (base, e2, e3)], "parameters": {"density": 0.3}}]}
+        cfg = tmp_path / "slices.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        local = merged(cfg, tmp_path / "local", shard_size=6000)
+        assert len(local) >= 3 and merged(cfg, tmp_path / "ray", ray_workers(2), runtime="ray", workers=2,
+                                          shard_size=6000) == local
+
+    def test_a_union_of_vocabularies_under_ray_writes_the_local_bytes(self, tmp_path, ray_workers):
+        """Each input's embedding and head, read in the output vocabulary on the workers, as locally."""
+        import yaml
+        from test_vocabularies import A_VOCAB, B_ADDED, B_VOCAB, BASE_VOCAB, write_model
+
+        for seed, (name, vocab, added) in enumerate((("base", BASE_VOCAB, []), ("a", A_VOCAB, []),
+                                                     ("b", B_VOCAB, B_ADDED))):
+            write_model(tmp_path / name, vocab, added, seed)
+        doc = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"density": 0.5},
+               "models": [{"model": str(tmp_path / name)} for name in "ab"],
+               "tokenizer": {"source": "union", "pad_to_multiple_of": 16}}
+        cfg = tmp_path / "union.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        local = merged(cfg, tmp_path / "local", shard_size=3000)
+        assert len(local) >= 3 and merged(cfg, tmp_path / "ray", ray_workers(2), runtime="ray", workers=2,
+                                          shard_size=3000) == local
+
+    @pytest.mark.parametrize("case", ["ties_global", "dare_ties", "dare_ties_rng_mergekit", "rtsvm"])
+    def test_one_worker_writes_the_same_bytes_as_local(self, tmp_path, family_bf16_sharded, ray_workers, case):
+        """The two-pass, random and SVD paths on a single worker too (last in the class: one switch of runtime)."""
+        cfg = method_config(tmp_path, family_bf16_sharded, case)
+        local = merged(cfg, tmp_path / "local", shard_size=6000, threads=1 if case in SPECTRAL else None)
+        assert merged(cfg, tmp_path / "ray1", ray_workers(1), runtime="ray", workers=1, shard_size=6000) == local
 
 
 @pytest.mark.slow
-def test_a_lora_input_under_ray_writes_the_local_bytes(tmp_path, family_bf16_sharded, ray_address):
-    pytest.importorskip("peft")
-    base = family_bf16_sharded["base"]
-    adapter = make_adapter(base, tmp_path / "adapter", {"r": 4, "target_modules": ["q_proj", "down_proj"]})
-    models = [{"model": f"{base}+{adapter}"}, {"model": str(family_bf16_sharded["experts"][0])}]
-    cfg = write_config(tmp_path / "lora.yaml", "ties", family_bf16_sharded, models=models, parameters={"density": 0.5})
-    local = merged(cfg, tmp_path / "local", shard_size=6000)
-    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
-
-
-@pytest.mark.slow
-def test_slices_under_ray_write_the_local_bytes(tmp_path, family_bf16_sharded, ray_address):
+def test_a_multi_stage_merge_under_ray_writes_the_local_bytes(tmp_path, family_bf16_sharded, ray_address):
+    """Both stages run on the same actors (one runtime for the whole merge), and write what a local run writes."""
     import yaml
 
-    base, e1, e2, e3 = map(str, (family_bf16_sharded["base"], *family_bf16_sharded["experts"]))
-    doc = {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5}, "slices": [
-        {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e1, e2)]},
-        {"sources": [{"model": m, "layer_range": [1, 2]} for m in (base, e2, e3)], "parameters": {"density": 0.3}}]}
-    cfg = tmp_path / "slices.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
-    local = merged(cfg, tmp_path / "local", shard_size=6000)
-    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=6000) == local
-
-
-@pytest.mark.slow
-def test_a_union_of_vocabularies_under_ray_writes_the_local_bytes(tmp_path, ray_address):
-    """Each input's embedding and head, read in the output vocabulary on the workers, as locally."""
-    import yaml
-    from test_vocabularies import A_VOCAB, B_ADDED, B_VOCAB, BASE_VOCAB, write_model
-
-    for seed, (name, vocab, added) in enumerate((("base", BASE_VOCAB, []), ("a", A_VOCAB, []),
-                                                 ("b", B_VOCAB, B_ADDED))):
-        write_model(tmp_path / name, vocab, added, seed)
-    doc = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"density": 0.5},
-           "models": [{"model": str(tmp_path / name)} for name in "ab"],
-           "tokenizer": {"source": "union", "pad_to_multiple_of": 16}}
-    cfg = tmp_path / "union.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
-    local = merged(cfg, tmp_path / "local", shard_size=3000)
-    assert len(local) >= 3 and merged(cfg, tmp_path / "ray", runtime="ray", workers=2, shard_size=3000) == local
+    base, e1, e2 = map(str, (family_bf16_sharded["base"], *family_bf16_sharded["experts"][:2]))
+    docs = [{"name": "first", "merge_method": "ties", "base_model": base, "parameters": {"density": 0.5},
+             "models": [{"model": e1}, {"model": e2}]},
+            {"merge_method": "linear", "models": [{"model": "first"}, {"model": e1}]}]
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text(yaml.safe_dump_all(docs))
+    run_cli("merge", cfg, tmp_path / "local", "--quiet", "--shard-size", "6000")
+    proc = run_cli("merge", cfg, tmp_path / "ray", "--runtime", "ray", "--workers", "2", "--shard-size", "6000",
+                   env={"RAY_ADDRESS": ray_address})
+    assert "stage first (1 of 2)" in proc.stderr and "final merge (2 of 2)" in proc.stderr
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local") and shard_bytes(tmp_path / "local")
+    assert shard_bytes(tmp_path / "ray.stages" / "first") == shard_bytes(tmp_path / "local.stages" / "first")
 
 
 def linear_that_kills_its_worker_once(marker: Path):

@@ -39,15 +39,19 @@ SETTLE_TIMEOUT_S = 30.0  # after an actor died: how long its other tasks get to 
 
 
 class MergeWorker:
-    """One per GPU or CPU slot; lives for the whole merge."""
+    """One per GPU or CPU slot; lives as long as its runtime, through every merge it runs (`load` gives it the
+    next one)."""
 
     def __init__(self, plan: MergePlan, out_path: str, device: str, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.load(plan, out_path)
+
+    def load(self, plan: MergePlan, out_path: str) -> None:
         self.plan = plan
         self.units = {unit.index: unit for unit in plan.units}
         self.out = OutputDir(out_path)
-        self.device = resolve_device(device)
 
     def merge(self, unit_index: int, first_pass: Any) -> ShardRecord:
         return run_unit(self.plan, self.units[unit_index], self.out, self.device, first_pass)
@@ -289,8 +293,12 @@ class RayRuntime:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _start(self, plan: MergePlan, out: OutputDir) -> WorkerPool:
-        """The actors, started on first use and kept for both passes."""
+        """The actors, started on first use and kept for both passes and for every later merge of this runtime
+        (a multi-stage merge pays for Ray and its actors once); a new merge is loaded into them."""
         if self.pool is not None:
+            if self._loaded_plan is not plan or self._out_path != str(out.path):
+                self._plan_ref, self._out_path, self._loaded_plan = self.ray.put(plan), str(out.path), plan
+                self.ray.get([actor.load.remote(self._plan_ref, self._out_path) for actor in self.pool.actors])
             return self.pool
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -302,13 +310,13 @@ class RayRuntime:
             raise UserError(f"the Ray cluster did not provide {self.workers} x {self._bundle} within "
                             f"{PLACEMENT_TIMEOUT_S:.0f}s; lower --workers or add nodes") from None
         actor_class = self.ray.remote(MergeWorker)
-        plan_ref = self.ray.put(plan)
+        self._plan_ref, self._out_path, self._loaded_plan = self.ray.put(plan), str(out.path), plan
 
-        def make_actor(slot: int):
+        def make_actor(slot: int):  # a replacement starts with the merge loaded now
             return actor_class.options(
                 num_cpus=self._bundle["CPU"], num_gpus=self._bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=slot),
-            ).remote(plan_ref, str(out.path), self.placement.device, self.placement.threads)
+            ).remote(self._plan_ref, self._out_path, self.placement.device, self.placement.threads)
 
         self.pool = WorkerPool(self.ray, make_actor, self.workers, warn=self._warn)
         return self.pool
