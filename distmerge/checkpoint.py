@@ -259,8 +259,7 @@ class Checkpoint:
         when the directory has a config.json but no weights (planning a merge before the checkpoints are
         downloaded), derive the tensors from the architecture instead of refusing (and download no weights).
         `hub`: whether a hub id not in the local cache is downloaded (default: yes, unless HF_HUB_OFFLINE)."""
-        model_ref, adapter_path = _split_adapter(ref, base_dir, hub, weights=not config_only)
-        path = resolve_model_dir(model_ref, base_dir, hub, weights=not config_only)
+        path, adapter_path = _model_and_adapter_dirs(ref, base_dir, hub, weights=not config_only)
         config = _read_config(ref, path)
         if config_only and config and not any(path.glob("*.safetensors")):
             tensors = _tensors_from_config(ref, config)
@@ -290,7 +289,8 @@ class Checkpoint:
 
     @property
     def files(self) -> list[str]:
-        return sorted({info.file for info in self.tensors.values()} | ({self.adapter.file} if self.adapter else set()))
+        adapter = {self.adapter.file} if self.adapter else set()
+        return sorted({info.file for info in self.tensors.values()} | adapter)
 
     @property
     def num_layers(self) -> int | None:
@@ -306,17 +306,19 @@ class Checkpoint:
         info = self.tensors[name]
         try:
             with safe_open(info.file, framework="pt", device="cpu") as handle:
-                tensor = handle.get_tensor(name) if rows is None or self.adapter else handle.get_slice(name)[rows[0]:rows[1]]
+                whole = rows is None or self.adapter is not None  # an adapter's update needs the whole tensor
+                tensor = handle.get_tensor(name) if whole else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as exc:
             raise StorageError(f"model {self.ref}: reading tensor {name} from {info.file} failed: {exc}") from None
         if self.adapter is None:
             return tensor
-        tensor = self.adapter.apply(name, tensor)  # the update needs the whole product B @ A
+        tensor = self.adapter.apply(name, tensor)
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
-def _split_adapter(ref: str, base_dir: str, hub: "HubAccess | None", weights: bool) -> tuple[str, Path | None]:
-    """(model reference, adapter directory or None) for `model+adapter`, an adapter directory or a model."""
+def _model_and_adapter_dirs(ref: str, base_dir: str, hub: "HubAccess | None", weights: bool
+                            ) -> tuple[Path, Path | None]:
+    """(model directory, adapter directory or None) for `model+adapter`, an adapter directory or a model."""
     model_ref, plus, adapter_ref = ref.partition("+")
     if plus:
         if "+" in adapter_ref:
@@ -325,15 +327,15 @@ def _split_adapter(ref: str, base_dir: str, hub: "HubAccess | None", weights: bo
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"model {ref!r}: {adapter} has no {ADAPTER_CONFIG}, so it is not a LoRA adapter "
                                   "(`model+adapter` applies a PEFT LoRA adapter to its model)")
-        return model_ref, adapter
+        return resolve_model_dir(model_ref, base_dir, hub, weights), adapter
     directory = resolve_model_dir(ref, base_dir, hub, weights)
     if not is_adapter_dir(directory):
-        return ref, None
+        return directory, None
     base = read_adapter_config(ref, directory).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise CheckpointError(f"LoRA adapter {ref}: {directory / ADAPTER_CONFIG} names no `base_model_name_or_path`; "
                               "write the model as `base+adapter`")
-    return base, directory
+    return resolve_model_dir(base, base_dir, hub, weights), directory
 
 
 def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:

@@ -58,8 +58,8 @@ MERGEKIT_NO_OPS = ("--lazy-unpickle/--no-lazy-unpickle", "--low-cpu-memory/--no-
 MERGEKIT_REFUSED = {
     "--no-safe-serialization": "distmerge only writes safetensors (pickled weights can run code when loaded)",
     "--trust-remote-code": "distmerge never runs code from a model repository; it needs none to merge",
-    "--unsafe-truncate-embeddings": "vocabularies of different sizes are not merged yet; give models whose "
-                                    "embeddings have the same shape",
+    "--unsafe-truncate-embeddings": "models whose vocabularies differ are merged with `tokenizer_source` (union, "
+                                    "base or a model), which lays their rows out by token instead of cutting them",
     "--lora-merge-dtype": "a LoRA adapter is applied in its model's stored dtype, as PEFT's merge_and_unload "
                           "does on the model as saved; convert the model to that dtype first",
     "--transformers-cache": "hub ids are read from (and downloaded into) the Hugging Face cache: set "
@@ -121,7 +121,8 @@ def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich
     if out is None:
         raise click.UsageError("Missing the output directory: give it as OUT or with -o.")
     device = _one_value("the device", ("--device", device), ("--cuda", "cuda" if cuda or gpu_rich else None))
-    runtime = _one_value("the runtime", ("--runtime", runtime), ("--multi-gpu", "ray" if multi_gpu or gpu_rich else None))
+    runtime = _one_value("the runtime", ("--runtime", runtime),
+                         ("--multi-gpu", "ray" if multi_gpu or gpu_rich else None))
     if out_shard_size is not None:
         shard_size = _one_value("the shard size", ("--shard-size", shard_size),
                                 ("--out-shard-size", parse_mergekit_size(out_shard_size, "--out-shard-size")))
@@ -182,8 +183,7 @@ def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
     """(heading, config) of each merge in CONFIG that can be planned now: the config itself, or each stage of a
     multi-stage config whose inputs exist (one that reads another stage's output is checked as far as it can be,
     and said so)."""
-    from .merge import check_stage
-    from .plan import check_config
+    from .merge import check_stages
     from .stages import is_multi_stage, load_stages
 
     if not is_multi_stage(_read_text(config_path), config_path):
@@ -191,11 +191,9 @@ def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
         return
     intermediate_dir = Path(config_path).parent / "stages"  # not created: only names the stages' outputs
     stages = load_stages(Path(config_path), intermediate_dir)
-    for stage in stages:
-        check_config(stage.config)  # every stage's settings before any model is opened or downloaded
+    check_stages(stages, intermediate_dir, hub, config_only)
     for stage in stages:
         label = "final merge" if stage.name is None else f"stage {stage.name}"
-        check_stage(stage, intermediate_dir, hub, config_only)
         if stage.needs:
             click.echo(f"{label}: {stage.config.merge_method} of stage(s) {', '.join(stage.needs)}: its method, "
                        "parameters and other models are checked; the rest is planned when they have run\n")

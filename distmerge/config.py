@@ -335,7 +335,7 @@ def _parse_slice_source(raw: Any, key: str) -> SliceSource:
 
 
 def _parse_parameters(raw: Any, key: str) -> dict:
-    if raw is None:
+    if not raw:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"`{key}` must be a mapping, got {raw!r}")
@@ -411,13 +411,22 @@ def _tokenizer_document(settings: TokenizerSettings | None) -> dict | None:
         return None
     tokens = {}
     for token, embedding in settings.tokens:
-        source = ({"kind": "zero"} if embedding.kind == "zero" else embedding.model if embedding.kind == "model"
-                  else {"kind": "model_token", "model": embedding.model,
-                        **({"token": embedding.token} if embedding.token is not None else
-                           {"token_id": embedding.token_id})} if embedding.kind == "model_token" else None)
+        source = _token_source_document(embedding)
         tokens[token] = {**({"source": source} if source is not None else {}), "force": embedding.force}
     return {"source": settings.source, **({"tokens": tokens} if tokens else {}),
             **({"pad_to_multiple_of": settings.pad_to_multiple_of} if settings.pad_to_multiple_of else {})}
+
+
+def _token_source_document(embedding: TokenEmbedding) -> dict | str | None:
+    """A token's `source` as mergekit writes it (the inverse of `_parse_token`)."""
+    if embedding.kind == "zero":
+        return {"kind": "zero"}
+    if embedding.kind == "model":
+        return embedding.model
+    if embedding.kind == "model_token":
+        which = {"token": embedding.token} if embedding.token is not None else {"token_id": embedding.token_id}
+        return {"kind": "model_token", "model": embedding.model, **which}
+    return None
 
 
 def _parse_chat_template(value: Any) -> str | None:
@@ -445,10 +454,8 @@ def _parse_model_entry(entry: Any, index: int) -> ModelEntry:
     extra = sorted(set(entry) - {"model", "parameters"})
     if extra:
         raise ConfigError(f"unknown key `{key}.{extra[0]}`; allowed: model, parameters")
-    parameters = entry.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ConfigError(f"`{key}.parameters` must be a mapping, got {parameters!r}")
-    return ModelEntry(model=_parse_model_ref(entry["model"], f"{key}.model"), parameters=dict(parameters))
+    return ModelEntry(model=_parse_model_ref(entry["model"], f"{key}.model"),
+                      parameters=_parse_parameters(entry.get("parameters"), f"{key}.parameters"))
 
 
 # ---- scalar parsers shared by the config and the CLI -----------------------------------------------------

@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import CODE_TO_NAME, INDEX_NAME, Checkpoint
+from .checkpoint import CODE_TO_NAME, Checkpoint
 from .config import MergeConfig
 from .estimates import bytes_read, bytes_written, unit_read_bytes
 from .hub import HubAccess
@@ -26,7 +26,7 @@ from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
 from .runtime import Runtime, make_runtime
 from .stages import Stage
-from .writer import STATE_DIR, OutputDir, ShardRecord, atomic_write_text
+from .writer import OutputDir, ShardRecord, atomic_write_text
 
 
 def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: bool = False,
@@ -133,7 +133,6 @@ def model_card(plan: MergePlan) -> str:
     )
 
 
-
 STAGE_RECORD = "stages.json"  # in the intermediate directory: stage name -> what its finished merge was made from
 
 
@@ -147,10 +146,7 @@ def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | P
     resumes like any merge. Returns the final stage's plan."""
     intermediate_dir = Path(intermediate_dir)
     hub = HubAccess(offline=offline, quiet=quiet)
-    for stage in stages:
-        check_config(stage.config)  # every stage's settings before any model is opened or downloaded
-    for stage in stages:
-        check_stage(stage, intermediate_dir, hub)
+    check_stages(stages, intermediate_dir, hub)
     record_file = intermediate_dir / STAGE_RECORD
     runtimes: dict[tuple, Runtime] = {}  # one per way of running, reused by every stage that runs that way
     try:
@@ -159,8 +155,8 @@ def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | P
             target = Path(out) if final else intermediate_dir / stage.name
             label = f"{'final merge' if stage.name is None else f'stage {stage.name}'} ({number} of {len(stages)})"
             records = _read_json_object(record_file)
-            if (not final and not redo and _finished(target)
-                    and records.get(stage.name) == stage_fingerprint(stage, hub)):
+            if (not final and not redo and OutputDir(target).holds_finished_merge
+                    and records.get(stage.name) == stage_fingerprint(build_plan(stage.config, hub=hub))):
                 log(f"{label}: up to date in {target}")
                 continue
             if not quiet:
@@ -173,12 +169,20 @@ def merge_stages(stages: list[Stage], out: str | Path, intermediate_dir: str | P
             plan = merge(stage.config, target, force=force or not final, quiet=quiet, address=address, log=log,
                          offline=offline, runtime=runtimes[way])
             if not final:
-                records[stage.name] = stage_fingerprint(stage, hub)
+                records[stage.name] = stage_fingerprint(plan)
                 atomic_write_text(record_file, json.dumps(records, indent=2, sort_keys=True) + "\n")
     finally:
         for runner in runtimes.values():
             runner.close()
     return plan
+
+
+def check_stages(stages: list[Stage], intermediate_dir: Path, hub: HubAccess, config_only: bool = False) -> None:
+    """Every stage's settings before any model is opened or downloaded, then each stage as far as it can be."""
+    for stage in stages:
+        check_config(stage.config)
+    for stage in stages:
+        check_stage(stage, intermediate_dir, hub, config_only)
 
 
 def check_stage(stage: Stage, intermediate_dir: Path, hub: HubAccess = HubAccess(), config_only: bool = False
@@ -196,15 +200,10 @@ def check_stage(stage: Stage, intermediate_dir: Path, hub: HubAccess = HubAccess
             Checkpoint.open(ref, stage.config.base_dir, config_only, hub)
 
 
-def stage_fingerprint(stage: Stage, hub: HubAccess = HubAccess()) -> str:
+def stage_fingerprint(plan: MergePlan) -> str:
     """What a stage's output was made from: its config, its input files as they are now (an earlier stage that
     was redone has new files) and the device asked for."""
-    plan = build_plan(stage.config, hub=hub)
-    return fingerprint(plan, stage.config.engine.device or "cpu", stage.config.engine.threads)
-
-
-def _finished(directory: Path) -> bool:
-    return (directory / INDEX_NAME).is_file() and not (directory / STATE_DIR).exists()
+    return fingerprint(plan, plan.config.engine.device or "cpu", plan.config.engine.threads)
 
 
 def _read_json_object(path: Path) -> dict:

@@ -243,9 +243,10 @@ def check_config(config: MergeConfig) -> MethodSpec:
     # a model entry naming the base itself is checked when it is found to be the base (it takes no parameters)
     check_parameter_names(config, spec, [entry for entry in config.models
                                          if not (spec.needs_base and entry.model == config.base_model)])
-    if config.tokenizer_source == "base" and config.base_model is None:
+    settings = vocabulary_settings(config)
+    if settings is not None and settings.source == "base" and not has_base:
         raise ConfigError("`tokenizer_source: base` needs `base_model`")
-    if config.chat_template is not None and not config.engine.copy_tokenizer and vocabulary_settings(config) is None:
+    if config.chat_template is not None and not config.engine.copy_tokenizer and settings is None:
         raise ConfigError("`chat_template` is written into the output's tokenizer, and --no-copy-tokenizer "
                           "leaves it out: drop one of them")
     return spec
@@ -411,9 +412,7 @@ def _make_units(jobs: list[TensorJob], shard_size: int, n_models: int) -> tuple[
 def _tokenizer_dir(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], hub: HubAccess) -> Path:
     settings = vocabulary_settings(config)
     source = settings.source if settings is not None else None
-    if source is None or source in ("base", "union"):
-        if source == "base" and base is None:
-            raise ConfigError("`tokenizer_source: base` needs `base_model`")
+    if source is None or source in ("base", "union"):  # check_config made sure `base` has a base model
         return (base or models[0]).path
     # a `model+adapter` has its model's tokenizer; of a hub id, only the small files are needed
     return resolve_model_dir(source.partition("+")[0], config.base_dir, hub, weights=False)

@@ -48,7 +48,7 @@ def load_stages(path: Path, intermediate_dir: Path) -> list[Stage]:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     base_dir = str(path.resolve().parent)
-    named: dict[str | None, tuple[MergeConfig, int]] = {}
+    named: dict[str | None, MergeConfig] = {}
     for number, doc in enumerate(documents(text, str(path)), start=1):
         if not isinstance(doc, dict):
             raise ConfigError(f"document {number} of {path} must be a YAML mapping (a merge config)")
@@ -60,9 +60,8 @@ def load_stages(path: Path, intermediate_dir: Path) -> list[Stage]:
         if name in named:
             raise ConfigError(f"{where}: " + (f"`name: {name}` is used twice" if name is not None else
                                               "only one document may be unnamed (the final merge, written to OUT)"))
-        named[name] = (config_from_document(doc, base_dir, where), number)
-    stages = {name: _link(name, config, set(named) - {None}, intermediate_dir)
-              for name, (config, _) in named.items()}
+        named[name] = config_from_document(doc, base_dir, where)
+    stages = {name: _link(name, config, set(named) - {None}, intermediate_dir) for name, config in named.items()}
     final = _final(stages, path)
     ordered: list[Stage] = []
     _visit(final, stages, ordered, trail=())

@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 
 from .checkpoint import Checkpoint, checkpoint_file, resolve_model_dir
-from .hub import HubAccess
 from .config import LAYER_INDEX, MergeConfig, TokenEmbedding, TokenizerSettings
 from .errors import CheckpointError, ConfigError
+from .hub import HubAccess
 from .writer import TOKENIZER_FILES
 
 VOCABULARY_NAME = re.compile(r"embed|lm_head|wte")

@@ -297,6 +297,12 @@ class OutputDir:
         finally:
             lock.release()
 
+    @property
+    def holds_finished_merge(self) -> bool:
+        """An index and no state directory: a merge ended here (`finalize` writes the index last, then drops
+        the state)."""
+        return (self.path / INDEX_NAME).is_file() and not self.state.exists()
+
     # ---- before the work ----------------------------------------------------------------------------------
 
     def prepare(self, fingerprint: str, force: bool, input_dirs: list[Path]) -> dict[str, ShardRecord]:

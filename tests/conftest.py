@@ -111,6 +111,20 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in errors[0], (fragment, proc.stderr)
 
 
+def assert_param_refused(method: str, key: str, value, where: str, fragments: list[str]) -> None:
+    """The declared parameter `key` of `method` refuses `value` with an error that starts with `where` (the config
+    location the caller names) and contains every fragment."""
+    from distmerge.errors import ConfigError
+    from distmerge.methods import get_method
+
+    with pytest.raises(ConfigError) as info:
+        get_method(method).param(key).check(value, where)
+    message = str(info.value)
+    assert message.startswith(where), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
 def make_adapter(base: Path, out: Path, lora: dict, dtype=torch.float32, seed: int = 0) -> Path:
     """A random LoRA adapter of `base` (B is not zero, so it changes the model), saved as PEFT saves it."""
     import peft

@@ -74,6 +74,13 @@ def shard_times(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors")}
 
 
+def recorded_shard_times(out: Path) -> dict[str, int]:
+    """The shards a rerun must keep: those with their record (a shard renamed just before its record was written
+    is redone)."""
+    recorded = {p.name.removesuffix(".json") for p in (out / STATE_DIR / "shards").glob("*.json")}
+    return {name: t for name, t in shard_times(out).items() if name in recorded}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, family_bf16_sharded):
     """The uninterrupted merge every test compares with."""
@@ -384,8 +391,7 @@ def test_a_failed_write_is_one_error_and_a_rerun_finishes(tmp_path, family_bf16_
     if fault in SMALL_FILES:  # every shard and the state survive for the rerun
         assert len(shard_times(out)) == len(list((out / STATE_DIR / "shards").glob("*.json"))) >= 4
         assert not list((out / STATE_DIR / "tmp").iterdir()), "the temporary file was removed"
-    recorded = {p.name.removesuffix(".json") for p in (out / STATE_DIR / "shards").glob("*.json")}
-    kept = {name: t for name, t in shard_times(out).items() if name in recorded}  # a shard without its record is redone
+    kept = recorded_shard_times(out)
     monkeypatch.undo()
     proc = run_cli("merge", cfg, "-o", out, "--shard-size", SHARD_SIZE, "--threads", "1")
     if fault in SMALL_FILES:
@@ -545,7 +551,8 @@ def test_a_killed_merge_leaves_a_stale_lock_that_the_rerun_takes_over(tmp_path, 
     proc.communicate(timeout=60)
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid  # left behind, but no longer locked
     assert not (out / INDEX).exists()
-    kept = shard_times(out)
+    kept = recorded_shard_times(out)
     rerun = run_cli("merge", cfg, "-o", out, "--shard-size", SHARD_SIZE, "--threads", "1")
-    assert re.search(r"resuming: [1-9]\d* of", rerun.stderr)  # a shard renamed just before its record may be redone
+    assert re.search(r"resuming: [1-9]\d* of", rerun.stderr)
+    assert {n: t for n, t in shard_times(out).items() if n in kept} == kept
     assert_same_as_reference(out, reference)

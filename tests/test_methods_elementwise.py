@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import reference as ref
+from conftest import assert_param_refused
 
 from distmerge.errors import ConfigError
 from distmerge.methods import TensorContext, get_method
@@ -600,13 +601,7 @@ def test_defaults_are_the_documented_ones():
     ("linear", "normalize", 1, ["normalize", "true or false"]),
 ])
 def test_param_check_rejects_with_key_and_range(method, key, value, fragments):
-    where = "parameters of model m1 (tensor w)"
-    with pytest.raises(ConfigError) as info:
-        get_method(method).param(key).check(value, where)
-    message = str(info.value)
-    assert message.startswith(where), message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
+    assert_param_refused(method, key, value, "parameters of model m1 (tensor w)", fragments)
 
 
 @pytest.mark.parametrize("method,key", [("ties", "density"), ("breadcrumbs", "gamma"), ("della", "epsilon"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import run_cli, write_config
+from conftest import assert_param_refused, run_cli, write_config
 from safetensors.torch import load_file
 
 from pathlib import Path
@@ -418,13 +418,7 @@ def test_defaults_are_mergekits():
     ("passthrough", "scale", "half", ["scale", "must be a finite number"]),
 ])
 def test_param_check_rejects_with_key_and_range(method, key, value, fragments):
-    where = "parameters of model m1 (tensor w)"
-    with pytest.raises(ConfigError) as info:
-        get_method(method).param(key).check(value, where)
-    message = str(info.value)
-    assert message.startswith(where), message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
+    assert_param_refused(method, key, value, "parameters of model m1 (tensor w)", fragments)
 
 
 def test_multislerp_refuses_normalizing_weights_that_sum_to_zero():

@@ -18,11 +18,10 @@ import torch
 import yaml
 
 import reference as ref
-from conftest import assert_user_error, run_cli, write_config
+from conftest import assert_param_refused, assert_user_error, run_cli, write_config
 from test_cli_e2e import read_model
 from test_methods_elementwise import assert_close, exact_problem, run
 
-from distmerge.errors import ConfigError
 from distmerge.methods import get_method
 
 SELECTION = ("sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl")
@@ -332,13 +331,7 @@ def test_defaults_are_mergekits():
     ("ramplus_tl", "alpha", -1.0, ["`alpha: -1.0`", "[0, inf]"]),
 ])
 def test_param_check_rejects_with_key_and_range(method, key, value, fragments):
-    where = "parameters (tensor w)"
-    with pytest.raises(ConfigError) as info:
-        get_method(method).param(key).check(value, where)
-    message = str(info.value)
-    assert message.startswith(where), message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
+    assert_param_refused(method, key, value, "parameters (tensor w)", fragments)
 
 
 # ---- the CLI on a tiny family ------------------------------------------------------------------------------------

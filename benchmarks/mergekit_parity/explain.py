@@ -14,7 +14,6 @@ mergekit's to round-off, the swapped choice is all that separated the two tools.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -68,21 +67,12 @@ def sorted_breadcrumbs_mask(values: torch.Tensor, density: float, gamma: float) 
     return mask_of(values, torch.sort(mergekit_magnitudes(values), descending=False).indices[n_bot:n_bot + keep])
 
 
-def clamped_model_stock(base, models, p, ctx):
-    """distmerge's model_stock (distmerge/methods/elementwise.py) with one change: each pairwise cosine divides
-    by max(|d_i| |d_j|, 1e-6), mergekit's clamped norm product, instead of |d_i| |d_j|."""
-    n_models = models.shape[0]
-    deltas = models.sub_(base)
-    rows = base.shape[0] if p["filter_wise"] and base.dim() >= 2 else 1
-    flat = deltas.reshape(n_models, rows, -1)
-    norms = torch.linalg.vector_norm(flat, dim=-1)
-    cos = torch.stack([((flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=MODEL_STOCK_NORM_CLAMP))
-                       .clamp(-1, 1) for i in range(n_models) for j in range(i + 1, n_models)]).mean(0)
-    denominator = 1 + (n_models - 1) * cos
-    singular = denominator.abs() < 1e-6
-    ratio = torch.where(singular, 0.0, n_models * cos / torch.where(singular, 1.0, denominator))
-    merged = deltas.mean(0).reshape(rows, -1).mul_(ratio.unsqueeze(-1)).reshape(base.shape)
-    return merged.add_(base)
+def clamped_mean_pairwise_cosine(flat: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """A stand-in for distmerge's elementwise.mean_pairwise_cosine: each cosine divides by
+    max(|d_i| |d_j|, 1e-6), mergekit's clamped norm product, instead of |d_i| |d_j|."""
+    n_models = flat.shape[0]
+    return torch.stack([((flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=MODEL_STOCK_NORM_CLAMP))
+                        .clamp(-1, 1) for i in range(n_models) for j in range(i + 1, n_models)]).mean(0)
 
 
 @contextlib.contextmanager
@@ -99,10 +89,9 @@ def mergekit_top_k():
 @contextlib.contextmanager
 def mergekit_clamped_cosine():
     """model_stock's cosines as mergekit computes them."""
-    from distmerge.methods import get_method, registry
+    from distmerge.methods import elementwise
 
-    spec = dataclasses.replace(get_method("model_stock"), fn=clamped_model_stock)
-    with mock.patch.dict(registry._REGISTRY, {"model_stock": spec}):
+    with mock.patch.object(elementwise, "mean_pairwise_cosine", clamped_mean_pairwise_cosine):
         yield
 
 

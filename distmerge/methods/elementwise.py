@@ -353,6 +353,18 @@ def slerp(base, models, p, ctx):
     return models[0].mul_(coef1).add_(base, alpha=coef0)
 
 
+def mean_pairwise_cosine(flat: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """The mean over task pairs i < j of the cosine of `flat[i]` and `flat[j]` ([T, rows, n], one cosine per row),
+    `norms` their norms. A cosine is scale-free: divide by the norms themselves (mergekit clamps their product at
+    1e-6, which shrinks the cosine of small task vectors); a zero task vector has cosine 0."""
+    n_models = flat.shape[0]
+    cosines = [
+        torch.where(norms[i] * norms[j] > 0, (flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]), 0.0).clamp(-1, 1)
+        for i in range(n_models) for j in range(i + 1, n_models)
+    ]
+    return torch.stack(cosines).mean(0)
+
+
 @merge_method("model_stock", needs_base=True, min_models=2,
               params=(Param("filter_wise", "bool", False, "one ratio per row instead of per tensor"),),
               reference="https://arxiv.org/abs/2403.19522",
@@ -363,14 +375,7 @@ def model_stock(base, models, p, ctx):
     deltas = task_vectors(base, models)
     rows = base.shape[0] if p["filter_wise"] and base.dim() >= 2 else 1
     flat = deltas.reshape(n_models, rows, -1)
-    norms = torch.linalg.vector_norm(flat, dim=-1)
-    # A cosine is scale-free: divide by the norms themselves (mergekit clamps their product at 1e-6, which
-    # shrinks the cosine of small task vectors); a zero task vector has cosine 0.
-    cosines = [
-        torch.where(norms[i] * norms[j] > 0, (flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]), 0.0).clamp(-1, 1)
-        for i in range(n_models) for j in range(i + 1, n_models)
-    ]
-    cos = torch.stack(cosines).mean(0)
+    cos = mean_pairwise_cosine(flat, torch.linalg.vector_norm(flat, dim=-1))
     denominator = 1 + (n_models - 1) * cos
     singular = denominator.abs() < 1e-6  # opposite updates: keep the base rather than amplify them
     ratio = torch.where(singular, 0.0, n_models * cos / torch.where(singular, 1.0, denominator))
