@@ -100,17 +100,19 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
              on_tensor: Callable[[TensorJob], None] | None = None) -> ShardRecord:
     """Merge every tensor of `unit` into its shard; returns the shard's record."""
     temp = out.temp_path(unit.shard)
-    writer = ShardWriter(temp, [(t.name, t.out_dtype, t.shape) for t in unit.tensors], out.path / unit.shard)
+    writer = ShardWriter(temp, [(part.name, job.out_dtype, part.shape) for job in unit.tensors for part in job.stored],
+                         out.path / unit.shard)
     record = ShardRecord(shard=unit.shard, size=writer.size)
     inputs = InputStack()
     try:
         for job in unit.tensors:
             start = time.perf_counter()
             tensor, stats = merge_tensor(plan, job, device, inputs, first_pass)
-            checksum = writer.write(job.name, tensor)
-            record.tensors[job.name] = {
-                **stats, "seconds": time.perf_counter() - start, "device": str(device), "sha256": checksum,
-            }
+            seconds = time.perf_counter() - start
+            for part in job.stored:  # the job's time on its first part, so that the report's sums hold
+                checksum = writer.write(part.name, part.of(tensor))
+                record.tensors[part.name] = {**stats, "seconds": seconds, "device": str(device), "sha256": checksum}
+                seconds = 0.0
             if on_tensor is not None:
                 on_tensor(job)
         writer.close()

@@ -28,6 +28,7 @@ from .estimates import tensor_cost
 from .hub import HubAccess
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
+from .moe_layout import ModelLayoutView, StoredPart, model_layout_view, stored_parts
 from .params import check_parameter_names, resolve_params, whole_model_chains
 from .slices import EMBEDDING, SlicedInputs, open_slices
 from .vocabulary import VOCABULARY_NAME, OutputVocabulary, VocabularyView, plan_vocabulary, vocabulary_settings
@@ -49,6 +50,12 @@ class TensorJob:
     work: Work = Work()
     draw_state: bytes | None = None  # `rng: mergekit`: torch's CPU generator state where this tensor's draws start
     transposed: bool = False  # a linear layer's weight stored [in, out] (architecture.stored_transposed)
+    parts: tuple[StoredPart, ...] = ()  # the tensors it is written as, where the reference stores it otherwise
+
+    @property
+    def stored(self) -> tuple[StoredPart, ...]:
+        """The output tensors this job writes: its parts, or itself."""
+        return self.parts or (StoredPart(self.name, self.shape),)
 
     @property
     def numel(self) -> int:
@@ -130,6 +137,11 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
             views.setdefault(id(ckpt), VocabularyView(ckpt, sources, vocabulary))
         base = views[id(base)] if base is not None else None
         models = [views[id(ckpt)] for ckpt in models]
+    layouts = {}  # every input in transformers 5's layout (moe_layout), as mergekit reads it
+    for ckpt in ([base] if base is not None else []) + models:
+        layouts.setdefault(id(ckpt), model_layout_view(ckpt))
+    base = layouts[id(base)] if base is not None else None
+    models = [layouts[id(ckpt)] for ckpt in models]
     reference = base or models[0]
     if not config_only and not reference.config:
         role = "the base model" if base is not None else "the first model (`models[0]`, there is no base_model)"
@@ -151,8 +163,10 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
     jobs = []
     for name in names:
         info = reference.tensors[name]
+        parts = stored_parts(reference, name)
         if not info.is_float:
-            jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=info.dtype, params={}, merge=False))
+            jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=info.dtype, params={}, merge=False,
+                                  parts=parts))
             continue
         if sliced is not None:
             params = resolve_params(spec, name, sliced.position[name], *sliced.chains(config, name))
@@ -161,9 +175,10 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
         transposed = stored_transposed(reference.config, name)
         as_merged = info.shape[::-1] if transposed else info.shape  # the [out, in] matrix the method sees
         jobs.append(TensorJob(name=name, shape=info.shape, out_dtype=_out_dtype(config, info), params=params,
-                              work=spec.work(name, as_merged, params, len(models)), transposed=transposed))
+                              work=spec.work(name, as_merged, params, len(models)), transposed=transposed,
+                              parts=parts))
 
-    _check_mergekit_rng(config, spec, dropped)
+    _check_mergekit_rng(config, spec, dropped, ([base] if base is not None else []) + models)
     return MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
@@ -207,7 +222,8 @@ def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Check
     return plan_vocabulary(config, settings, ordered, base, template, lambda name: (ordered, base), hub)
 
 
-def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str]) -> None:
+def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str], inputs: list[Checkpoint]
+                        ) -> None:
     """`rng: mergekit` holds only where distmerge knows the method's draws in mergekit and draws for the same
     tensors in the same order."""
     if config.engine.rng != "mergekit" or not spec.random:
@@ -221,6 +237,14 @@ def _check_mergekit_rng(config: MergeConfig, spec: MethodSpec, dropped: list[str
     if dropped:
         raise ConfigError(f"`distmerge.rng: mergekit`: {dropped[0]} is tied to the embedding and not merged here, so "
                           "the tensors that draw are not mergekit's; remove `rng: mergekit`")
+    converted = next((ckpt for ckpt in inputs if isinstance(ckpt, ModelLayoutView)), None)
+    if converted is not None:  # mergekit schedules tensors it converts in an order its task graph leaves open
+        name = min(converted.parts, key=natural_key)
+        stored = converted.parts[name][0].name
+        raise ConfigError(f"`distmerge.rng: mergekit`: model {converted.ref} stores {stored} where mergekit reads "
+                          f"{name} (converted as transformers 5 loads it), and mergekit draws for converted tensors "
+                          "in an order distmerge cannot reproduce; remove `rng: mergekit`, or save the models in "
+                          "transformers 5's layout (save_pretrained(..., save_original_format=False))")
 
 
 def with_mergekit_draws(plan: MergePlan) -> MergePlan:

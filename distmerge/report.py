@@ -1,7 +1,9 @@
 """The per-tensor report of a merge: `merge_report.parquet` beside the merged model, and `distmerge report`.
 
-One row per tensor: name, shape, method, shard, seconds, device, sha256 of the saved bytes, and whatever the
-method measured (ranks kept per task, energy kept, outlier share, weights applied, ...).
+One row per tensor written: name, shape, method, shard, seconds, device, sha256 of the saved bytes, and whatever
+the method measured (ranks kept per task, energy kept, outlier share, weights applied, ...). A stored expert matrix
+merged as part of a fused tensor (moe_layout) names it in `merged_as`, and shares its statistics; the seconds are
+on its first part.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ def report_rows(plan, records) -> list[dict]:
     by_name = {name: (record.shard, row) for record in records for name, row in record.tensors.items()}
     rows = []
     for job in plan.tensors:
-        shard, stats = by_name[job.name]
-        rows.append({
-            "tensor": job.name, "shape": list(job.shape), "method": plan.spec.name if job.merge else "copy",
-            "shard": shard, **stats,
-        })
+        for part in job.stored:
+            shard, stats = by_name[part.name]
+            merged_as = {"merged_as": job.name} if job.parts else {}  # a fused expert tensor, or a renamed one
+            rows.append({
+                "tensor": part.name, "shape": list(part.shape), "method": plan.spec.name if job.merge else "copy",
+                "shard": shard, **merged_as, **stats,
+            })
     return rows
 
 

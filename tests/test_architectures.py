@@ -29,9 +29,12 @@ from safetensors.torch import load_file  # noqa: E402
 from test_plan_work import CASES, assert_the_plan_declares_what_the_merge_runs  # noqa: E402
 
 from distmerge.architecture import llama_tensor_shapes  # noqa: E402
+from distmerge.checkpoint import Checkpoint, TensorInfo  # noqa: E402
 from distmerge.config import load_config  # noqa: E402
 from distmerge.estimates import describe, svd_count  # noqa: E402
+from distmerge.moe_layout import model_layout_view  # noqa: E402
 from distmerge.plan import build_plan  # noqa: E402
+from distmerge.report import read_report  # noqa: E402
 from distmerge.synthetic import write_tokenizer  # noqa: E402
 
 ATTENTION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -148,12 +151,17 @@ def test_the_merged_model_loads_with_transformers(name, method, checkpoints, mer
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_ties_merges_every_tensor_as_stored(name, checkpoints, merged):
-    """Each stored tensor (a fused [experts, rows, cols] one as a whole, as mergekit trims it) against the
-    NumPy reference."""
-    out = stored(merged(name, "ties"))
-    base = stored(checkpoints[name]["base"])
-    experts = [stored(path) for path in checkpoints[name]["experts"]]
+def test_ties_merges_every_tensor_as_transformers_holds_it(name, checkpoints, merged):
+    """Each tensor of the model as transformers loads it against the NumPy reference on the inputs loaded the
+    same way: a fused [experts, rows, cols] expert tensor is trimmed as a whole, as mergekit trims it, in both
+    layouts (transformers fuses a checkpoint stored one matrix per expert when it loads it)."""
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in load_merged(path)[0].state_dict().items() if value.is_floating_point()}
+
+    out = weights(merged(name, "ties"))
+    base = weights(checkpoints[name]["base"])
+    experts = [weights(path) for path in checkpoints[name]["experts"]]
+    assert set(out) == set(base)
     for tensor, value in out.items():
         expected = ref.ties(base[tensor], [e[tensor] for e in experts], density=0.5)
         np.testing.assert_allclose(value.double().numpy(), expected, rtol=0, atol=1e-6, err_msg=tensor)
@@ -181,6 +189,94 @@ def test_tsvm_decomposes_each_matrix_of_a_fused_expert_tensor(checkpoints, tmp_p
             expected = ref_spectral.tsvm(b[e], deltas)
             np.testing.assert_allclose(out[name][e].double().numpy(), expected, rtol=0, atol=2e-6,
                                        err_msg=f"{name}[{e}]")
+
+
+LAYOUT_METHODS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "tsvm": {}, "rtsvm": {},
+                  "model_stock": {}}
+
+
+@pytest.mark.parametrize("method", sorted(LAYOUT_METHODS))
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_both_layouts_of_a_model_merge_to_the_same_model(family, method, checkpoints, tmp_path):
+    """A checkpoint stored one matrix per expert is read as transformers 5 loads it (experts fused, Mixtral's
+    `block_sparse_moe` named `mlp`) and written back as stored: the same tensors to merge, under the same names
+    (parameters and random streams follow the names), as the fused layout of the same model, so the merged models
+    are the same, bit for bit, as transformers loads them."""
+    merged, names = {}, {}
+    for name in (family, f"{family}:fused"):
+        cfg = write_config(tmp_path / f"{name.replace(':', '-')}.yaml", method, checkpoints[name],
+                           parameters=LAYOUT_METHODS[method])
+        names[name] = [job.name for job in build_plan(load_config(cfg)).tensors]
+        run_cli("merge", cfg, "-o", tmp_path / name.replace(":", "-"), "--quiet")
+        merged[name] = load_merged(tmp_path / name.replace(":", "-"))[0].state_dict()
+    assert names[family] == names[f"{family}:fused"]
+    per_expert, fused = merged[family], merged[f"{family}:fused"]
+    assert set(per_expert) == set(fused)
+    assert [key for key in fused if not torch.equal(per_expert[key], fused[key])] == []
+
+
+def test_the_report_names_the_fused_tensor_of_each_stored_expert_matrix(checkpoints, merged):
+    rows = {row["tensor"]: row for row in read_report(merged("mixtral", "ties"))[0]}
+    stored_names = set(stored(checkpoints["mixtral"]["base"]))
+    assert set(rows) == stored_names  # one row per tensor written
+    assert rows["model.layers.1.block_sparse_moe.experts.3.w3.weight"]["merged_as"] == \
+        "model.layers.1.mlp.experts.gate_up_proj"
+    assert rows["model.layers.1.block_sparse_moe.gate.weight"]["merged_as"] == "model.layers.1.mlp.gate.weight"
+    assert rows["model.layers.1.self_attn.q_proj.weight"].get("merged_as") is None
+
+
+def test_mergekit_draws_are_refused_on_a_converted_layout(checkpoints, tmp_path):
+    cfg = write_config(tmp_path / "dare.yaml", "dare_ties", checkpoints["qwen3_moe"], parameters={"density": 0.5},
+                       distmerge={"rng": "mergekit"})
+    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", check=False), "rng: mergekit",
+                      str(checkpoints["qwen3_moe"]["base"]), "model.layers.0.mlp.experts.0.down_proj.weight",
+                      "model.layers.0.mlp.experts.down_proj")
+    assert not (tmp_path / "out").exists()
+
+
+def expert_checkpoint(names: dict[str, tuple[int, ...]], model_type: str = "qwen3_moe", dtype: str = "BF16"):
+    return Checkpoint("m", Path("/m"), {n: TensorInfo(n, dtype, shape, "/m/x.safetensors") for n, shape in
+                                        names.items()}, {"model_type": model_type})
+
+
+def test_only_complete_groups_of_expert_matrices_are_fused():
+    """A layer's experts are fused only when experts 0 .. E-1 all have every matrix, of one dtype and shape;
+    otherwise they stay as stored, as does a checkpoint that holds a tensor under a fused name already."""
+    layer = "model.layers.0.mlp.experts"
+    full = {f"{layer}.{e}.{p}.weight": (4, 6) for e in range(3) for p in ("gate_proj", "up_proj")}
+    full |= {f"{layer}.{e}.down_proj.weight": (6, 4) for e in range(3)}
+    view = model_layout_view(expert_checkpoint(full))
+    assert set(view.tensors) == {f"{layer}.gate_up_proj", f"{layer}.down_proj"}
+    assert view.tensors[f"{layer}.gate_up_proj"].shape == (3, 8, 6)
+    assert [(p.name, p.expert, p.rows) for p in view.parts[f"{layer}.gate_up_proj"]][:3] == [
+        (f"{layer}.0.gate_proj.weight", 0, (0, 4)), (f"{layer}.0.up_proj.weight", 0, (4, 8)),
+        (f"{layer}.1.gate_proj.weight", 1, (0, 4))]
+
+    no_up = {n: s for n, s in full.items() if n != f"{layer}.1.up_proj.weight"}
+    assert set(model_layout_view(expert_checkpoint(no_up)).tensors) == (set(no_up) - {
+        f"{layer}.{e}.down_proj.weight" for e in range(3)}) | {f"{layer}.down_proj"}
+    gap = {n: s for n, s in full.items() if ".1." not in n}
+    assert model_layout_view(expert_checkpoint(gap)).tensors.keys() == gap.keys()
+    odd = dict(full, **{f"{layer}.2.gate_proj.weight": (5, 6)})
+    assert f"{layer}.gate_up_proj" not in model_layout_view(expert_checkpoint(odd)).tensors
+    both = dict(full, **{f"{layer}.down_proj": (3, 6, 4)})
+    plain = expert_checkpoint(both)
+    assert model_layout_view(plain) is plain
+    dense = expert_checkpoint({"model.layers.0.mlp.down_proj.weight": (6, 4)}, model_type="mixtral")
+    assert model_layout_view(dense) is dense
+
+
+def test_a_fused_tensor_is_read_from_its_expert_matrices(checkpoints):
+    """Expert e of the fused view is [gate_e; up_e] (or [w1_e; w3_e]), as transformers stacks them."""
+    raw = Checkpoint.open(str(checkpoints["mixtral"]["base"]))
+    view = model_layout_view(raw)
+    fused = view.read("model.layers.1.mlp.experts.gate_up_proj")
+    for e in range(fused.shape[0]):
+        expected = torch.cat([raw.read(f"model.layers.1.block_sparse_moe.experts.{e}.w{i}.weight") for i in (1, 3)])
+        assert torch.equal(fused[e], expected)
+    assert torch.equal(view.read("model.layers.1.mlp.experts.down_proj", rows=(2, 4))[1],
+                       raw.read("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+    assert torch.equal(view.read("model.layers.1.mlp.gate.weight"), raw.read("model.layers.1.block_sparse_moe.gate.weight"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -244,39 +340,53 @@ def test_a_config_transformers_cannot_build_is_one_error(tmp_path):
     assert_user_error(run_cli("plan", cfg, check=False), str(tmp_path / "base"), "'Nope'", "download the weights")
 
 
+# (label, method, parameters, top-level keys, mergekit-yaml arguments) of the MoE parity cases; weights are given
+# because mergekit wants them
+MOE_PARITY_CASES = [
+    ("ties-0.5", "ties", {"density": 0.5, "weight": 1.0}, {}, []),
+    ("ties-1", "ties", {"density": 1.0, "weight": 1.0}, {}, []),
+    # mergekit's filters match transformers 5's names: `mlp` takes the experts and the router in every family
+    ("ties-filter", "ties", {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}], "weight": 1.0}, {}, []),
+    ("dare_ties-mergekit-draws", "dare_ties", {"density": 0.5, "weight": 1.0}, {"distmerge": {"rng": "mergekit"}},
+     ["--random-seed", "7"]),
+]
+FUSED_ONLY = {"dare_ties-mergekit-draws"}  # refused on the per-expert layout: see test_mergekit_draws_need_...
+
+
 @pytest.mark.peers
-def test_ties_matches_mergekit_on_every_moe_family_and_layout(checkpoints, tmp_path):
+def test_moe_merges_match_mergekit_on_every_family_and_layout(checkpoints, tmp_path):
     """mergekit 0.1.5 reads both layouts into transformers 5's fused tensors (its architecture definitions name
     `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`; a per-expert checkpoint is converted on reading with
-    transformers' conversion mapping), merges the router like any weight, and writes the fused layout. On the
-    fused layout the two tools merge the same tensors and agree exactly. On the per-expert layout distmerge trims
-    each expert matrix where mergekit trims the fused tensor: they agree exactly everywhere else (routers
-    included), and on the experts too when nothing is trimmed (density 1). distmerge's output is compared as
-    transformers loads it (fused), mergekit's as written. mergekit leaves DeepSeek-V3's routed experts out of
-    its output when they are stored one matrix per expert (transformers then initialises them at random)."""
+    transformers' conversion mapping), merges the router like any weight, and writes the fused layout; distmerge
+    reads the same way and writes the layout it was given. Every case agrees exactly, trims, filters and DARE's
+    draws included: distmerge's output compared as transformers loads it (fused), mergekit's as written. mergekit
+    leaves DeepSeek-V3's routed experts out of its output when they are stored one matrix per expert
+    (transformers then initialises them at random)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from peers.venvs import MERGEKIT, driver, ensure_peer_venv
 
     python, _ = ensure_peer_venv(MERGEKIT)
-    cases = [(name, density) for name in CHECKPOINTS if name.split(":")[0] in MOE_FAMILIES
-             for density in (0.5, 1.0)]
     jobs, outputs = [], {}
-    for name, density in cases:
-        slug = f"{name.replace(':', '-')}-{density}"
-        cfg = write_config(tmp_path / f"{slug}.yaml", "ties", checkpoints[name], dtype="float32",
-                           parameters={"density": density, "weight": 1.0})  # mergekit wants the weight given
-        outputs[name, density] = {tool: tmp_path / tool / slug for tool in ("mergekit", "distmerge")}
-        jobs.append([str(cfg), str(outputs[name, density]["mergekit"])])
-        run_cli("merge", cfg, "-o", outputs[name, density]["distmerge"], "--quiet")
+    for name in CHECKPOINTS:
+        if name.split(":")[0] not in MOE_FAMILIES:
+            continue
+        for label, method, parameters, top, arguments in MOE_PARITY_CASES:
+            if label in FUSED_ONLY and not name.endswith(":fused"):
+                continue
+            slug = f"{name.replace(':', '-')}-{label}"
+            cfg = write_config(tmp_path / f"{slug}.yaml", method, checkpoints[name], dtype="float32",
+                               parameters=parameters, **top)
+            outputs[name, label] = {tool: tmp_path / tool / slug for tool in ("mergekit", "distmerge")}
+            jobs.append([str(cfg), str(outputs[name, label]["mergekit"]), *arguments])
+            run_cli("merge", cfg, "-o", outputs[name, label]["distmerge"], "--quiet", *arguments)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     subprocess.run([str(python), str(driver("mergekit_batch.py")), str(tmp_path / "jobs.json"),
                     str(tmp_path / "failures.json")], check=True, capture_output=True)
     assert json.loads((tmp_path / "failures.json").read_text()) == {}
 
-    for (name, density), out in outputs.items():
-        per_expert = not name.endswith(":fused")
+    for (name, label), out in outputs.items():
         theirs = stored(out["mergekit"])
-        ours = load_merged(out["distmerge"])[0].state_dict() if per_expert else stored(out["distmerge"])
+        ours = load_merged(out["distmerge"])[0].state_dict() if name in MOE_FAMILIES else stored(out["distmerge"])
         left_out = set(ours) - set(theirs)
         if name == "deepseek_v3":
             assert left_out == {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
@@ -284,8 +394,4 @@ def test_ties_matches_mergekit_on_every_moe_family_and_layout(checkpoints, tmp_p
             assert not left_out and set(theirs) == set(ours), (name, set(theirs) ^ set(ours))
         differ = {key: float((ours[key] - theirs[key]).abs().max()) for key in theirs
                   if not torch.equal(ours[key], theirs[key])}
-        if per_expert and density < 1:
-            assert all(".experts." in key for key in differ), (name, differ)
-            assert differ or name == "deepseek_v3", "trimming each expert matrix differs from trimming the fused tensor"
-        else:
-            assert not differ, (name, density, differ)
+        assert not differ, (name, label, differ)

@@ -534,7 +534,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path, family_bf16_s
         "terminated (SIGTERM); rerun the same command to resume"), stderr
     assert_not_complete(out)
     assert not (out / LOCK_NAME).exists(), "the lock is released"
-    kept = shard_times(out)
+    kept = recorded_shard_times(out)
     assert len(kept) >= 2
     rerun = run_cli("merge", cfg, "-o", out, "--shard-size", SHARD_SIZE, "--threads", "1")
     assert re.search(r"resuming: [1-9]\d* of", rerun.stderr)  # a shard renamed just before its record may be redone
