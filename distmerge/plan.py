@@ -169,7 +169,8 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
                                   parts=parts))
             continue
         if sliced is not None:
-            params = resolve_params(spec, name, sliced.position[name], *sliced.chains(config, name))
+            stored = parts[0].name if parts else name  # the slices place the tensors they store (one layer's parts)
+            params = resolve_params(spec, name, sliced.position[stored], *sliced.chains(config, stored))
         else:
             params = resolve_params(spec, name, layer_position(name, num_layers), *whole_model_chains(config, entries))
         transposed = stored_transposed(reference.config, name)

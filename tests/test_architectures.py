@@ -234,6 +234,32 @@ def test_mergekit_draws_are_refused_on_a_converted_layout(checkpoints, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_fused_experts_merge_beside_a_padded_vocabulary_and_in_slices(checkpoints, tmp_path):
+    """The layout view composes with the other views of an input: a vocabulary padded to 128 rows (the vocabulary
+    tensors change, the experts do not) and a merge of `slices:` (the same layers, named through the slices)."""
+    family = checkpoints["mixtral"]
+    plain = write_config(tmp_path / "plain.yaml", "ties", family, parameters={"density": 0.5})
+    padded = write_config(tmp_path / "padded.yaml", "ties", family, parameters={"density": 0.5},
+                          tokenizer={"source": "base", "pad_to_multiple_of": 128})
+    sources = [{"model": str(m), "layer_range": [0, 2], **({"parameters": {"density": 0.5}} if m != family["base"]
+                                                            else {})} for m in [family["base"], *family["experts"]]]
+    sliced = tmp_path / "sliced.yaml"
+    sliced.write_text(json.dumps({"merge_method": "ties", "base_model": str(family["base"]),
+                                  "slices": [{"sources": sources}]}))  # JSON is YAML
+    outputs = {}
+    for cfg in (plain, padded, sliced):
+        run_cli("merge", cfg, "-o", tmp_path / cfg.stem, "--quiet")
+        model, info = load_merged(tmp_path / cfg.stem)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], cfg.stem
+        outputs[cfg.stem] = stored(tmp_path / cfg.stem)
+    assert outputs["padded"]["model.embed_tokens.weight"].shape[0] == 128
+    for name in ("padded", "sliced"):
+        assert set(outputs[name]) == set(outputs["plain"])
+        for key, value in outputs["plain"].items():
+            if "embed_tokens" not in key and "lm_head" not in key:
+                assert torch.equal(outputs[name][key], value), (name, key)
+
+
 def expert_checkpoint(names: dict[str, tuple[int, ...]], model_type: str = "qwen3_moe", dtype: str = "BF16"):
     return Checkpoint("m", Path("/m"), {n: TensorInfo(n, dtype, shape, "/m/x.safetensors") for n, shape in
                                         names.items()}, {"model_type": model_type})
