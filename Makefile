@@ -15,8 +15,8 @@ bench-quality:          # merge quality on real tasks (encoder and causal-LM tra
 bench-svd:              # SVD backends and the polar step (add ARGS="--device cuda" on a GPU)
 	$(PY) benchmarks/bench_svd.py $(ARGS)
 
-bench-scaling:          # the Ray runtime at 1 and 2 workers against the local runtime
-	$(PY) benchmarks/bench_scaling.py --method tsvm --workers 1,2 $(ARGS)
+bench-scaling:          # tsvm and ties: local vs the Ray runtime at 1 and 2 workers and on two raylets
+	$(PY) benchmarks/bench_scaling.py $(ARGS)
 
 bench-gpu-layer:        # spectral merges of a Llama-3-70B-shaped layer on a GPU, projected to 70B
 	$(PY) benchmarks/bench_gpu_layer.py $(ARGS)

@@ -10,6 +10,8 @@ method's business.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import Any, Callable
 
@@ -19,7 +21,7 @@ from .checkpoint import CODE_TO_NAME, DTYPES, Checkpoint
 from .errors import CheckpointError, ConfigError, UserError
 from .methods import TensorContext
 from .plan import MergePlan, TensorJob, WorkUnit
-from .writer import OutputDir, ShardRecord, ShardWriter
+from .writer import OutputDir, ShardRecord, ShardWriter, WriteBehind
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +79,11 @@ class InputStack:
             slot.copy_(read_checked(ckpt, job.name))
         return (stack[0], stack[1:]) if plan.base else (None, stack)
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` lies in this memory (a method returned one of its inputs, overwritten)."""
+        return (self._buffer is not None and tensor.device == self._buffer.device
+                and tensor.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr())
+
 
 def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: InputStack,
                  first_pass: Any = None) -> tuple[torch.Tensor, dict]:
@@ -100,19 +107,25 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
              on_tensor: Callable[[TensorJob], None] | None = None) -> ShardRecord:
     """Merge every tensor of `unit` into its shard; returns the shard's record."""
     temp = out.temp_path(unit.shard)
-    writer = ShardWriter(temp, [(part.name, job.out_dtype, part.shape) for job in unit.tensors for part in job.stored],
-                         out.path / unit.shard)
-    record = ShardRecord(shard=unit.shard, size=writer.size)
+    writer = WriteBehind(ShardWriter(temp, [(part.name, job.out_dtype, part.shape) for job in unit.tensors
+                                            for part in job.stored], out.path / unit.shard))
+    record = ShardRecord(shard=unit.shard, size=writer.writer.size)
     inputs = InputStack()
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # who merged it: per-worker busy time (bench_scaling.py)
     try:
         for job in unit.tensors:
-            start = time.perf_counter()
+            started, start = time.time(), time.perf_counter()
             tensor, stats = merge_tensor(plan, job, device, inputs, first_pass)
+            if inputs.holds(tensor):  # merged in place: the next tensor's inputs will overwrite it while it is written
+                tensor = tensor.clone()
             seconds = time.perf_counter() - start
+            rows = []
             for part in job.stored:  # the job's time on its first part, so that the report's sums hold
-                checksum = writer.write(part.name, part.of(tensor))
-                record.tensors[part.name] = {**stats, "seconds": seconds, "device": str(device), "sha256": checksum}
+                record.tensors[part.name] = {**stats, "started": started, "seconds": seconds, "device": str(device),
+                                             "worker": worker}
+                rows.append((part.name, part.of(tensor), record.tensors[part.name]))
                 seconds = 0.0
+            writer.write(rows)
             if on_tensor is not None:
                 on_tensor(job)
         writer.close()

@@ -1,6 +1,7 @@
 """The per-tensor report of a merge: `merge_report.parquet` beside the merged model, and `distmerge report`.
 
-One row per tensor written: name, shape, method, shard, seconds, device, sha256 of the saved bytes, and whatever
+One row per tensor written: name, shape, method, shard, when it started (epoch seconds), seconds, device, worker
+(host:pid), sha256 of the saved bytes, and whatever
 the method measured (ranks kept per task, energy kept, outlier share, weights applied, ...). A stored expert matrix
 merged as part of a fused tensor (moe_layout) names it in `merged_as`, and shares its statistics; the seconds are
 on its first part.
@@ -83,6 +84,11 @@ def summarize(rows: list[dict], models: list[str]) -> str:
         f"tensors      {len(rows)} ({', '.join(methods)}) on {', '.join(sorted({r['device'] for r in rows}))}",
         f"compute      {seconds:.1f} s in total (sum over tensors)",
     ]
+    busy = defaultdict(float)
+    for r in rows:
+        busy[r.get("worker", "?")] += r["seconds"]  # reports written before workers were recorded have none
+    if len(busy) > 1:
+        lines.append(f"workers      {len(busy)}, busy {min(busy.values()):.1f} to {max(busy.values()):.1f} s each")
     spectral = [r for r in rows if r.get("rank_kept")]
     if spectral:
         tasks = len(spectral[0]["rank_kept"])

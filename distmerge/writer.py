@@ -22,6 +22,7 @@ import shutil
 import socket
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,15 @@ class ShardWriter:
                                  f"{name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._write(memoryview(data))
+        self._start_writeback(len(data))
         return hashlib.sha256(memoryview(data)).hexdigest()
+
+    def _start_writeback(self, length: int) -> None:
+        """Start writing the last `length` bytes to disk now, so that `close`'s fsync waits for little (on Linux,
+        fadvise DONTNEED starts the writeback of dirty pages without waiting, and keeps no clean page cached)."""
+        if hasattr(os, "posix_fadvise"):
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)
+            os.posix_fadvise(self._fd, end - length, length, os.POSIX_FADV_DONTNEED)
 
     def abort(self) -> None:
         """Give up on the shard: close and delete the partial file (best effort: this runs while failing)."""
@@ -109,6 +118,45 @@ class ShardWriter:
         except OSError as exc:
             self.abort()
             raise storage_error(exc, "writing", self.shard) from None
+
+
+class WriteBehind:
+    """Hashes and writes a shard's tensors on a second thread, one merged tensor behind the merge: on a CPU that is
+    a third of an elementwise merge's time, now spent while the next tensor is read and merged. At most one merged
+    tensor waits; `write` first waits for the one before, and re-raises the error of a failed write."""
+
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-write")
+        self._pending: Future | None = None
+
+    def write(self, tensors: list[tuple[str, torch.Tensor, dict]]) -> None:
+        """Write each (name, tensor) in order; its sha256 goes to the dict beside it, under "sha256". The tensors
+        must stay unchanged until the next call."""
+        self.wait()
+        self._pending = self._thread.submit(self._write, tensors)
+
+    def _write(self, tensors: list[tuple[str, torch.Tensor, dict]]) -> None:
+        for name, tensor, row in tensors:
+            row["sha256"] = self.writer.write(name, tensor)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last write, then close the shard."""
+        try:
+            self.wait()
+        finally:
+            self._thread.shutdown()
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Give up on the shard once no write is under way (the file descriptor must not close under one)."""
+        self._thread.shutdown(wait=True)
+        self.writer.abort()
 
 
 def storage_error(exc: OSError, doing: str, path: Path) -> StorageError:

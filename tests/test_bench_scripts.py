@@ -40,13 +40,14 @@ def test_bench_gpu_layer_on_a_scaled_down_layer(tmp_path):
     assert all(row["seconds_per_layer"] > 0 for row in rows)
 
 
-@pytest.mark.slow  # starts a Ray cluster of its own
-def test_bench_scaling_with_one_ray_worker(tmp_path):
-    run_script("bench_scaling.py", "--method", "ties", "--workers", "1", "--hidden", "64", "--layers", "2",
-               "--experts", "2", "--repeats", "1", "--shard-size", "100KB", "--cache", str(tmp_path / "cache"),
-               "--results", str(tmp_path), "--out", "scaling")
-    rows = json.loads((tmp_path / "scaling.json").read_text())["results"]
-    assert [row["run"] for row in rows] == ["local", "ray x1"] and all(row["same_bytes_as_local"] for row in rows)
+@pytest.mark.slow  # starts Ray, and a cluster of two raylets
+def test_bench_scaling_on_one_worker_and_two_nodes(tmp_path):
+    run_script("bench_scaling.py", "--size", "tiny", "--methods", "ties", "--workers", "1", "--shard-size", "20KB",
+               "--cache", str(tmp_path / "cache"), "--results", str(tmp_path), env={"RAY_AUTH_MODE": "disabled"})
+    rows = json.loads((tmp_path / "scaling_cpu.json").read_text())["results"]
+    assert [row["run"] for row in rows] == ["local", "ray x1", "ray 2 nodes"]
+    assert all(row["same_bytes_as_local"] for row in rows)
+    assert rows[0]["units"] > 2  # (the tiny units may all be done before the second node's actor is up)
 
 
 @pytest.mark.peers
