@@ -210,8 +210,9 @@ def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
 @click.option("--write-gbps", type=click.FloatRange(min=0, min_open=True), help="Write bandwidth per node, GB/s "
               "(default: the read bandwidth).")
 @click.option("--workers", type=click.IntRange(min=1), help="Estimate for this many CPU workers (without --gpus).")
+@click.option("--shard-size", help="Output shard size, as for merge (each shard is one unit of work).")
 @offline_option
-def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, offline):
+def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, shard_size, offline):
     """What a merge of CONFIG will do: tensors, bytes, SVDs, memory per worker, and a lower-bound time.
 
     Models that have only a config.json (not downloaded yet) are planned from their architecture; of hub ids
@@ -224,7 +225,8 @@ def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, offline):
 
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
-    for label, config in _each_stage(config_path, hub, config_only=True, device="cuda" if gpus else None):
+    for label, config in _each_stage(config_path, hub, config_only=True, device="cuda" if gpus else None,
+                                     shard_size=shard_size):
         merge_plan = build_plan(config, config_only=True, hub=hub)
         click.echo(label + describe(merge_plan, config.engine.device or "cpu", cluster))
 

@@ -174,6 +174,10 @@ def test_methods_validate_and_plan_commands(tmp_path, family_bf16_sharded):
     assert run_cli("validate", cfg, "--deep").stdout.strip().endswith("ok")
     plan = run_cli("plan", cfg).stdout
     assert "tensors       21" in plan and "read" in plan and "peak memory" in plan
+    one_unit = run_cli("plan", cfg, "--workers", "2").stdout
+    assert "1 shard(s) feed 2 workers; a smaller shard_size" in one_unit
+    small = run_cli("plan", cfg, "--workers", "2", "--shard-size", "8KB").stdout
+    assert "shard(s) feed" not in small and "tensors       21 in 1 shard" not in small
 
 
 def test_global_trim_keeps_each_tasks_top_share_of_the_whole_model(tmp_path, family_fp32_single):
