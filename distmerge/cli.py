@@ -19,14 +19,16 @@ from .config import load_config, parse_device, parse_mergekit_size, parse_seed, 
 from .errors import ConfigError, UserError
 
 
-def _load(config_path: str, seed=None, shard_size=None, device=None, runtime=None, workers=None, threads=None):
-    return _with_overrides(load_config(config_path), seed, shard_size, device, runtime, workers, threads)
+def _load(config_path: str, **overrides):
+    return _with_overrides(load_config(config_path), **overrides)
 
 
 def _with_overrides(config, seed=None, shard_size=None, device=None, runtime=None, workers=None, threads=None,
-                    **flags):
+                    memory_budget=None, **flags):
     """The config with the command line's settings in place of its `distmerge:` block's."""
     engine = config.engine
+    if memory_budget is not None:
+        engine = replace(engine, memory_budget=parse_size(memory_budget, "--memory-budget"))
     if seed is not None:
         engine = replace(engine, seed=parse_seed(seed, "--seed"))
     if shard_size is not None:
@@ -90,6 +92,8 @@ def _mergekit_no_op(f):
 @click.option("--seed", "--random-seed", "seed", type=int, help="Seed for random methods (DARE, DELLA).")
 @click.option("--shard-size", help="Output shard size, e.g. 2GB (default 5GB).")
 @click.option("--out-shard-size", help="Output shard size as mergekit writes it: 5B is 5e9 bytes, also K and M.")
+@click.option("--memory-budget", help="Memory one worker may hold for a tensor, e.g. 8GB (default: a quarter of "
+              "this machine's); larger tensors of elementwise methods are merged in row blocks.")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray runtime: number of actors (default: one per GPU).")
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--threads", "-j", "--num-threads", "threads", type=click.IntRange(min=1),
@@ -108,7 +112,7 @@ def _mergekit_no_op(f):
 @offline_option
 @_mergekit_no_op
 def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich, seed, shard_size, out_shard_size,
-          workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir, lazy, force,
+          memory_budget, workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir, lazy, force,
           quiet, offline):
     """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too). A CONFIG of several YAML
     documents is a multi-stage merge, as mergekit-multi runs it: the named ones go to the intermediate
@@ -127,7 +131,7 @@ def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich
         shard_size = _one_value("the shard size", ("--shard-size", shard_size),
                                 ("--out-shard-size", parse_mergekit_size(out_shard_size, "--out-shard-size")))
     settings = dict(seed=seed, shard_size=shard_size, device=device, runtime=runtime, workers=workers,
-                    threads=threads, allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
+                    threads=threads, memory_budget=memory_budget, allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
                     write_model_card=write_model_card)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if is_multi_stage(_read_text(config_path), config_path):
@@ -211,8 +215,9 @@ def _each_stage(config_path: str, hub, config_only: bool = False, **overrides):
               "(default: the read bandwidth).")
 @click.option("--workers", type=click.IntRange(min=1), help="Estimate for this many CPU workers (without --gpus).")
 @click.option("--shard-size", help="Output shard size, as for merge (each shard is one unit of work).")
+@click.option("--memory-budget", help="Memory one worker may hold for a tensor, as for merge.")
 @offline_option
-def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, shard_size, offline):
+def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, shard_size, memory_budget, offline):
     """What a merge of CONFIG will do: tensors, bytes, SVDs, memory per worker, and a lower-bound time.
 
     Models that have only a config.json (not downloaded yet) are planned from their architecture; of hub ids
@@ -226,7 +231,7 @@ def plan(config_path, gpus, nodes, read_gbps, write_gbps, workers, shard_size, o
     cluster = Cluster(workers=gpus or workers or 1, nodes=nodes, read_gbps=read_gbps,
                       write_gbps=write_gbps or read_gbps, device="cuda" if gpus else "cpu")
     for label, config in _each_stage(config_path, hub, config_only=True, device="cuda" if gpus else None,
-                                     shard_size=shard_size):
+                                     shard_size=shard_size, memory_budget=memory_budget):
         merge_plan = build_plan(config, config_only=True, hub=hub)
         click.echo(label + describe(merge_plan, config.engine.device or "cpu", cluster))
 

@@ -69,6 +69,8 @@ class EngineSettings:
     # random draws: "distmerge" (counter-based, keyed by seed, tensor and model) or "mergekit" (torch's CPU
     # generator, seeded and advanced as `mergekit-yaml --random-seed SEED` does; docs/methods.md, Random draws)
     rng: str = "distmerge"
+    # bytes one worker may hold for one tensor's merge; None: a quarter of this machine's memory (see plan.py)
+    memory_budget: int | None = None
 
     @staticmethod
     def parse(raw: Any) -> "EngineSettings":
@@ -77,7 +79,7 @@ class EngineSettings:
         if not isinstance(raw, dict):
             raise ConfigError(f"`distmerge` must be a mapping, got {raw!r}")
         flags = ("allow_crimes", "copy_tokenizer", "write_model_card")
-        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", "rng", *flags}
+        allowed = {"seed", "device", "shard_size", "runtime", "workers", "threads", "rng", "memory_budget", *flags}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"unknown key `distmerge.{unknown[0]}`; allowed: {', '.join(sorted(allowed))}")
@@ -88,6 +90,8 @@ class EngineSettings:
             settings = replace(settings, device=parse_device(raw["device"], "distmerge.device"))
         if "shard_size" in raw:
             settings = replace(settings, shard_size=parse_size(raw["shard_size"], "distmerge.shard_size"))
+        if "memory_budget" in raw:
+            settings = replace(settings, memory_budget=parse_size(raw["memory_budget"], "distmerge.memory_budget"))
         if "runtime" in raw:
             settings = replace(settings, runtime=parse_choice(raw["runtime"], ("local", "ray"), "distmerge.runtime"))
         if "workers" in raw:

@@ -46,16 +46,24 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def read_checked(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    tensor = ckpt.read(name)
+def read_checked(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    tensor = ckpt.read(name, rows)
     if not all_finite(tensor):
         raise CheckpointError(f"model {ckpt.ref}: tensor {name} contains NaN or Inf values; this checkpoint is "
                               "corrupt or diverged in training. Fix or drop the model before merging")
     return tensor
 
 
+def row_blocks(job: TensorJob) -> list[tuple[int, int] | None]:
+    """The row ranges a tensor is merged in: [None] (whole), or consecutive blocks of `job.block_rows` rows."""
+    if job.block_rows is None:
+        return [None]
+    return [(start, min(start + job.block_rows, job.shape[0])) for start in range(0, job.shape[0], job.block_rows)]
+
+
 class InputStack:
-    """The memory that holds one tensor's inputs, base first, kept from one tensor to the next.
+    """The memory that holds one tensor's inputs (or one row block of them), base first, kept from one tensor to
+    the next.
 
     Fresh memory costs a page fault and a page of zeroing per 4 KiB on first touch: on a CPU that was a quarter
     of a linear merge's time (benchmarks/results/speed/linear.md). The returned views are valid until the
@@ -65,18 +73,20 @@ class InputStack:
     def __init__(self):
         self._buffer: torch.Tensor | None = None
 
-    def load(self, plan: MergePlan, job: TensorJob, device: torch.device):
-        """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype."""
+    def load(self, plan: MergePlan, job: TensorJob, device: torch.device, rows: tuple[int, int] | None = None):
+        """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype;
+        rows `rows[0]:rows[1]` of them only, when given."""
         dtype = getattr(torch, plan.config.compute_dtype)
         inputs = ([plan.base] if plan.base else []) + list(plan.models)
-        numel = len(inputs) * math.prod(job.shape)
+        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+        numel = len(inputs) * math.prod(shape)
         buffer = self._buffer  # one plan and one device per unit: only the size changes
         if buffer is None or buffer.numel() < numel:
             self._buffer = None  # release the old buffer before allocating its successor
             self._buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
-        stack = buffer[:numel].view(len(inputs), *job.shape)
+        stack = buffer[:numel].view(len(inputs), *shape)
         for slot, ckpt in zip(stack, inputs):
-            slot.copy_(read_checked(ckpt, job.name))
+            slot.copy_(read_checked(ckpt, job.name, rows))
         return (stack[0], stack[1:]) if plan.base else (None, stack)
 
     def holds(self, tensor: torch.Tensor) -> bool:
@@ -86,14 +96,15 @@ class InputStack:
 
 
 def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: InputStack,
-                 first_pass: Any = None) -> tuple[torch.Tensor, dict]:
-    """The merged tensor (CPU, saved dtype) and the method's statistics for the report. `first_pass`: the result
-    of the method's first pass, when the plan has one."""
+                 first_pass: Any = None, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """The merged tensor, or rows `rows` of it (CPU, saved dtype), and the method's statistics for the report.
+    `first_pass`: the result of the method's first pass, when the plan has one."""
     if not job.merge:
         return plan.reference.read(job.name), {}
-    base, models = inputs.load(plan, job, device)
+    base, models = inputs.load(plan, job, device, rows)
+    first_entry = 0 if rows is None else rows[0] * math.prod(job.shape[1:])
     ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, transposed=job.transposed,
-                        rng=plan.config.engine.rng, draw_state=job.draw_state)
+                        rng=plan.config.engine.rng, draw_state=job.draw_state, first_entry=first_entry)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):
@@ -115,17 +126,18 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
     try:
         for job in unit.tensors:
             started, start = time.time(), time.perf_counter()
-            tensor, stats = merge_tensor(plan, job, device, inputs, first_pass)
-            if inputs.holds(tensor):  # merged in place: the next tensor's inputs will overwrite it while it is written
-                tensor = tensor.clone()
-            seconds = time.perf_counter() - start
-            rows = []
-            for part in job.stored:  # the job's time on its first part, so that the report's sums hold
-                record.tensors[part.name] = {**stats, "started": started, "seconds": seconds, "device": str(device),
-                                             "worker": worker}
-                rows.append((part.name, part.of(tensor), record.tensors[part.name]))
-                seconds = 0.0
-            writer.write(rows)
+            rows = {part.name: {"started": started, "device": str(device), "worker": worker} for part in job.stored}
+            for block in row_blocks(job):
+                tensor, stats = merge_tensor(plan, job, device, inputs, first_pass, block)
+                if inputs.holds(tensor):  # merged in place: the next inputs overwrite it while it is written
+                    tensor = tensor.clone()
+                if block is None or block[1] == job.shape[0]:  # the last piece: the record is complete
+                    seconds = time.perf_counter() - start
+                    for part in job.stored:  # the job's time on its first part, so that the report's sums hold
+                        rows[part.name].update(stats, seconds=seconds)
+                        seconds = 0.0
+                writer.write([(part.name, part.of(tensor), block, rows[part.name]) for part in job.stored])
+            record.tensors.update(rows)
             if on_tensor is not None:
                 on_tensor(job)
         writer.close()
@@ -143,7 +155,8 @@ def unit_statistic(plan: MergePlan, unit: WorkUnit, device: torch.device) -> tor
     for job in unit.tensors:
         if not job.merge:
             continue
-        base, models = inputs.load(plan, job, device)
-        value = plan.first_pass.statistic(base, models, job.params)
-        total = value if total is None else total.add_(value)
+        for block in row_blocks(job):
+            base, models = inputs.load(plan, job, device, block)
+            value = plan.first_pass.statistic(base, models, job.params)
+            total = value if total is None else total.add_(value)
     return None if total is None else total.cpu()

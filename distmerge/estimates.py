@@ -82,19 +82,35 @@ def tensor_cost(job: TensorJob, n_models: int) -> float:
     return moved + sum(d.flops() for d in job.work.decompositions) / FLOPS_PER_BYTE_MOVED
 
 
-def peak_bytes_per_worker(plan: MergePlan) -> int:
-    """Largest working set of one tensor: T + 1 compute-dtype copies, the stored-dtype read buffer, and the
-    method's declared scratch; for a vocabulary tensor also what reading one input holds (its rows in the output
-    order, and its own and its fill rows' inputs' tensors in the compute dtype)."""
+def job_peak_bytes(plan: MergePlan, job: TensorJob, rows: int | None = None) -> int:
+    """One worker's working set for merging `job`, whole or (rows) a block of that many rows: T + 1 compute-dtype
+    copies, the stored-dtype read buffer, the method's declared scratch (which scales with the block); for a
+    vocabulary tensor also what reading one input holds (its rows in the output order, and its own and its fill
+    rows' inputs' tensors in the compute dtype)."""
     width = 8 if plan.config.compute_dtype == "float64" else 4
-    copies = len(plan.models) + 1
-    def reading(job: TensorJob) -> int:
-        if plan.vocabulary is None or job.name not in plan.vocabulary.names:
-            return 0
-        return (1 + max(len(ckpt.vocabulary_reads(job.name)) for ckpt in plan.inputs())) * job.numel * width
+    share = 1.0 if rows is None else rows / job.shape[0]
+    numel = job.numel * share
+    reading = 0
+    if plan.vocabulary is not None and job.name in plan.vocabulary.names:
+        reading = (1 + max(len(ckpt.vocabulary_reads(job.name)) for ckpt in plan.inputs())) * job.numel * width
+    return int((len(plan.models) + 1) * numel * width + numel * 4
+               + share * (job.work.scratch * width + job.work.scratch_float64 * 8) + reading)
 
-    return max((copies * job.numel * width + job.numel * 4 + job.work.scratch * width + job.work.scratch_float64 * 8
-                + reading(job) for job in plan.tensors if job.merge), default=0)
+
+def peak_bytes_per_worker(plan: MergePlan) -> int:
+    """The largest working set of one tensor (or of one row block, for tensors merged in blocks)."""
+    return max((job_peak_bytes(plan, job, job.block_rows) for job in plan.tensors if job.merge), default=0)
+
+
+def rows_within(plan: MergePlan, job: TensorJob, budget: int) -> int:
+    """The most rows of `job` one block can hold within `budget` bytes (at least one)."""
+    return max(1, min(job.shape[0], int(budget // max(1, job_peak_bytes(plan, job, 1)))))
+
+
+def over_budget(plan: MergePlan) -> list[tuple[TensorJob, int]]:
+    """(job, its working set) for every merged tensor whose working set exceeds the plan's memory budget."""
+    peaks = [(job, job_peak_bytes(plan, job, job.block_rows)) for job in plan.tensors if job.merge]
+    return [(job, peak) for job, peak in peaks if peak > plan.memory_budget]
 
 
 # ---- time on a cluster -----------------------------------------------------------------------------------------
@@ -144,6 +160,7 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
     at_most = "at most " if is_upper_bound(plan) else ""
     svd_routes = ", ".join(f"{counts[r]} {r}" for r in SVD_ROUTES if counts[r])
     eigh = counts["polar"] + counts["spectrum"]
+    blocked = sum(1 for job in plan.tensors if job.block_rows)
     base = ("" if plan.base is None else f", counting base model {plan.base.ref}" if plan.spec.base_is_model
             else f" + base model {plan.base.ref}")
     lines = [
@@ -157,8 +174,15 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
         f"Gram eigh     {at_most}{eigh}" + (f" ({counts['polar']} polar factors, {counts['spectrum']} spectra)"
                                           if eigh else ""),
         f"peak memory   {format_bytes(peak_bytes_per_worker(plan))} per worker (one tensor at a time)",
+        f"budget        {format_bytes(plan.memory_budget)} per worker"
+        + (f"; {blocked} tensor(s) merged in row blocks" if blocked else ""),
         f"device        {device}",
     ]
+    over = over_budget(plan)
+    if over:
+        job, peak = max(over, key=lambda item: item[1])
+        lines.append(f"over budget   {len(over)} tensor(s), the largest {job.name} ({format_bytes(peak)}): "
+                     "`distmerge merge` refuses to start; raise --memory-budget where the workers have the memory")
     if plan.first_pass is not None:
         lines.append(f"first pass    {plan.first_pass.label}: every input is read twice")
     missing = [ckpt.ref for ckpt in plan.inputs() if not ckpt.has_weights]

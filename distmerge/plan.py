@@ -24,7 +24,7 @@ from .chat_templates import TOKENIZER_CONFIG, resolve_chat_template, tokenizer_f
 from .checkpoint import DTYPES, TORCH_TO_CODE, Checkpoint, TensorInfo, checkpoint_file, resolve_model_dir
 from .config import MergeConfig, ModelEntry, layer_position
 from .errors import CheckpointError, ConfigError
-from .estimates import tensor_cost
+from .estimates import rows_within, tensor_cost
 from .hub import HubAccess
 from .methods import FirstPass, MethodSpec, Work, get_method
 from .methods.sampling import mergekit_generator_states
@@ -51,6 +51,7 @@ class TensorJob:
     draw_state: bytes | None = None  # `rng: mergekit`: torch's CPU generator state where this tensor's draws start
     transposed: bool = False  # a linear layer's weight stored [in, out] (architecture.stored_transposed)
     parts: tuple[StoredPart, ...] = ()  # the tensors it is written as, where the reference stores it otherwise
+    block_rows: int | None = None  # merged this many rows at a time, to stay within the memory budget
 
     @property
     def stored(self) -> tuple[StoredPart, ...]:
@@ -98,6 +99,7 @@ class MergePlan:
     # path to copy), located and checked by `checkpoint_file` when planned.
     copied_files: tuple[tuple[str, Path | bytes], ...] = ()  # name in the output -> file to copy, or its bytes
     vocabulary: OutputVocabulary | None = None  # the output vocabulary, where `tokenizer_source`/`tokenizer:` change it
+    memory_budget: int = 0  # bytes one worker may hold for one tensor (EngineSettings.memory_budget, resolved)
 
     @property
     def reference(self) -> Checkpoint:
@@ -180,14 +182,39 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
                               parts=parts))
 
     _check_mergekit_rng(config, spec, dropped, ([base] if base is not None else []) + models)
-    return MergePlan(
+    plan = MergePlan(
         config=config, spec=spec, base=base, models=tuple(models), model_ids=tuple(model_ids),
         units=_make_units(jobs, config.engine.shard_size, len(models)), dropped=tuple(dropped),
         first_pass=_first_pass(spec, jobs),
         copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models, hub),
                                    ([base] if base else []) + models, vocabulary),
-        vocabulary=vocabulary,
+        vocabulary=vocabulary, memory_budget=config.engine.memory_budget or default_memory_budget(),
     )
+    return with_row_blocks(plan)
+
+
+def default_memory_budget() -> int:
+    """A quarter of this machine's memory: room for a worker or two and the page cache beside them."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def with_row_blocks(plan: MergePlan) -> MergePlan:
+    """The plan with each tensor over the memory budget cut into row blocks, where its method merges entry by entry
+    (`MethodSpec.blockwise`): the same bytes, in pieces. Whole: tensors of one row, fused experts (written as
+    several stored tensors), vocabulary tensors (read whole through the output vocabulary), and mergekit's draws
+    (one sequence per tensor)."""
+    if plan.spec.blockwise is None or plan.config.engine.rng == "mergekit":
+        return plan
+    vocabulary = set(plan.vocabulary.names) if plan.vocabulary is not None else set()
+
+    def blocked(job: TensorJob) -> TensorJob:
+        if not job.merge or len(job.shape) < 2 or job.parts or job.name in vocabulary or not plan.spec.blockwise(job.params):
+            return job
+        rows = rows_within(plan, job, plan.memory_budget)
+        return replace(job, block_rows=rows) if rows < job.shape[0] else job
+
+    return replace(plan, units=tuple(replace(unit, tensors=tuple(blocked(job) for job in unit.tensors))
+                                     for unit in plan.units))
 
 
 def _vocabulary(config: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], model_ids: list[int],

@@ -68,6 +68,7 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % ALIGNMENT)
         self.size = 8 + len(raw) + offset
+        self._hash = None  # of the tensor being written, until its last row block
         self._fd: int | None = None
         with storage_errors("writing", shard):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,16 +82,28 @@ class ShardWriter:
             self.abort()
             raise storage_error(exc, "writing", self.shard) from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> str:
-        """Append `tensor` (CPU, the declared dtype and shape); returns the sha256 of its bytes."""
-        expected_name, dtype, shape = self._expected.pop(0)
-        if name != expected_name or tensor.dtype != DTYPES[dtype][0] or tuple(tensor.shape) != tuple(shape):
-            raise AssertionError(f"shard {self.path.name}: expected {expected_name} {dtype} {shape}, got "
-                                 f"{name} {tensor.dtype} {tuple(tensor.shape)}")
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> str | None:
+        """Append `tensor` (CPU, the declared dtype and shape), or rows `rows` of it: its row blocks in order, from
+        row 0. Returns the sha256 of the tensor's bytes once they are all written (None before)."""
+        if self._hash is None:
+            expected_name, dtype, shape = self._expected.pop(0)
+            self._current, self._hash, self._next_row = (expected_name, dtype, shape), hashlib.sha256(), 0
+        expected_name, dtype, shape = self._current
+        first, last = rows or (0, shape[0] if shape else 1)
+        block_shape = tuple(shape) if rows is None else (last - first, *shape[1:])
+        if (name != expected_name or tensor.dtype != DTYPES[dtype][0] or tuple(tensor.shape) != block_shape
+                or first != self._next_row):
+            raise AssertionError(f"shard {self.path.name}: expected {expected_name} {dtype} {shape} from row "
+                                 f"{self._next_row}, got {name} {tensor.dtype} {tuple(tensor.shape)} rows {rows}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._write(memoryview(data))
         self._start_writeback(len(data))
-        return hashlib.sha256(memoryview(data)).hexdigest()
+        self._hash.update(memoryview(data))
+        self._next_row = last
+        if rows is not None and last < shape[0]:
+            return None
+        digest, self._hash = self._hash.hexdigest(), None
+        return digest
 
     def _start_writeback(self, length: int) -> None:
         """Start writing the last `length` bytes to disk now, so that `close`'s fsync waits for little (on Linux,
@@ -109,8 +122,9 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush to stable storage; the caller renames the file into place."""
-        if self._expected:
-            raise AssertionError(f"shard {self.path.name}: {len(self._expected)} tensors were not written")
+        if self._expected or self._hash is not None:
+            raise AssertionError(f"shard {self.path.name}: {len(self._expected)} tensors were not written, "
+                                 f"{'one' if self._hash is not None else 'none'} partly")
         try:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -130,15 +144,18 @@ class WriteBehind:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-write")
         self._pending: Future | None = None
 
-    def write(self, tensors: list[tuple[str, torch.Tensor, dict]]) -> None:
-        """Write each (name, tensor) in order; its sha256 goes to the dict beside it, under "sha256". The tensors
-        must stay unchanged until the next call."""
+    def write(self, tensors: list[tuple[str, torch.Tensor, tuple[int, int] | None, dict]]) -> None:
+        """Write each (name, tensor or row block, its rows or None, record) in order (ShardWriter.write); a
+        tensor's sha256 goes to its record, under "sha256", with its last block. The tensors must stay unchanged
+        until the next call."""
         self.wait()
         self._pending = self._thread.submit(self._write, tensors)
 
-    def _write(self, tensors: list[tuple[str, torch.Tensor, dict]]) -> None:
-        for name, tensor, row in tensors:
-            row["sha256"] = self.writer.write(name, tensor)
+    def _write(self, tensors: list[tuple[str, torch.Tensor, tuple[int, int] | None, dict]]) -> None:
+        for name, tensor, rows, record in tensors:
+            digest = self.writer.write(name, tensor, rows)
+            if digest is not None:
+                record["sha256"] = digest
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None

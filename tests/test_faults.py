@@ -247,11 +247,11 @@ def _interrupt_mid_shard(monkeypatch):
     real = writer_module.ShardWriter.write
     calls = []
 
-    def write(self, name, tensor):
+    def write(self, name, tensor, rows=None):
         calls.append(1)
         if len(calls) == 4:  # the second tensor of a later shard, its header and first tensor on disk
             raise KeyboardInterrupt
-        return real(self, name, tensor)
+        return real(self, name, tensor, rows)
 
     monkeypatch.setattr(writer_module.ShardWriter, "write", write)
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .registry import FirstPass, Param, TensorContext, merge_method
+from .registry import FirstPass, Param, TensorContext, entrywise, merge_method
 from .sparsify import (
     breadcrumbs_mask,
     della_keep_probability,
@@ -189,6 +189,18 @@ GLOBAL_TRIM = FirstPass("trim thresholds", wanted=trims_globally, check=check_gl
                         statistic=magnitude_histograms, finish=global_thresholds)
 
 
+def trims_per_entry(p: dict) -> bool:
+    """TIES without a per-tensor statistic: thresholds from the whole model's first pass (or nothing trimmed), and
+    no L1 rescale (which takes the tensor's norm)."""
+    return p["rescale"] == "none" and (trims_globally(p) or all(density >= 1 for density in p["density"]))
+
+
+def rescales_per_entry(p: dict) -> bool:
+    """DARE and DELLA keep each entry by its own draw (DELLA: by its rank in its row); only the L1 rescale, which
+    takes the tensor's norms, needs the whole tensor."""
+    return p["rescale"] != "l1"
+
+
 # ---- the methods ---------------------------------------------------------------------------------------------
 
 
@@ -200,7 +212,7 @@ def check_linear(p: dict) -> str | None:
 
 @merge_method("linear", needs_base=False, summary="weighted mean of the models: sum_t w_t x_t / sum_t w_t",
               params=(WEIGHT, Param("normalize", "bool", True, "divide by the sum of weights")), check=check_linear,
-              reference="https://arxiv.org/abs/2203.05482")
+              reference="https://arxiv.org/abs/2203.05482", blockwise=entrywise)
 def linear(base, models, p, ctx):
     weights = p["weight"]
     for t, w in enumerate(weights):
@@ -212,7 +224,8 @@ def linear(base, models, p, ctx):
 
 
 @merge_method("task_arithmetic", needs_base=True, summary="b + lambda * sum_t w_t d_t",
-              params=(WEIGHT, LAMBDA, aggregate("sum"), INT8_MASK), reference="https://arxiv.org/abs/2212.04089")
+              params=(WEIGHT, LAMBDA, aggregate("sum"), INT8_MASK), reference="https://arxiv.org/abs/2212.04089",
+              blockwise=entrywise)
 def task_arithmetic(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, None, elect_sign=False)
 
@@ -220,7 +233,7 @@ def task_arithmetic(base, models, p, ctx):
 TIES_PARAMS = (WEIGHT, DENSITY, LAMBDA, aggregate("mean"), TRIM_SCOPE, rescale("none", ("l1", "none")), INT8_MASK)
 
 
-@merge_method("ties", needs_base=True, params=TIES_PARAMS, first_pass=GLOBAL_TRIM,
+@merge_method("ties", needs_base=True, params=TIES_PARAMS, first_pass=GLOBAL_TRIM, blockwise=trims_per_entry,
               reference="https://arxiv.org/abs/2306.01708",
               summary="trim each d_t to its top-density magnitudes, elect signs, disjoint weighted mean")
 def ties(base, models, p, ctx):
@@ -236,7 +249,7 @@ def mergekit_bernoulli_draws(shape: tuple[int, ...], p: dict) -> int:
 
 
 @merge_method("dare_linear", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
-              mergekit_draws=mergekit_bernoulli_draws,
+              mergekit_draws=mergekit_bernoulli_draws, blockwise=rescales_per_entry,
               reference="https://arxiv.org/abs/2311.03099",
               summary="drop entries with probability 1 - density, rescale survivors, task arithmetic")
 def dare_linear(base, models, p, ctx):
@@ -244,7 +257,7 @@ def dare_linear(base, models, p, ctx):
 
 
 @merge_method("dare_ties", needs_base=True, params=DARE_PARAMS + (aggregate("sum"),), random=True,
-              mergekit_draws=mergekit_bernoulli_draws,
+              mergekit_draws=mergekit_bernoulli_draws, blockwise=rescales_per_entry,
               reference="https://arxiv.org/abs/2311.03099",
               summary="DARE drop and rescale, then TIES sign election; agreeing entries summed (or averaged)")
 def dare_ties(base, models, p, ctx):
@@ -280,7 +293,7 @@ DELLA_PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA, rescale("l1"), INT8_MASK)
 
 
 @merge_method("della", needs_base=True, params=DELLA_PARAMS + (aggregate("mean"),), random=True, check=check_della,
-              mergekit_draws=mergekit_bernoulli_draws,
+              mergekit_draws=mergekit_bernoulli_draws, blockwise=rescales_per_entry,
               reference="https://arxiv.org/abs/2406.11617",
               summary="per-row keep probability rising with magnitude rank (MagPrune), rescale, TIES election")
 def della(base, models, p, ctx):
@@ -288,7 +301,7 @@ def della(base, models, p, ctx):
 
 
 @merge_method("della_linear", needs_base=True, params=DELLA_PARAMS + (aggregate("sum"),), random=True,
-              check=check_della, mergekit_draws=mergekit_bernoulli_draws,
+              check=check_della, mergekit_draws=mergekit_bernoulli_draws, blockwise=rescales_per_entry,
               reference="https://arxiv.org/abs/2406.11617", summary="DELLA's MagPrune and rescale, task arithmetic")
 def della_linear(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, "della", elect_sign=False)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError
 from .elementwise import WEIGHT
-from .registry import Param, Work, merge_method
+from .registry import Param, Work, entrywise, merge_method
 
 
 def no_scratch(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
@@ -34,6 +34,7 @@ def scaled_(tensor: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @merge_method("passthrough", needs_base=False, base_is_model=True, min_models=1, max_models=1, work=no_scratch,
+              blockwise=entrywise,
               params=(Param("scale", "float", 1.0, "multiplies the model's tensor (mergekit: none, i.e. 1)",
                             per_model=True),),
               summary="the one model's tensor, times its scale (usually a filter, e.g. 0 for some projections)")

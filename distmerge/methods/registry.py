@@ -108,6 +108,8 @@ class TensorContext:
     `rng` is `distmerge: rng`; with "mergekit", `draw_state` is the state of torch's CPU generator where mergekit
     starts drawing for this tensor (None for a tensor that draws nothing).
     `transposed`: the tensor is a linear layer's weight stored [in, out] (GPT-2's Conv1D), not [out, in].
+    `first_entry`: the method sees a row block of the tensor that starts at this flat entry (`blockwise` methods);
+    the main random stream continues from there, so blocks draw what the whole tensor would.
     """
 
     name: str
@@ -118,6 +120,7 @@ class TensorContext:
     transposed: bool = False
     rng: str = "distmerge"
     draw_state: bytes | None = None
+    first_entry: int = 0  # where the tensor merged starts in the stored one (a row block's first entry)
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     @property
@@ -140,7 +143,7 @@ class TensorContext:
                 self._generator = generator_from_state(self.draw_state)
             return torch.rand(shape, generator=self._generator).to(device)
         name = f"{self.name}#{stream}" if stream else self.name
-        return uniform(self.seed, name, self.model_ids[task], shape, device, start)
+        return uniform(self.seed, name, self.model_ids[task], shape, device, self.first_entry + start)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,11 @@ class Work:
     scratch: int = 0
     scratch_float64: int = 0
     upper_bound: bool = False
+
+
+def entrywise(p: dict) -> bool:
+    """`blockwise` for methods that combine the inputs entry by entry whatever their parameters."""
+    return True
 
 
 def elementwise_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
@@ -203,6 +211,10 @@ class MethodSpec:
     #   itself: what mergekit does for methods that ignore the base (karcher, passthrough).
     optional_base: bool = False
     base_is_model: bool = False
+    # Whether, with these parameters, each entry of the result depends only on the same entry of the inputs (and its
+    # row, for DELLA's ranks): then a tensor may be merged in row blocks under a memory budget, with the same bytes.
+    # None: never (a per-tensor statistic: TIES' top-k, a norm, ...).
+    blockwise: Callable[[dict], bool] | None = None
 
     @property
     def takes_base(self) -> bool:
@@ -233,7 +245,7 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
                  work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work,
                  first_pass: FirstPass | None = None,
                  mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None, optional_base: bool = False,
-                 base_is_model: bool = False):
+                 base_is_model: bool = False, blockwise: Callable[[dict], bool] | None = None):
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
@@ -241,7 +253,7 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
             raise ValueError(f"merge method {name!r}: needs_base, optional_base and base_is_model exclude each other")
         _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, random,
                                      reference, check, details, work, first_pass, mergekit_draws, optional_base,
-                                     base_is_model)
+                                     base_is_model, blockwise)
         return fn
 
     return register

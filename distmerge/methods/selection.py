@@ -15,7 +15,7 @@ import math
 import torch
 
 from .elementwise import INT8_MASK, elected_sign, sum_into_first_, task_vectors
-from .registry import Param, Work, merge_method
+from .registry import Param, Work, entrywise, merge_method
 from .sparsify import top_k_mask
 
 
@@ -117,7 +117,7 @@ def check_nearswap(p: dict) -> str | None:
     return None
 
 
-@merge_method("nearswap", needs_base=True, min_models=1, max_models=1, check=check_nearswap,
+@merge_method("nearswap", needs_base=True, min_models=1, max_models=1, check=check_nearswap, blockwise=entrywise,
               params=(Param("t", "float", None, "distance below which an entry takes the model's value "
                             "(required)", lo=0.0),),
               reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
