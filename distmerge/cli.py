@@ -112,8 +112,8 @@ def _mergekit_no_op(f):
 @offline_option
 @_mergekit_no_op
 def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich, seed, shard_size, out_shard_size,
-          memory_budget, workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir, lazy, force,
-          quiet, offline):
+          memory_budget, workers, address, threads, allow_crimes, copy_tokenizer, write_model_card, intermediate_dir,
+          lazy, force, quiet, offline):
     """Merge the models of CONFIG into OUT (mergekit-yaml's command line works too). A CONFIG of several YAML
     documents is a multi-stage merge, as mergekit-multi runs it: the named ones go to the intermediate
     directory, the unnamed one to OUT."""
@@ -131,8 +131,8 @@ def merge(config_path, out_path, out, runtime, device, cuda, multi_gpu, gpu_rich
         shard_size = _one_value("the shard size", ("--shard-size", shard_size),
                                 ("--out-shard-size", parse_mergekit_size(out_shard_size, "--out-shard-size")))
     settings = dict(seed=seed, shard_size=shard_size, device=device, runtime=runtime, workers=workers,
-                    threads=threads, memory_budget=memory_budget, allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
-                    write_model_card=write_model_card)
+                    threads=threads, memory_budget=memory_budget, allow_crimes=allow_crimes,
+                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if is_multi_stage(_read_text(config_path), config_path):
         intermediate_dir = Path(intermediate_dir or f"{Path(out)}.stages")

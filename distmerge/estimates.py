@@ -107,10 +107,13 @@ def rows_within(plan: MergePlan, job: TensorJob, budget: int) -> int:
     return max(1, min(job.shape[0], int(budget // max(1, job_peak_bytes(plan, job, 1)))))
 
 
-def over_budget(plan: MergePlan) -> list[tuple[TensorJob, int]]:
-    """(job, its working set) for every merged tensor whose working set exceeds the plan's memory budget."""
+def over_limit(plan: MergePlan) -> list[tuple[TensorJob, int]]:
+    """(job, its working set) for every merged tensor whose working set exceeds what a worker may hold (the
+    budget given, else its memory where it is known)."""
+    if plan.memory_limit is None:
+        return []
     peaks = [(job, job_peak_bytes(plan, job, job.block_rows)) for job in plan.tensors if job.merge]
-    return [(job, peak) for job, peak in peaks if peak > plan.memory_budget]
+    return [(job, peak) for job, peak in peaks if peak > plan.memory_limit]
 
 
 # ---- time on a cluster -----------------------------------------------------------------------------------------
@@ -178,11 +181,11 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
         + (f"; {blocked} tensor(s) merged in row blocks" if blocked else ""),
         f"device        {device}",
     ]
-    over = over_budget(plan)
+    over = over_limit(plan)
     if over:
         job, peak = max(over, key=lambda item: item[1])
-        lines.append(f"over budget   {len(over)} tensor(s), the largest {job.name} ({format_bytes(peak)}): "
-                     "`distmerge merge` refuses to start; raise --memory-budget where the workers have the memory")
+        lines.append(f"over limit    {len(over)} tensor(s) over {format_bytes(plan.memory_limit)}, the largest "
+                     f"{job.name} ({format_bytes(peak)}): `distmerge merge` refuses to start")
     if plan.first_pass is not None:
         lines.append(f"first pass    {plan.first_pass.label}: every input is read twice")
     missing = [ckpt.ref for ckpt in plan.inputs() if not ckpt.has_weights]

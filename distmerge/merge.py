@@ -18,7 +18,7 @@ from pathlib import Path
 from .checkpoint import CODE_TO_NAME, Checkpoint
 from .config import MergeConfig, format_bytes
 from .errors import ConfigError
-from .estimates import bytes_read, bytes_written, over_budget, unit_read_bytes
+from .estimates import bytes_read, bytes_written, over_limit, unit_read_bytes
 from .hub import HubAccess
 from .methods import get_method
 from .params import check_parameter_names
@@ -38,7 +38,7 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     config.engine and closed at the end)."""
     # every check that needs no tensor data, before anything starts; under Ray too, only this process downloads
     plan = build_plan(config, hub=HubAccess(offline=offline, quiet=quiet))
-    check_memory_budget(plan)
+    check_memory_limit(plan)
     if config.engine.rng == "mergekit" and plan.spec.mergekit_draws is not None:
         plan = with_mergekit_draws(plan)
     engine = config.engine
@@ -69,17 +69,19 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
     return plan
 
 
-def check_memory_budget(plan: MergePlan) -> None:
-    """Refuse, before anything starts, a merge with a tensor one worker cannot hold within the budget."""
-    over = over_budget(plan)
+def check_memory_limit(plan: MergePlan) -> None:
+    """Refuse, before anything starts, a merge with a tensor one worker cannot hold."""
+    over = over_limit(plan)
     if not over:
         return
     job, peak = max(over, key=lambda item: item[1])
     how = "one row at a time" if job.block_rows else f"whole (as {plan.spec.name} does with these parameters)"
+    limit = (f"the memory budget of {format_bytes(plan.memory_limit)} (--memory-budget)" if plan.config.engine.memory_budget
+             else f"this machine's {format_bytes(plan.memory_limit)}")
     raise ConfigError(
-        f"tensor {job.name} {list(job.shape)} needs {format_bytes(peak)} per worker to merge {how}, over the memory "
-        f"budget of {format_bytes(plan.memory_budget)} ({len(over)} tensor(s) over it); raise --memory-budget "
-        "(distmerge.memory_budget) if the workers have the memory, or run on workers that do")
+        f"tensor {job.name} {list(job.shape)} needs {format_bytes(peak)} per worker to merge {how}, more than "
+        f"{limit} ({len(over)} tensor(s) over it); raise --memory-budget (distmerge.memory_budget) if the workers "
+        "have the memory, or run on workers that do")
 
 
 def connect(engine, address: str | None, quiet: bool) -> Runtime:

@@ -100,6 +100,7 @@ class MergePlan:
     copied_files: tuple[tuple[str, Path | bytes], ...] = ()  # name in the output -> file to copy, or its bytes
     vocabulary: OutputVocabulary | None = None  # the output vocabulary, where `tokenizer_source`/`tokenizer:` change it
     memory_budget: int = 0  # bytes one worker may hold for one tensor (EngineSettings.memory_budget, resolved)
+    memory_limit: int | None = None  # a tensor needing more is refused: the budget given, else what a worker has
 
     @property
     def reference(self) -> Checkpoint:
@@ -188,14 +189,27 @@ def build_plan(config: MergeConfig, config_only: bool = False, hub: HubAccess = 
         first_pass=_first_pass(spec, jobs),
         copied_files=_copied_files(config, reference, _tokenizer_dir(config, base, models, hub),
                                    ([base] if base else []) + models, vocabulary),
-        vocabulary=vocabulary, memory_budget=config.engine.memory_budget or default_memory_budget(),
+        vocabulary=vocabulary, memory_budget=config.engine.memory_budget or machine_memory() // 4,
+        memory_limit=config.engine.memory_budget or worker_memory(config),
     )
     return with_row_blocks(plan)
 
 
-def default_memory_budget() -> int:
-    """A quarter of this machine's memory: room for a worker or two and the page cache beside them."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def worker_memory(config: MergeConfig) -> int | None:
+    """What one worker can hold without a budget given: this machine's memory for a merge on its CPU, its GPU's
+    for one on its GPU; None where the workers are not known here (a Ray cluster's)."""
+    device = config.engine.device or ("cpu" if config.engine.runtime == "local" else None)
+    if device == "cpu" and config.engine.runtime == "local":
+        return machine_memory()
+    if device is not None and device.startswith("cuda") and config.engine.runtime == "local":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() else None
+    return None
 
 
 def with_row_blocks(plan: MergePlan) -> MergePlan:

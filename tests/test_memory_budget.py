@@ -84,7 +84,20 @@ def test_a_tensor_merged_whole_over_the_budget_is_refused(family_bf16_sharded, t
     proc = run_cli("merge", cfg, "-o", tmp_path / "out", "--memory-budget", BUDGET, check=False)
     assert_user_error(proc, largest.name, "--memory-budget", "4.0 KB", "whole (as ties does with these parameters)")
     assert not (tmp_path / "out").exists()
-    assert "over budget" in run_cli("plan", cfg, "--memory-budget", BUDGET).stdout
+    assert "over limit" in run_cli("plan", cfg, "--memory-budget", BUDGET).stdout
+
+
+def test_without_a_budget_only_what_the_machine_cannot_hold_is_refused(family_bf16_sharded, tmp_path, monkeypatch):
+    """The default budget (a quarter of the machine's memory) only cuts blocks; a merge is refused by default only
+    where one tensor needs more than the whole machine."""
+    from distmerge import plan as plan_module
+
+    cfg = write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded, parameters={"density": 0.5})
+    monkeypatch.setattr(plan_module, "machine_memory", lambda: 12_000)
+    merged = build_plan(load_config(cfg))
+    assert merged.memory_budget == 3_000 and merged.memory_limit == 12_000
+    proc = run_cli("merge", cfg, "-o", tmp_path / "out", check=False)
+    assert_user_error(proc, "needs", "this machine's 12.0 KB")
 
 
 def test_mergekit_draws_are_one_sequence_per_tensor(family_bf16_sharded, tmp_path):
