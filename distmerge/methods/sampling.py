@@ -49,16 +49,17 @@ def uniform(seed: int, tensor_name: str, model_index: int, shape, device, start:
         n *= dim
     out = torch.empty(n, dtype=torch.float32, device=device)
     chunk = max(1, min(n, _CHUNK_CUDA if device.type == "cuda" else _CHUNK_CPU))
+    # i * GOLDEN for i in the chunk, once: each chunk's counters are then one addition away (wrapping arithmetic)
+    steps = torch.arange(chunk, dtype=torch.int64, device=device).mul_(_signed(_GOLDEN))
     state, shifted = (torch.empty(chunk, dtype=torch.int64, device=device) for _ in range(2))
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         x, scratch = state[:hi - lo], shifted[:hi - lo]
-        torch.arange(start + lo, start + hi, dtype=torch.int64, device=device, out=x)
-        x.mul_(_signed(_GOLDEN)).add_(_signed(key))
+        torch.add(steps[:hi - lo], _signed((start + lo) * _GOLDEN + key), out=x)
         x.bitwise_xor_(_shift_right(x, 30, scratch)).mul_(_signed(_MUL1))
         x.bitwise_xor_(_shift_right(x, 27, scratch)).mul_(_signed(_MUL2))
         x.bitwise_xor_(_shift_right(x, 31, scratch))
-        out[lo:hi].copy_(_shift_right(x, 40, scratch)).mul_(2.0**-24)
+        torch.mul(_shift_right(x, 40, scratch), 2.0**-24, out=out[lo:hi])  # 24 bits, exact in float32
     return out.reshape(shape)
 
 
