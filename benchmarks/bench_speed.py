@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     targets = write_results(args, argv, started, fams, work, peer_versions, done, found, partial=False)
     for t in targets:
         log(f"{t['ours']} vs {t['peer']}: time x{t['time_ratio']:.3f} (target {t['time_target']}), memory "
-            f"x{t['memory_ratio']:.3f} (target {t['memory_target']:.3f})")
+            f"x{t['memory_ratio']:.3f} (target {t['memory_target']})")
     return 0 if all(c["ok"] for c in found) else 1
 
 

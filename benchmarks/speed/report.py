@@ -32,8 +32,8 @@ def evaluate_targets(medians: dict[str, dict]) -> list[dict]:
         memory_ratio = medians[ours]["maxrss_bytes"] / medians[peer]["maxrss_bytes"]
         rows.append({"ours": ours, "peer": peer, "time_ratio": time_ratio, "speedup": 1 / time_ratio,
                      "time_target": time_target, "time_ok": None if time_target is None else time_ratio <= time_target,
-                     "memory_ratio": memory_ratio, "memory_target": 1 / memory_divisor,
-                     "memory_ok": memory_ratio <= 1 / memory_divisor})
+                     "memory_ratio": memory_ratio, "memory_target": memory_divisor and 1 / memory_divisor,
+                     "memory_ok": None if memory_divisor is None else memory_ratio <= 1 / memory_divisor})
     return rows
 
 
@@ -115,9 +115,11 @@ def targets_table(targets: list[dict]) -> list[str]:
         verdict = []
         if t["time_ok"] is not None:
             verdict.append("time met" if t["time_ok"] else "**time MISSED**")
-        verdict.append("memory met" if t["memory_ok"] else "**memory MISSED**")
+        if t["memory_ok"] is not None:
+            verdict.append("memory met" if t["memory_ok"] else "**memory MISSED**")
+        memory_target = "-" if t["memory_target"] is None else f"<= {t['memory_target']:.3f}"
         lines.append(f"| {t['ours']} | {t['peer']} | {t['time_ratio']:.3f} | {t['speedup']:.2f}x | {time_target} | "
-                     f"{t['memory_ratio']:.3f} | <= {t['memory_target']:.3f} | {', '.join(verdict)} |")
+                     f"{t['memory_ratio']:.3f} | {memory_target} | {', '.join(verdict)} |")
     if not targets:
         lines.append("| (no peers in this run: `--skip-peers`) | | | | | | | |")
     return lines
