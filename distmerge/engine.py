@@ -131,6 +131,7 @@ def unit_statistic(plan: MergePlan, unit: WorkUnit, device: torch.device) -> tor
         if not job.merge:
             continue
         base, models = inputs.load(plan, job, device)
-        value = plan.first_pass.statistic(base, models, job.params)
+        ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, transposed=job.transposed)
+        value = plan.first_pass.statistic(base, models, job.params, ctx)
         total = value if total is None else total.add_(value)
     return None if total is None else total.cpu()
