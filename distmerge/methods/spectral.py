@@ -160,7 +160,7 @@ def task_singular_vectors_work(rows: int, cols: int, p: dict, n_tasks: int) -> W
     at most floor(r/T) triplets: the most they can run."""
     per_task = min(rows, cols) // n_tasks
     svd_args = (task_svd_backend(p, per_task, min(rows, cols)), p["oversample"], p["power_iters"])
-    shares_model_budget = p.get("rank_allocation") == "model"
+    shares_model_budget = allocates_over_the_model(p)
     if p.get("adaptive_rank"):
         per_task_routes = energy_svd_routes(rows, cols, per_task, *svd_args)
     else:
@@ -199,17 +199,17 @@ def _energy_kept(delta: torch.Tensor, factors) -> float:
     return float((factors.S.double() ** 2).sum()) / total if total > 0 else 1.0
 
 
+# Every R-TSVM switch off: task_singular_vectors is then tsvm.
+RTSVM_SWITCHES_OFF = {"outlier_weighting": False, "adaptive_rank": False, "task_weighting": "none",
+                      "spectrum_outliers": False, "rank_allocation": "tensor"}
+
+
 @merge_method("tsvm", needs_base=True, params=SPECTRAL_PARAMS, work=task_singular_vectors_work,
               reference="https://arxiv.org/abs/2412.00081",
               summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
                       "orthogonalised; b + alpha * U_o S V_o^T")
 def tsvm(base, models, p, ctx):
     return spectral_merge(task_singular_vectors, base, models, {**p, **RTSVM_SWITCHES_OFF}, ctx)
-
-
-# Every R-TSVM switch off: task_singular_vectors is then tsvm.
-RTSVM_SWITCHES_OFF = {"outlier_weighting": False, "adaptive_rank": False, "task_weighting": "none",
-                      "spectrum_outliers": False, "rank_allocation": "tensor"}
 
 
 def task_singular_vectors(base, deltas, p, ctx):
@@ -246,7 +246,7 @@ def task_svd_backend(p: dict, per_task: int, full_rank: int) -> str:
     """The task SVDs' backend. With `rank_allocation: model` it is resolved once for the matrix, at its TSV-M rank
     floor(r/T): a smaller allocated rank then runs the same route with a smaller sketch, so the plan's routes
     (declared at floor(r/T)) bound what runs."""
-    if p.get("rank_allocation") == "model":
+    if allocates_over_the_model(p):
         return resolve_backend(p["svd"], per_task, p["oversample"], full_rank)
     return p["svd"]
 
@@ -286,7 +286,7 @@ def excess_kurtosis(matrix: torch.Tensor) -> float:
     m2 = torch.zeros((), dtype=torch.float64, device=matrix.device)
     m4 = torch.zeros_like(m2)
     for block in matrix.split(ROW_CHUNK):
-        squared = block.double().sub_(mean).square_()
+        squared = (block.double() - mean).square_()  # not in place: in float64, .double() is the task vector
         m2 += squared.sum()
         m4 += squared.square_().sum()
     if float(m2) == 0.0:
@@ -370,7 +370,8 @@ def each_matrix(deltas: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def model_rank_statistic(base: torch.Tensor, models: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor:
     """Pass 1, per tensor: int64 [T + 1], each task's quantised effective rank summed over the tensor's matrices
     (of the task vectors the SVDs will see), then the matrices' TSV-M ranks floor(r/T) summed; zeros for a
-    tensor that is averaged."""
+    tensor that is averaged. A transposed layout changes neither the entries nor the singular values, so the
+    matrices are taken as stored."""
     deltas = weighted_task_vectors(base, models, p["weight"])
     n_tasks = deltas.shape[0]
     total = torch.zeros(n_tasks + 1, dtype=torch.int64)
@@ -392,7 +393,7 @@ def model_rank_budget(total: torch.Tensor, p: dict) -> dict:
 
 
 def allocates_over_the_model(p: dict) -> bool:
-    return p["rank_allocation"] == "model"
+    return p.get("rank_allocation") == "model"  # tsvm's parameters have no such switch
 
 
 def check_model_allocation(ps: list[dict]) -> str | None:
