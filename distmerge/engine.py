@@ -95,6 +95,14 @@ class InputStack:
                 and tensor.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr())
 
 
+def tensor_context(plan: MergePlan, job: TensorJob, rows: tuple[int, int] | None, first_pass: Any = None
+                   ) -> TensorContext:
+    """What the method may know about the tensor (or the row block `rows` of it) besides its values."""
+    first_entry = 0 if rows is None else rows[0] * math.prod(job.shape[1:])
+    return TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, transposed=job.transposed,
+                         rng=plan.config.engine.rng, draw_state=job.draw_state, first_entry=first_entry)
+
+
 def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: InputStack,
                  first_pass: Any = None, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
     """The merged tensor, or rows `rows` of it (CPU, saved dtype), and the method's statistics for the report.
@@ -102,9 +110,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: 
     if not job.merge:
         return plan.reference.read(job.name), {}
     base, models = inputs.load(plan, job, device, rows)
-    first_entry = 0 if rows is None else rows[0] * math.prod(job.shape[1:])
-    ctx = TensorContext(job.name, plan.config.engine.seed, plan.model_ids, first_pass, transposed=job.transposed,
-                        rng=plan.config.engine.rng, draw_state=job.draw_state, first_entry=first_entry)
+    ctx = tensor_context(plan, job, rows, first_pass)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):
@@ -157,6 +163,6 @@ def unit_statistic(plan: MergePlan, unit: WorkUnit, device: torch.device) -> tor
             continue
         for block in row_blocks(job):
             base, models = inputs.load(plan, job, device, block)
-            value = plan.first_pass.statistic(base, models, job.params)
+            value = plan.first_pass.statistic(base, models, job.params, tensor_context(plan, job, block))
             total = value if total is None else total.add_(value)
     return None if total is None else total.cpu()

@@ -83,6 +83,34 @@ def test_spectral_methods_on_cuda_match_the_reference(method, svd):
     assert np.linalg.norm(out - expected) <= tolerance * np.linalg.norm(expected - base)
 
 
+@pytest.mark.parametrize("svd", ["exact", "gram", "auto"])
+def test_rtsvm_candidates_on_cuda_match_the_cpu(svd):
+    """Every rtsvm candidate on (heavy-tail task weights, spectral outliers, the model rank budget of a one-matrix
+    model from its first pass): the GPU's merge is the CPU's, up to float32 round-off, with the same rank caps."""
+    rng = np.random.default_rng(1)
+    base = 0.02 * rng.standard_normal((300, 200))
+    deltas = [well_posed_task_vector(rng, 300, 200) for _ in range(3)]
+    spec = get_method("rtsvm")
+    p = spec.defaults(3, svd=svd, task_weighting="kurtosis", spectrum_outliers=True, rank_allocation="model",
+                      rank_budget=0.5)
+
+    def merged(device, first_pass=None):
+        models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32, device=device)
+        b = torch.tensor(base, dtype=torch.float32, device=device)
+        ctx = TensorContext("w", model_ids=(0, 1, 2), first_pass=first_pass)
+        if first_pass is None:
+            return spec.first_pass.finish(spec.first_pass.statistic(b, models, p, ctx), p), None
+        return spec.fn(b, models, p, ctx).cpu().double().numpy(), ctx.stats
+
+    budget, _ = merged("cpu")
+    assert merged("cuda")[0] == budget
+    cpu, cpu_stats = merged("cpu", budget)
+    cuda, cuda_stats = merged("cuda", budget)
+    assert cuda_stats["rank_cap"] == cpu_stats["rank_cap"] and cuda_stats["rank_kept"] == cpu_stats["rank_kept"]
+    np.testing.assert_allclose(cuda_stats["tail_weights"], cpu_stats["tail_weights"], rtol=1e-6)
+    assert np.linalg.norm(cuda - cpu) <= 5e-4 * np.linalg.norm(cpu - base)
+
+
 def peak_beyond_inputs(fn) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import reference_spectral as ref
+from conftest import assert_param_refused
 
 from distmerge.methods import TensorContext, get_method
-from distmerge.methods.linalg import gram_svd, polar, randomized_svd, top_svd_by_energy
+from distmerge.methods.linalg import ROW_CHUNK, gram_svd, polar, randomized_svd, top_svd_by_energy
+from distmerge.methods.spectral import excess_kurtosis
 
 
 def low_rank_plus_noise(rows, cols, rank, noise, seed, decay=0.7):
@@ -21,11 +25,12 @@ def low_rank_plus_noise(rows, cols, rank, noise, seed, decay=0.7):
 
 
 def run(method: str, base: np.ndarray, deltas: list[np.ndarray], name="layers.0.w", transposed=False,
-        **params) -> np.ndarray:
+        first_pass=None, **params) -> np.ndarray:
     spec = get_method(method)
     models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32)
     p = spec.defaults(len(deltas), **params)
-    ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))), transposed=transposed)
+    ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))), transposed=transposed,
+                        first_pass=first_pass)
     out = spec.fn(torch.tensor(base, dtype=torch.float32), models, p, ctx)
     run.stats = ctx.stats
     return out.double().numpy()
@@ -210,6 +215,229 @@ def test_rtsvm_adaptive_rank_keeps_the_energy_share_within_the_budget():
     # by hand: task 0 holds 9/14.0057 = 64.3% in 1 direction, 13/14.0057 = 92.8% in 2 -> k = 2
     assert run.stats["rank_kept"] == [2, 30] == [ref.energy_rank(d, 0.9, 30) for d in deltas]
     close(actual, ref.tsvm(np.zeros((60, 60)), deltas, ranks=[2, 30]), 1e-5)
+
+
+def spiky(deltas, rates=(0.01, 0.01, 0.01), seed=5):
+    """Task vectors with sparse large entries added (task t at rate rates[t]): heavy tails."""
+    gen = np.random.default_rng(seed)
+    return [d + (gen.random(d.shape) < rate) * gen.standard_normal(d.shape) * 0.5 for d, rate in zip(deltas, rates)]
+
+
+def test_rtsvm_with_the_candidate_switches_off_is_todays_rtsvm(problem):
+    """task_weighting none, spectrum_outliers false, rank_allocation tensor, set explicitly: the bytes of rtsvm's
+    defaults, and the reference of outlier weighting with the adaptive rank (both on by default)."""
+    base, deltas = problem
+    tasks = spiky(deltas)
+    off = dict(task_weighting="none", spectrum_outliers=False, rank_allocation="tensor")
+    for svd in ("auto", "randomized", "exact"):
+        assert np.array_equal(run("rtsvm", base, tasks, svd=svd, **off), run("rtsvm", base, tasks, svd=svd))
+    actual = run("rtsvm", base, tasks, svd="exact", **off)
+    weighted = [ref.downweight_outliers(d, 3.0, 0.0) for d in tasks]
+    ranks = [ref.energy_rank(w, 0.9, 13) for w, _ in weighted]
+    expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted], ranks=ranks) + sum(e for _, e in weighted)
+    close(actual - base, expected, 2e-5)
+    assert run.stats["rank_kept"] == ranks
+    assert not {"tail_weights", "spectrum_outlier_share", "rank_cap"} & set(run.stats)
+
+
+CANDIDATES_OFF = dict(outlier_weighting=False, adaptive_rank=False)
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+@pytest.mark.parametrize("m,shrink,diagonal", [
+    (2.0, 0.4, [7.0, 4.0, 3.0, 2.0, 1.0, 0.5]),  # median 2.5, tau 5: 10 -> 5 + 0.4 * 5
+    (0.5, 0.0, [1.25, 1.25, 1.25, 1.25, 1.0, 0.5]),  # tau 1.25: everything above is clipped to it
+])
+def test_rtsvm_spectrum_outliers_shrink_a_known_spectrum_by_hand(svd, m, shrink, diagonal):
+    """One task, diag(10, 4, 3, 2, 1, 0.5): all 6 triplets kept (T = 1), polar factors the identity."""
+    spectrum = np.array([10.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    actual = run("rtsvm", np.zeros((6, 6)), [np.diag(spectrum)], svd=svd, spectrum_outliers=True,
+                 spectrum_outlier_m=m, spectrum_outlier_shrink=shrink, **CANDIDATES_OFF)
+    close(actual, np.diag(diagonal), 1e-6)
+    assert run.stats["spectrum_outlier_share"] == [np.mean(spectrum > m * 2.5)]
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_rtsvm_spectrum_outliers_match_the_reference(problem, svd):
+    base, deltas = problem
+    actual = run("rtsvm", base, deltas, svd=svd, spectrum_outliers=True, spectrum_outlier_m=1.5,
+                 spectrum_outlier_shrink=0.3, alpha=0.8, **CANDIDATES_OFF)
+    expected = ref.tsvm(base, deltas, alpha=0.8, spectrum=lambda s: ref.shrink_spectrum(s, 1.5, 0.3))
+    close(actual - base, expected - base, 2e-5)
+    kept = [np.linalg.svd(d, compute_uv=False)[:13] for d in deltas]
+    np.testing.assert_allclose(run.stats["spectrum_outlier_share"], [np.mean(s > 1.5 * np.median(s)) for s in kept])
+    assert 0 < min(run.stats["spectrum_outlier_share"])
+
+
+def test_rtsvm_spectrum_outliers_kept_whole_are_tsvm(problem):
+    """spectrum_outlier_shrink: 1 changes no singular value: tsvm's bytes (the other end, 0, clips)."""
+    base, deltas = problem
+    kept = run("rtsvm", base, deltas, spectrum_outliers=True, spectrum_outlier_shrink=1.0, **CANDIDATES_OFF)
+    assert np.array_equal(kept, run("tsvm", base, deltas))
+
+
+@pytest.mark.parametrize("how,strength,tasks,tails", [
+    # 4 of 100 entries at 50 among ones: mean 2.96, tau 8.88, share 0.04; all ones: share 0
+    ("outlier_share", 10.0, [np.where(np.arange(100).reshape(10, 10) % 27 == 0, 50.0, 1.0), np.ones((10, 10))],
+     [0.04, 0.0]),
+    # +-5 at two entries, 98 zeros: m2 = 0.5, m4 = 12.5, kurtosis 50, excess 47; a +-1 checkerboard: -2, floored to 0
+    ("kurtosis", 0.1, [np.diag([5.0, -5.0] + [0.0] * 8), np.where(np.add.outer(np.arange(10), np.arange(10)) % 2,
+                                                              1.0, -1.0)], [47.0, 0.0]),
+])
+def test_rtsvm_task_weights_from_known_tails_by_hand(how, strength, tasks, tails):
+    """w_t = T u_t / sum u, u_t = 1 / (1 + lambda tail_t), and they act exactly as per-model weights would."""
+    u = [1 / (1 + strength * tail) for tail in tails]
+    weights = [2 * x / sum(u) for x in u]  # [1/1.2, 1.4/1.2] and [2/6.7, 11.4/6.7]
+    actual = run("rtsvm", np.zeros((10, 10)), tasks, svd="exact", task_weighting=how, task_weighting_lambda=strength,
+                 **CANDIDATES_OFF)
+    assert run.stats["tail_statistic"] == pytest.approx(tails, abs=1e-12)
+    assert run.stats["tail_weights"] == pytest.approx(weights, rel=1e-12)
+    assert np.array_equal(actual, run("tsvm", np.zeros((10, 10)), tasks, svd="exact", weight=weights))
+
+
+@pytest.mark.parametrize("how,strength", [("outlier_share", 100.0), ("kurtosis", 0.5)])
+def test_rtsvm_task_weights_match_the_reference(problem, how, strength):
+    """Heavy-tail weights from the raw task vectors, then outlier weighting (on by default) of the weighted ones."""
+    base, deltas = problem
+    tasks = spiky(deltas, rates=(0.002, 0.01, 0.03))
+    actual = run("rtsvm", base, tasks, svd="exact", adaptive_rank=False, task_weighting=how,
+                 task_weighting_lambda=strength)
+    tails = [ref.tail_statistic(d, how) for d in tasks]
+    weights = ref.heavy_tail_weights(tails, strength)
+    weighted = [ref.downweight_outliers(w * d, 3.0, 0.0) for w, d in zip(weights, tasks)]
+    expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted]) + sum(e for _, e in weighted)
+    close(actual - base, expected, 2e-5)
+    np.testing.assert_allclose(run.stats["tail_statistic"], tails, rtol=1e-5)
+    np.testing.assert_allclose(run.stats["tail_weights"], weights, rtol=1e-5)
+    assert max(weights) / min(weights) > 1.2
+
+
+def test_excess_kurtosis_accumulates_blocks_of_rows_like_numpy():
+    gen = np.random.default_rng(2)
+    matrix = gen.standard_t(4, size=(2 * ROW_CHUNK + 5, 3))
+    task_vector = torch.tensor(matrix)  # float64: the compute dtype of a `dtype: float64` merge
+    np.testing.assert_allclose(excess_kurtosis(task_vector), ref.tail_statistic(matrix, "kurtosis"), rtol=1e-10)
+    assert np.array_equal(task_vector.numpy(), matrix)  # left as it was
+    assert excess_kurtosis(torch.ones(4, 4)) == 0.0
+
+
+def model_first_pass(method: str, model: dict, **params):
+    """The method's first pass over `model` ({name: (base, deltas)}), as the engine runs it: the per-tensor
+    statistics summed, then finished."""
+    spec = get_method(method)
+    total = None
+    for name, (base, deltas) in model.items():
+        models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32)
+        ctx = TensorContext(name=name, seed=0, model_ids=tuple(range(len(deltas))))
+        value = spec.first_pass.statistic(torch.tensor(base, dtype=torch.float32), models,
+                                          spec.defaults(len(deltas), **params), ctx)
+        total = value if total is None else total + value
+    return spec.first_pass.finish(total, spec.defaults(len(deltas), **params))
+
+
+def diagonal_in(coordinates, values, size=8):
+    d = np.zeros((size, size))
+    d[coordinates, coordinates] = values
+    return d
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_rtsvm_model_rank_allocation_of_a_two_matrix_model_by_hand(svd):
+    """Two 8 x 8 matrices, 2 tasks in orthogonal coordinates (cap 4 each). Effective ranks: spectrum (3, 1):
+    100/82 = 1.2195 -> 1249/1024; (4, 3, 2, 1): 900/354 = 2.5424 -> 2603/1024; each task's total 3852. Budget
+    floor(0.75 * (4 + 4)) = 6: 6 * 1249 // 3852 = 1 and min(4, 6 * 2603 // 3852 = 4) = 4."""
+    short, long = [3.0, 1.0], [4.0, 3.0, 2.0, 1.0]
+    model = {"a": (np.zeros((8, 8)), [diagonal_in([0, 1], short), diagonal_in([4, 5, 6, 7], long)]),
+             "b": (np.zeros((8, 8)), [diagonal_in([0, 1, 2, 3], long), diagonal_in([4, 5], short)])}
+    params = dict(svd=svd, rank_allocation="model", rank_budget=0.75, **CANDIDATES_OFF)
+    budget = model_first_pass("rtsvm", model, **params)
+    assert budget == {"rank_budget": 6, "effective_rank_total": [3852, 3852]}
+    expected = {"a": ([1, 4], diagonal_in([0, 4, 5, 6, 7], [3.0, 4.0, 3.0, 2.0, 1.0])),
+                "b": ([4, 1], diagonal_in([0, 1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0, 3.0]))}
+    for name, (base, deltas) in model.items():
+        actual = run("rtsvm", base, deltas, name=name, first_pass=budget, **params)
+        assert run.stats["rank_cap"] == run.stats["rank_kept"] == expected[name][0]
+        assert run.stats["effective_rank"] == sorted([1249 / 1024, 2603 / 1024], reverse=name == "b")
+        close(actual, expected[name][1], 1e-6)
+
+
+def random_model(tasks=2):
+    """Two matrices and a stack of two expert matrices (each expert counts as a matrix), and a norm (averaged,
+    outside the budget); spectra decaying at different rates per matrix and task; float32-exact task vectors, a
+    zero base."""
+    shapes = {"m.0.q": (40, 24), "m.0.o": (30, 36), "m.0.experts": (2, 20, 16), "m.0.norm": (24,)}
+    decays = {"m.0.q": 0.6, "m.0.o": 0.9, "m.0.experts": 0.75}
+    model = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 1:
+            deltas = [np.random.default_rng(i * 10 + t).standard_normal(shape) for t in range(tasks)]
+        else:
+            experts = math.prod(shape[:-2])
+            deltas = [np.stack([low_rank_plus_noise(*shape[-2:], min(shape[-2:]), 0.0, 100 * i + 10 * t + e,
+                                                    decay=decays[name] + 0.1 * (e - t)) for e in range(experts)])
+                      .reshape(shape) for t in range(tasks)]
+        model[name] = (np.zeros(shape), [d.astype(np.float32).astype(np.float64) for d in deltas])
+    return model
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_rtsvm_model_rank_allocation_matches_the_reference(svd, adaptive):
+    """The caps from every matrix's effective rank (of the outlier-weighted task vectors, the SVDs' input), the
+    adaptive rank within them, the merge per matrix; the norm averaged."""
+    model = random_model()
+    params = dict(svd=svd, adaptive_rank=adaptive, rank_allocation="model", rank_budget=0.6)
+    budget = model_first_pass("rtsvm", model, **params)
+    matrices = [(name, e) for name, (base, _) in model.items() if base.ndim >= 2
+                for e in ([None] if base.ndim == 2 else range(base.shape[0]))]
+    weighted = {key: [ref.downweight_outliers(d if key[1] is None else d[key[1]], 3.0, 0.0)
+                      for d in model[key[0]][1]] for key in matrices}
+    caps = dict(zip(matrices, ref.model_rank_caps([[w for w, _ in weighted[key]] for key in matrices], 0.6)))
+    assert budget["rank_budget"] == math.floor(0.6 * (12 + 15 + 8 + 8))
+    for name, (base, deltas) in model.items():
+        actual = run("rtsvm", base, deltas, name=name, first_pass=budget, **params)
+        if base.ndim == 1:
+            close(actual, np.mean(deltas, 0), 1e-6)
+            continue
+        for e in [None] if base.ndim == 2 else range(base.shape[0]):
+            tasks = [w for w, _ in weighted[name, e]]
+            ranks = [ref.energy_rank(w, 0.9, c) if adaptive else c for w, c in zip(tasks, caps[name, e])]
+            expected = ref.tsvm(np.zeros(base.shape[-2:]), tasks, ranks=ranks) + sum(x for _, x in weighted[name, e])
+            close(actual if e is None else actual[e], expected, 2e-5)
+        if base.ndim == 2:
+            assert run.stats["rank_cap"] == caps[name, None]
+            np.testing.assert_allclose(run.stats["effective_rank"], [ref.effective_rank(w) for w in tasks], atol=1e-3)
+    assert len({c for key in matrices for c in caps[key]}) > 2  # the allocation is not uniform
+
+
+def test_rtsvm_model_budget_beyond_every_cap_is_tsvm():
+    """A budget large enough that every matrix's share exceeds floor(r/T): tsvm's ranks and bytes (svd: auto)."""
+    model = random_model()
+    params = dict(rank_allocation="model", rank_budget=50.0, **CANDIDATES_OFF)
+    budget = model_first_pass("rtsvm", model, **params)
+    for name, (base, deltas) in model.items():
+        assert np.array_equal(run("rtsvm", base, deltas, name=name, first_pass=budget, **params),
+                              run("tsvm", base, deltas, name=name))
+
+
+def test_rtsvm_model_allocation_needs_one_budget_for_the_model():
+    spec = get_method("rtsvm")
+    p = spec.defaults(2, rank_allocation="model")
+    assert spec.first_pass.check([p, dict(p)]) is None
+    assert "one `rank_budget`" in spec.first_pass.check([p, {**p, "rank_budget": 0.5}])
+    assert spec.first_pass.wanted(p) and not spec.first_pass.wanted(spec.defaults(2))
+
+
+@pytest.mark.parametrize("key,value,fragments", [
+    ("task_weighting", "variance", ["not allowed", "none | outlier_share | kurtosis"]),
+    ("task_weighting_lambda", -1.0, ["out of range", "[0, inf]"]),
+    ("spectrum_outlier_m", 0.0, ["out of range", "(0, inf]"]),
+    ("spectrum_outlier_shrink", 1.5, ["out of range", "[0, 1]"]),
+    ("rank_allocation", "layer", ["not allowed", "tensor | model"]),
+    ("rank_budget", 0.0, ["out of range", "(0, inf]"]),
+])
+def test_rtsvm_candidate_parameters_are_checked_from_their_declarations(key, value, fragments):
+    assert_param_refused("rtsvm", key, value, "parameters", [key] + fragments)
 
 
 @pytest.mark.parametrize("polar_method", ["gram", "svd"])

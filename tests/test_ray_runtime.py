@@ -88,12 +88,15 @@ METHOD_CONFIGS = {
     "model_stock": dict(),
     "tsvm": dict(parameters={"alpha": 0.9}),
     "rtsvm": dict(parameters={"eta": 0.8}),
+    # the rank budget's first pass, and the effective ranks each worker finds again for its matrices
+    "rtsvm_model_ranks": dict(method="rtsvm", parameters={"rank_allocation": "model", "rank_budget": 0.6,
+                                                          "task_weighting": "kurtosis", "spectrum_outliers": True}),
     "iso_c": dict(),
     "iso_cts": dict(parameters={"common_fraction": 0.7}),
 }
 # LAPACK's SVD changes its last bits with the thread count: spectral merges on CPU are pinned to one thread per
 # worker on both sides (the thread count is part of the resume fingerprint for them).
-SPECTRAL = {"tsvm", "rtsvm", "iso_c", "iso_cts"}
+SPECTRAL = {"tsvm", "rtsvm", "rtsvm_model_ranks", "iso_c", "iso_cts"}
 
 
 def method_config(tmp_path: Path, family: dict, case: str) -> Path:
@@ -160,7 +163,8 @@ class TestTheSameBytesAsLocal:
         assert len(local) >= 3 and merged(cfg, tmp_path / "ray", ray_workers(2), runtime="ray", workers=2,
                                           shard_size=3000) == local
 
-    @pytest.mark.parametrize("case", ["ties_global", "dare_ties", "dare_ties_rng_mergekit", "rtsvm"])
+    @pytest.mark.parametrize("case", ["ties_global", "dare_ties", "dare_ties_rng_mergekit", "rtsvm",
+                                      "rtsvm_model_ranks"])
     def test_one_worker_writes_the_same_bytes_as_local(self, tmp_path, family_bf16_sharded, ray_workers, case):
         """The two-pass, random and SVD paths on a single worker too (last in the class: one switch of runtime)."""
         cfg = method_config(tmp_path, family_bf16_sharded, case)

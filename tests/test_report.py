@@ -43,3 +43,24 @@ def test_rtsvm_report_content_and_summary(tmp_path, family_fp32_single):
     assert "rank kept" in proc.stdout and "outliers" in proc.stdout and "expert1" in proc.stdout
     for png in ("rank_kept.png", "outlier_share.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rtsvm_model_rank_allocation_reports_the_caps_of_the_whole_models_budget(tmp_path, family_fp32_single):
+    """`rank_allocation: model` end to end: a first pass over the checkpoints, then every matrix's rank caps as
+    a NumPy recomputation from the inputs gives them (effective ranks of the outlier-weighted task vectors)."""
+    cfg = write_config(tmp_path / "rtsvm.yaml", "rtsvm", family_fp32_single, dtype="float32",
+                       parameters={"svd": "exact", "rank_allocation": "model", "rank_budget": 0.5})
+    out = tmp_path / "out"
+    proc = run_cli("merge", cfg, "-o", out)
+    assert "rank budget (pass 1 of 2)" in proc.stderr
+    rows = {r["tensor"]: r for r in pq.read_table(out / "merge_report.parquet").to_pylist()}
+
+    base = load(family_fp32_single["base"])
+    experts = [load(p) for p in family_fp32_single["experts"]]
+    matrices = sorted(name for name in base if base[name].ndim == 2 and name in rows)
+    weighted = [[ref.downweight_outliers(e[name] - base[name], 3.0, 0.0)[0] for e in experts] for name in matrices]
+    caps = ref.model_rank_caps(weighted, 0.5)
+    assert [rows[name]["rank_cap"] for name in matrices] == caps
+    assert all(kept <= cap for name, c in zip(matrices, caps) for kept, cap in zip(rows[name]["rank_kept"], c))
+    assert len({cap for c in caps for cap in c}) > 1
+    assert rows["model.norm.weight"].get("rank_cap") is None

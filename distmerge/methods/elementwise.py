@@ -172,7 +172,7 @@ def check_global_trim(ps: list[dict]) -> str | None:
     return None
 
 
-def magnitude_histograms(base: torch.Tensor, models: torch.Tensor, p: dict) -> torch.Tensor:
+def magnitude_histograms(base: torch.Tensor, models: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor:
     """Per-task counts [T, 2^15] of |d_t| per magnitude bucket (int64): summed over tensors, the whole model's."""
     deltas = task_vectors(base, models)
     return torch.stack([magnitude_histogram(delta) for delta in deltas])

@@ -172,9 +172,10 @@ def elementwise_work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -
 class FirstPass:
     """A statistic of the whole model that a method needs before it merges any tensor.
 
-    `statistic(base, models, p)` is computed per tensor and summed over all merged tensors (integers, so that any
-    split over workers gives the same sum); `finish(total, p)` turns the sum into the value every tensor's merge
-    receives as `ctx.first_pass` (JSON-serialisable: a resumed merge reuses it). `wanted(p)` says from the
+    `statistic(base, models, p, ctx)` is computed per tensor (`ctx` names it, as for the merge) and summed over
+    all merged tensors (integers, so that any split over workers gives the same sum); `finish(total, p)` turns the
+    sum into the value every tensor's merge receives as `ctx.first_pass` (JSON-serialisable: a resumed merge
+    reuses it). `wanted(p)` says from the
     resolved parameters whether this merge needs the pass; `check(ps)` vets the parameters of all merged tensors
     together (a message, or None), since one statistic serves them all.
     """
@@ -182,7 +183,7 @@ class FirstPass:
     label: str
     wanted: Callable[[dict], bool]
     check: Callable[[list[dict]], str | None]
-    statistic: Callable[[torch.Tensor | None, torch.Tensor, dict], torch.Tensor]
+    statistic: Callable[[torch.Tensor | None, torch.Tensor, dict, TensorContext], torch.Tensor]
     finish: Callable[[torch.Tensor, dict], Any]
 
 

@@ -3,7 +3,9 @@
 tsvm      Task Singular Vectors merge (Gargiulo et al., CVPR 2025): each task keeps its k = floor(r/T) leading
           singular triplets; the stacked left and right singular vectors are orthogonalised (polar factors);
           merged = U_o diag(S) V_o^T.
-rtsvm     tsvm plus outlier-aware weighting and sparsity-adaptive rank, each behind a switch (formulas in RTSVM_DETAILS).
+rtsvm     tsvm plus outlier-aware weighting and sparsity-adaptive rank, and candidate reconstructions of both (task
+          weights from heavy tails, shrunk spectral outliers, rank shared over the model), each behind a switch
+          (formulas in RTSVM_DETAILS).
 iso_c     Iso-C (Marczak et al., 2025): the sum of task vectors with its spectrum flattened to its mean.
 iso_cts   Iso-CTS: a common subspace of the sum plus each task's own directions outside it, orthogonalised,
           with a flat spectrum.
@@ -22,18 +24,20 @@ import torch
 
 from .elementwise import WEIGHT, task_vectors
 from .linalg import (
+    ROW_CHUNK,
     Decomposition,
     StackedFactors,
     energy_svd_routes,
     exact_svd,
     polar,
     polar_route,
+    resolve_backend,
     singular_values_via_gram,
     svd_route,
     top_svd,
     top_svd_by_energy,
 )
-from .registry import Param, TensorContext, Work, matches_any, merge_method
+from .registry import FirstPass, Param, TensorContext, Work, matches_any, merge_method
 from .sparsify import kth_largest
 
 ALPHA = Param("alpha", "float", 1.0, "scaling of the merged task vector")
@@ -152,14 +156,20 @@ def stacked_factors_work(rows: int, cols: int, tasks: list[Decomposition], used:
 @declared_per_matrix
 def task_singular_vectors_work(rows: int, cols: int, p: dict, n_tasks: int) -> Work:
     """tsvm: one top-floor(r/T) SVD per task. With `adaptive_rank`, the energy search may stop early and keep
-    fewer triplets: the most it can run."""
+    fewer triplets; with `rank_allocation: model`, each task's spectrum first (its effective rank), then an SVD of
+    at most floor(r/T) triplets: the most they can run."""
     per_task = min(rows, cols) // n_tasks
-    svd_args = (p["svd"], p["oversample"], p["power_iters"])
+    svd_args = (task_svd_backend(p, per_task, min(rows, cols)), p["oversample"], p["power_iters"])
+    shares_model_budget = allocates_over_the_model(p)
     if p.get("adaptive_rank"):
-        tasks = [route for _ in range(n_tasks) for route in energy_svd_routes(rows, cols, per_task, *svd_args)]
-        return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"], upper_bound=True)
-    tasks = [svd_route(rows, cols, per_task, *svd_args) for _ in range(n_tasks)]
-    return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"])
+        per_task_routes = energy_svd_routes(rows, cols, per_task, *svd_args)
+    else:
+        per_task_routes = [svd_route(rows, cols, per_task, *svd_args)]
+    if shares_model_budget:
+        per_task_routes = [Decomposition("spectrum", max(rows, cols), min(rows, cols))] + per_task_routes
+    tasks = [route for _ in range(n_tasks) for route in per_task_routes]
+    return stacked_factors_work(rows, cols, tasks, n_tasks * per_task, p["polar"],
+                                upper_bound=bool(p.get("adaptive_rank")) or shares_model_budget)
 
 
 @declared_per_matrix
@@ -189,37 +199,108 @@ def _energy_kept(delta: torch.Tensor, factors) -> float:
     return float((factors.S.double() ** 2).sum()) / total if total > 0 else 1.0
 
 
+# Every R-TSVM switch off: task_singular_vectors is then tsvm.
+RTSVM_SWITCHES_OFF = {"outlier_weighting": False, "adaptive_rank": False, "task_weighting": "none",
+                      "spectrum_outliers": False, "rank_allocation": "tensor"}
+
+
 @merge_method("tsvm", needs_base=True, params=SPECTRAL_PARAMS, work=task_singular_vectors_work,
               reference="https://arxiv.org/abs/2412.00081",
               summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
                       "orthogonalised; b + alpha * U_o S V_o^T")
 def tsvm(base, models, p, ctx):
-    return spectral_merge(task_singular_vectors, base, models,
-                          {**p, "outlier_weighting": False, "adaptive_rank": False}, ctx)
+    return spectral_merge(task_singular_vectors, base, models, {**p, **RTSVM_SWITCHES_OFF}, ctx)
 
 
 def task_singular_vectors(base, deltas, p, ctx):
-    """tsvm on one matrix, with R-TSVM's two additions when their switches are on (both off: tsvm, the same
-    bytes)."""
+    """tsvm on one matrix, with R-TSVM's additions where their switches are on (all off: tsvm, the same bytes)."""
     n_tasks, (rows, cols) = deltas.shape[0], base.shape
     per_task = min(rows, cols) // n_tasks
-    excess = outlier_excess_(deltas, p, ctx) if p["outlier_weighting"] else None
+    excess = prepare_task_vectors_(deltas, p, ctx)
+    caps = task_rank_caps(deltas, per_task, p, ctx)
+    backend = task_svd_backend(p, per_task, min(rows, cols))
     stack = StackedFactors(rows, cols, n_tasks * per_task, base)
-    ranks, energies = [], []
+    ranks, energies, spectral_outlier_shares = [], [], []
     for t in range(n_tasks):
         sketch = sketch_source(ctx, t, base.device)
         if p["adaptive_rank"]:
-            f = top_svd_by_energy(deltas[t], p["eta"], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
+            f = top_svd_by_energy(deltas[t], p["eta"], caps[t], backend, p["oversample"], p["power_iters"], sketch)
         else:
-            f = top_svd(deltas[t], per_task, p["svd"], p["oversample"], p["power_iters"], sketch)
-        stack.add(f)
+            f = top_svd(deltas[t], caps[t], backend, p["oversample"], p["power_iters"], sketch)
         ranks.append(int(f.S.numel()))
         energies.append(_energy_kept(deltas[t], f))
+        if p["spectrum_outliers"]:
+            f.S, shrunk = shrink_spectral_outliers(f.S, p["spectrum_outlier_m"], p["spectrum_outlier_shrink"])
+            spectral_outlier_shares.append(shrunk / f.S.numel() if f.S.numel() else 0.0)
+        stack.add(f)
     ctx.stats.update(rank_kept=ranks, energy_kept=energies, weights=list(p["weight"]), svd=stack.backends)
+    if p["spectrum_outliers"]:
+        ctx.stats["spectrum_outlier_share"] = spectral_outlier_shares
     merged = stack.add_to_(base, p["alpha"], p["polar"])
     if excess is not None and p["outlier_residual"] == "add":
         merged.add_(excess, alpha=p["alpha"])
     return merged
+
+
+def task_svd_backend(p: dict, per_task: int, full_rank: int) -> str:
+    """The task SVDs' backend. With `rank_allocation: model` it is resolved once for the matrix, at its TSV-M rank
+    floor(r/T): a smaller allocated rank then runs the same route with a smaller sketch, so the plan's routes
+    (declared at floor(r/T)) bound what runs."""
+    if allocates_over_the_model(p):
+        return resolve_backend(p["svd"], per_task, p["oversample"], full_rank)
+    return p["svd"]
+
+
+def prepare_task_vectors_(deltas: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor | None:
+    """R-TSVM's changes to one matrix's task vectors before the SVDs, in place: the heavy-tail task weights, then
+    the clipped outliers. Returns the clipped excess summed over tasks (None without outlier weighting)."""
+    if p["task_weighting"] != "none":
+        tails = [tail_statistic(delta, p) for delta in deltas]
+        weights = heavy_tail_weights(tails, p["task_weighting_lambda"])
+        for delta, weight in zip(deltas, weights):
+            delta.mul_(weight)
+        ctx.stats.update(tail_statistic=tails, tail_weights=weights)
+    return outlier_excess_(deltas, p, ctx) if p["outlier_weighting"] else None
+
+
+def tail_statistic(delta: torch.Tensor, p: dict) -> float:
+    """How heavy-tailed one task vector is: the share of its entries above the outlier threshold, or its excess
+    kurtosis floored at 0 (a light tail does not earn a task more than weight 1 relative to a Gaussian one)."""
+    if p["task_weighting"] == "outlier_share":
+        magnitude = delta.abs()
+        return share_above(magnitude, outlier_threshold(magnitude, p))
+    return max(0.0, excess_kurtosis(delta))
+
+
+def heavy_tail_weights(tails: list[float], strength: float) -> list[float]:
+    """w_t = T u_t / sum_s u_s with u_t = 1 / (1 + strength * tail_t): heavier tails, smaller weights, and the
+    weights average 1 so the merged scale stays with `alpha`."""
+    inverse = [1 / (1 + strength * tail) for tail in tails]
+    return [len(inverse) * u / sum(inverse) for u in inverse]
+
+
+def excess_kurtosis(matrix: torch.Tensor) -> float:
+    """m4 / m2^2 - 3 of the entries, from float64 central moments accumulated a block of rows at a time (no
+    float64 copy of the whole matrix); 0 for a constant matrix."""
+    mean = matrix.mean(dtype=torch.float64)
+    m2 = torch.zeros((), dtype=torch.float64, device=matrix.device)
+    m4 = torch.zeros_like(m2)
+    for block in matrix.split(ROW_CHUNK):
+        squared = (block.double() - mean).square_()  # not in place: in float64, .double() is the task vector
+        m2 += squared.sum()
+        m4 += squared.square_().sum()
+    if float(m2) == 0.0:
+        return 0.0
+    return float(matrix.numel() * m4 / m2**2) - 3.0
+
+
+def shrink_spectral_outliers(singular_values: torch.Tensor, m: float, shrink: float) -> tuple[torch.Tensor, int]:
+    """(s', count): the values above tau = m * median(s) become tau + shrink * (s - tau), the others stay; count
+    is how many were above."""
+    if singular_values.numel() == 0:
+        return singular_values, 0
+    over = (singular_values - m * median(singular_values)).clamp_(min=0)
+    return singular_values - (1 - shrink) * over, int((over > 0).sum())
 
 
 def outlier_excess_(deltas: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor:
@@ -233,17 +314,24 @@ def outlier_excess_(deltas: torch.Tensor, p: dict, ctx: TensorContext) -> torch.
     shares = []
     for t in range(deltas.shape[0]):
         magnitude = deltas[t].abs()
-        if p["outlier_statistic"] == "mean":
-            statistic = float(magnitude.mean(dtype=torch.float64))
-        else:
-            statistic = median(magnitude)
-        tau = p["outlier_m"] * statistic
-        shares.append(int((magnitude > tau).sum()) / magnitude.numel())
+        tau = outlier_threshold(magnitude, p)
+        shares.append(share_above(magnitude, tau))
         over = magnitude.sub_(tau).clamp_(min=0).mul_(1 - p["outlier_weight"]).copysign_(deltas[t])  # reuses it
         deltas[t].sub_(over)
         excess.add_(over)
     ctx.stats["outlier_share"] = shares
     return excess
+
+
+def outlier_threshold(magnitude: torch.Tensor, p: dict) -> float:
+    """tau = outlier_m * stat(|d|), stat the mean (float64 accumulation) or the median of the tensor's."""
+    if p["outlier_statistic"] == "mean":
+        return p["outlier_m"] * float(magnitude.mean(dtype=torch.float64))
+    return p["outlier_m"] * median(magnitude)
+
+
+def share_above(magnitude: torch.Tensor, tau: float) -> float:
+    return int((magnitude > tau).sum()) / magnitude.numel()
 
 
 def median(values: torch.Tensor) -> float:
@@ -254,25 +342,122 @@ def median(values: torch.Tensor) -> float:
     return (upper + lower) / 2
 
 
+# ---- rank_allocation: model: a first pass shares each task's rank budget over the model's matrices ----------
+
+# Effective ranks are summed over the model in units of 1/1024: integers, so any split of the first pass over
+# workers gives the same totals.
+EFFECTIVE_RANK_UNITS = 1024
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """(sum_i s_i^2)^2 / sum_i s_i^4, from the float64 Gram spectrum: about the number of directions that hold
+    the energy (k for k equal singular values, near 1 for one dominant one); 0 for a zero matrix."""
+    tall = matrix.mT if matrix.shape[0] < matrix.shape[1] else matrix
+    energies = singular_values_via_gram(tall).double().square()
+    total = float(energies.sum())
+    return total**2 / float(energies.square().sum()) if total > 0 else 0.0
+
+
+def quantised_effective_ranks(deltas: torch.Tensor) -> list[int]:
+    return [round(EFFECTIVE_RANK_UNITS * effective_rank(delta)) for delta in deltas]
+
+
+def each_matrix(deltas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The task vectors of each matrix ([T, rows, cols]) of a matrix or a stack of them."""
+    return (deltas,) if deltas.dim() == 3 else deltas.unbind(1)
+
+
+def model_rank_statistic(base: torch.Tensor, models: torch.Tensor, p: dict, ctx: TensorContext) -> torch.Tensor:
+    """Pass 1, per tensor: int64 [T + 1], each task's quantised effective rank summed over the tensor's matrices
+    (of the task vectors the SVDs will see), then the matrices' TSV-M ranks floor(r/T) summed; zeros for a
+    tensor that is averaged. A transposed layout changes neither the entries nor the singular values, so the
+    matrices are taken as stored."""
+    deltas = weighted_task_vectors(base, models, p["weight"])
+    n_tasks = deltas.shape[0]
+    total = torch.zeros(n_tasks + 1, dtype=torch.int64)
+    if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
+        return total
+    for matrix in each_matrix(deltas):
+        prepare_task_vectors_(matrix, p, ctx)
+        total[:n_tasks] += torch.tensor(quantised_effective_ranks(matrix))
+        total[n_tasks] += min(matrix.shape[1:]) // n_tasks
+    return total
+
+
+def model_rank_budget(total: torch.Tensor, p: dict) -> dict:
+    """Each task's budget of triplets over the model, floor(rank_budget * sum of floor(r/T)), and each task's
+    effective-rank total (in 1/1024ths)."""
+    n_tasks = total.numel() - 1
+    return {"rank_budget": math.floor(p["rank_budget"] * int(total[n_tasks])),
+            "effective_rank_total": [int(a) for a in total[:n_tasks]]}
+
+
+def allocates_over_the_model(p: dict) -> bool:
+    return p.get("rank_allocation") == "model"  # tsvm's parameters have no such switch
+
+
+def check_model_allocation(ps: list[dict]) -> str | None:
+    """One budget is shared by every matrix: one allocation and one budget for the whole model."""
+    if len({(p["rank_allocation"], p["rank_budget"]) for p in ps}) > 1:
+        return ("`rank_allocation: model` shares one budget over the model: it needs one `rank_allocation` and "
+                "one `rank_budget` for every tensor (no gradients or filters on them)")
+    return None
+
+
+MODEL_RANK_ALLOCATION = FirstPass("rank budget", wanted=allocates_over_the_model, check=check_model_allocation,
+                                  statistic=model_rank_statistic, finish=model_rank_budget)
+
+
+def model_allocated_rank(effective: int, budget: int, total: int, cap: int) -> int:
+    """A task's triplets in one matrix: its share effective / total of its model budget, at most floor(r/T)."""
+    return min(cap, budget * effective // total) if total else 0
+
+
+def task_rank_caps(deltas: torch.Tensor, per_task: int, p: dict, ctx: TensorContext) -> list[int]:
+    """The most triplets each task keeps in this matrix: floor(r/T), or with `rank_allocation: model` its share
+    of the model's budget by effective rank (ctx.first_pass)."""
+    if not allocates_over_the_model(p):
+        return [per_task] * deltas.shape[0]
+    if ctx.first_pass is None:
+        raise ValueError(f"{ctx.name}: `rank_allocation: model` merges with the budget of its first pass")
+    effective = quantised_effective_ranks(deltas)
+    caps = [model_allocated_rank(a, ctx.first_pass["rank_budget"], total, per_task)
+            for a, total in zip(effective, ctx.first_pass["effective_rank_total"])]
+    ctx.stats.update(effective_rank=[a / EFFECTIVE_RANK_UNITS for a in effective], rank_cap=caps)
+    return caps
+
+
 RTSVM_DETAILS = """
-Per matrix (a 2-D tensor, or one expert of a 3-D stack), with d_t = w_t (x_t - b), r = min(rows, cols), T tasks:
+Per matrix (a 2-D tensor, or one expert of a 3-D stack), with d_t = w_t (x_t - b), r = min(rows, cols), T tasks,
+cap = floor(r/T), in this order:
+  heavy-tail task weights (task_weighting: outlier_share | kurtosis):
+    tail_t = fraction of entries with |d_t| > tau_t (tau_t as below)                    (outlier_share)
+           = max(0, m4 / m2^2 - 3), central moments of the entries of d_t               (kurtosis)
+    u_t = 1 / (1 + task_weighting_lambda * tail_t);  d_t <- (T u_t / sum_s u_s) d_t     (weights average 1)
   outlier weighting (outlier_weighting: true):
     tau_t = outlier_m * stat(|d_t|), stat = mean (default, as in OWL) or median of the tensor's magnitudes
     outlier share rho_t = fraction of entries with |d_t| > tau_t                         (reported)
     d~_t = sign(d_t) * (tau_t + outlier_weight * (|d_t| - tau_t)) on those entries, d_t elsewhere
     the SVDs below see d~_t; with outlier_residual: add, the removed excess sum_t (d_t - d~_t) is added back
     after the merge (the sparse spikes are kept, they just do not steer the singular directions)
+  rank cap c_t: cap (rank_allocation: tensor), or shared over the model (rank_allocation: model, a first pass):
+    e_t(m) = round(1024 * (sum_i s_i^2)^2 / sum_i s_i^4) of d~_t in matrix m (its effective rank, in 1/1024ths)
+    B = floor(rank_budget * sum_m cap(m)) per task, E_t = sum_m e_t(m), over every SVD-merged matrix m
+    c_t = min(cap, floor(B * e_t / E_t))   (0 if E_t = 0)
   sparsity-adaptive rank (adaptive_rank: true):
-    k_t = min(floor(r/T), smallest k with sum_{i<=k} s_{t,i}^2 >= eta * ||d~_t||_F^2)   (0 if d~_t = 0)
-    so every task's budget stays within r/T and the ranks of all tasks fit in r
-  otherwise k_t = floor(r/T) (TSV-M)
+    k_t = min(c_t, smallest k with sum_{i<=k} s_{t,i}^2 >= eta * ||d~_t||_F^2)   (0 if d~_t = 0)
+  otherwise k_t = c_t; every k_t <= floor(r/T), so the ranks of all tasks fit in r
+  spectral outliers (spectrum_outliers: true), over each task's k_t kept singular values:
+    tau_s = spectrum_outlier_m * median(s_t);  s -> tau_s + spectrum_outlier_shrink * (s - tau_s) where s > tau_s
   merged = U_o diag(S) V_o^T from the tasks' leading k_t triplets, orthogonalised as in tsvm;
   result b + alpha * (merged [+ excess])
-With both switches off rtsvm runs exactly tsvm's computation and writes the same bytes.
+With every switch off (outlier_weighting, adaptive_rank, spectrum_outliers false, task_weighting none,
+rank_allocation tensor) rtsvm runs exactly tsvm's computation and writes the same bytes.
 """
 
 
 @merge_method("rtsvm", needs_base=True, details=RTSVM_DETAILS, work=task_singular_vectors_work,
+              first_pass=MODEL_RANK_ALLOCATION,
               params=SPECTRAL_PARAMS + (
                   Param("outlier_weighting", "bool", True, "down-weight heavy-tailed entries before the SVDs"),
                   Param("outlier_m", "float", 3.0, "outlier threshold: |d| > outlier_m * stat(|d|)", lo=0.0,
@@ -283,6 +468,22 @@ With both switches off rtsvm runs exactly tsvm's computation and writes the same
                   Param("outlier_residual", ("add", "drop"), "add", "add the removed excess back after merging"),
                   Param("adaptive_rank", "bool", True, "per-task rank from the energy share instead of floor(r/T)"),
                   Param("eta", "float", 0.9, "energy share the adaptive rank keeps", lo=0.0, lo_open=True, hi=1.0),
+                  Param("task_weighting", ("none", "outlier_share", "kurtosis"), "none",
+                        "per-matrix task weights from how heavy-tailed each task vector is (its share of entries "
+                        "above the outlier threshold, or its excess kurtosis): 1 / (1 + lambda * tail), mean 1"),
+                  Param("task_weighting_lambda", "float", 1.0, "strength lambda of the heavy-tail task weights",
+                        lo=0.0),
+                  Param("spectrum_outliers", "bool", False, "shrink each task's kept singular values above "
+                        "spectrum_outlier_m * their median toward that threshold"),
+                  Param("spectrum_outlier_m", "float", 2.0, "spectral outlier threshold: s > spectrum_outlier_m * "
+                        "median(s)", lo=0.0, lo_open=True),
+                  Param("spectrum_outlier_shrink", "float", 0.0, "weight of a spectral outlier's excess over the "
+                        "threshold (0 clips, 1 keeps)", lo=0.0, hi=1.0),
+                  Param("rank_allocation", ("tensor", "model"), "tensor",
+                        "each task's rank cap: floor(r/T) per matrix, or its share of a budget over the whole "
+                        "model by effective rank (a first pass over the model)"),
+                  Param("rank_budget", "float", 1.0, "rank_allocation: model: each task's budget as a multiple "
+                        "of the model's sum of floor(r/T)", lo=0.0, lo_open=True),
               ),
               reference="TSV-M https://arxiv.org/abs/2412.00081; outliers as in OWL https://arxiv.org/abs/2310.05175",
               summary="TSV-M plus outlier-aware weighting of heavy-tailed task vectors and sparsity-adaptive rank")
