@@ -137,7 +137,7 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
                 tensor, stats = merge_tensor(plan, job, device, inputs, first_pass, block)
                 if inputs.holds(tensor):  # merged in place: the next inputs overwrite it while it is written
                     tensor = tensor.clone()
-                if block is None or block[1] == job.shape[0]:  # the last piece: the record is complete
+                if block is None or block[1] == job.shape[0]:  # the last piece: its report rows are complete
                     seconds = time.perf_counter() - start
                     for part in job.stored:  # the job's time on its first part, so that the report's sums hold
                         rows[part.name].update(stats, seconds=seconds)
