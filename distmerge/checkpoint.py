@@ -316,6 +316,27 @@ class Checkpoint:
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
+class CheckpointView(Checkpoint):
+    """An input read differently from how it is stored (another vocabulary, another layout): its own tensor table
+    and reads, and the files, directories and identity of the checkpoint it wraps."""
+
+    def __init__(self, inner: Checkpoint, tensors: dict[str, TensorInfo]):
+        super().__init__(inner.ref, inner.path, tensors, inner.config)
+        self.inner = inner
+
+    @property
+    def files(self) -> list[str]:
+        return self.inner.files
+
+    @property
+    def directories(self) -> list[Path]:
+        return self.inner.directories
+
+    @property
+    def identity(self) -> tuple:
+        return self.inner.identity
+
+
 def _model_and_adapter_dirs(ref: str, base_dir: str, hub: "HubAccess | None", weights: bool
                             ) -> tuple[Path, Path | None]:
     """(model directory, adapter directory or None) for `model+adapter`, an adapter directory or a model."""

@@ -205,8 +205,8 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
                 f"{name} {format_seconds(value)}" for name, value in parts.items()) + ")",
         ]
         if cluster.workers > 1 and parts["largest unit"] > parts["compute"] / 2:
+            share = parts["largest unit"] / (parts["compute"] * cluster.workers)
             lines.append(  # one shard is one unit of work: a unit over half a worker's share leaves workers idle
-                f"note          the largest shard holds {parts['largest unit'] / (parts['compute'] * cluster.workers):.0%}"
-                f" of the work and {len(plan.units)} shard(s) feed {cluster.workers} workers; a smaller "
-                "shard_size (--shard-size) cuts more, smaller units")
+                f"note          the largest shard holds {share:.0%} of the work and {len(plan.units)} shard(s) feed "
+                f"{cluster.workers} workers; a smaller shard_size (--shard-size) cuts more, smaller units")
     return "\n".join(lines)

@@ -76,8 +76,9 @@ def check_memory_limit(plan: MergePlan) -> None:
         return
     job, peak = max(over, key=lambda item: item[1])
     how = "one row at a time" if job.block_rows else f"whole (as {plan.spec.name} does with these parameters)"
-    limit = (f"the memory budget of {format_bytes(plan.memory_limit)} (--memory-budget)" if plan.config.engine.memory_budget
-             else f"this machine's {format_bytes(plan.memory_limit)}")
+    given = plan.config.engine.memory_budget
+    limit = f"the memory budget of {format_bytes(given)} (--memory-budget)" if given else \
+        f"this machine's {format_bytes(plan.memory_limit)}"
     raise ConfigError(
         f"tensor {job.name} {list(job.shape)} needs {format_bytes(peak)} per worker to merge {how}, more than "
         f"{limit} ({len(over)} tensor(s) over it); raise --memory-budget (distmerge.memory_budget) if the workers "

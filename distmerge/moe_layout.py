@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, Checkpoint, TensorInfo
+from .checkpoint import DTYPES, Checkpoint, CheckpointView, TensorInfo
 
 EXPERT_MATRIX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight$")
 # stored projection -> (fused tensor, its position among the expert's row blocks)
@@ -28,7 +27,8 @@ FUSED_PROJECTIONS = {
     "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0),
 }
-BLOCKS = {"gate_up_proj": 2, "down_proj": 1}
+BLOCKS = {fused: 1 + max(b for f, b in FUSED_PROJECTIONS.values() if f == fused)  # row blocks per expert
+          for fused, _ in FUSED_PROJECTIONS.values()}
 # transformers 5's renamings of modules (its checkpoint conversion mapping), by `model_type`
 RENAMED_MODULES = {
     "mixtral": ((".block_sparse_moe.", ".mlp."),),
@@ -51,13 +51,12 @@ class StoredPart:
         return merged if self.expert is None else merged[self.expert, self.rows[0]:self.rows[1]]
 
 
-class ModelLayoutView(Checkpoint):
+class ModelLayoutView(CheckpointView):
     """An input read under transformers 5's names with its per-expert matrices fused. `parts`: each tensor that
     is not stored as it is read -> the stored tensors it is made of."""
 
     def __init__(self, inner: Checkpoint, tensors: dict[str, TensorInfo], parts: dict[str, tuple[StoredPart, ...]]):
-        super().__init__(inner.ref, inner.path, tensors, inner.config)
-        self.inner = inner
+        super().__init__(inner, tensors)
         self.parts = parts
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -77,18 +76,6 @@ class ModelLayoutView(Checkpoint):
     def vocabulary_reads(self, name: str) -> list[Checkpoint]:
         """As the inner VocabularyView's (vocabulary tensors are stored as they are read)."""
         return self.inner.vocabulary_reads(name)
-
-    @property
-    def files(self) -> list[str]:
-        return self.inner.files
-
-    @property
-    def directories(self) -> list[Path]:
-        return self.inner.directories
-
-    @property
-    def identity(self) -> tuple:
-        return self.inner.identity
 
 
 def stored_parts(ckpt: Checkpoint, name: str) -> tuple[StoredPart, ...]:
@@ -112,9 +99,9 @@ def model_layout_view(ckpt: Checkpoint) -> Checkpoint:
                                    first.file)
     grouped = {part.name for group in parts.values() for part in group}
     for stored, info in ckpt.tensors.items():
-        name = _renamed(stored, renames)
         if stored in grouped:
             continue
+        name = _renamed(stored, renames)
         if name in tensors:
             return ckpt
         if name != stored:

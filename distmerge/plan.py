@@ -200,16 +200,16 @@ def machine_memory() -> int:
 
 
 def worker_memory(config: MergeConfig) -> int | None:
-    """What one worker can hold without a budget given: this machine's memory for a merge on its CPU, its GPU's
-    for one on its GPU; None where the workers are not known here (a Ray cluster's)."""
-    device = config.engine.device or ("cpu" if config.engine.runtime == "local" else None)
-    if device == "cpu" and config.engine.runtime == "local":
+    """What one worker can hold without a budget given: this machine's memory for a local merge on its CPU, its
+    GPU's for one on its GPU; None where the workers are not known here (a Ray cluster's, a GPU not visible)."""
+    if config.engine.runtime != "local":
+        return None
+    device = config.engine.device or "cpu"
+    if device == "cpu":
         return machine_memory()
-    if device is not None and device.startswith("cuda") and config.engine.runtime == "local":
-        import torch
+    import torch
 
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() else None
-    return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() else None
 
 
 def with_row_blocks(plan: MergePlan) -> MergePlan:
@@ -222,7 +222,8 @@ def with_row_blocks(plan: MergePlan) -> MergePlan:
     vocabulary = set(plan.vocabulary.names) if plan.vocabulary is not None else set()
 
     def blocked(job: TensorJob) -> TensorJob:
-        if not job.merge or len(job.shape) < 2 or job.parts or job.name in vocabulary or not plan.spec.blockwise(job.params):
+        whole = not job.merge or len(job.shape) < 2 or job.parts or job.name in vocabulary
+        if whole or not plan.spec.blockwise(job.params):
             return job
         rows = rows_within(plan, job, plan.memory_budget)
         return replace(job, block_rows=rows) if rows < job.shape[0] else job

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, checkpoint_file, resolve_model_dir
+from .checkpoint import Checkpoint, CheckpointView, checkpoint_file, resolve_model_dir
 from .config import LAYER_INDEX, MergeConfig, TokenEmbedding, TokenizerSettings
 from .errors import CheckpointError, ConfigError
 from .hub import HubAccess
@@ -139,7 +139,7 @@ class OutputVocabulary:
         return out
 
 
-class VocabularyView(Checkpoint):
+class VocabularyView(CheckpointView):
     """An input whose vocabulary tensors are read in the output vocabulary (`OutputVocabulary.read`). `sources`:
     vocabulary tensor -> the checkpoint it is read from (the input itself; for an input role of a slice merge, the
     source of the slice the tensor comes from)."""
@@ -147,8 +147,7 @@ class VocabularyView(Checkpoint):
     def __init__(self, inner: Checkpoint, sources: dict[str, Checkpoint], vocabulary: OutputVocabulary):
         tensors = {name: (replace(info, shape=(vocabulary.size, *info.shape[1:])) if name in vocabulary.layouts
                           else info) for name, info in inner.tensors.items()}
-        super().__init__(inner.ref, inner.path, tensors, inner.config)
-        self.inner = inner
+        super().__init__(inner, tensors)
         self.sources = sources
         self.vocabulary = vocabulary
 
@@ -161,18 +160,6 @@ class VocabularyView(Checkpoint):
     def vocabulary_reads(self, name: str) -> list[Checkpoint]:
         """The checkpoints whose tensor `name` reading this input's reads (its own and its fill rows')."""
         return self.vocabulary.reads(name, self.sources[name])
-
-    @property
-    def files(self) -> list[str]:
-        return self.inner.files
-
-    @property
-    def directories(self) -> list[Path]:
-        return self.inner.directories
-
-    @property
-    def identity(self) -> tuple:
-        return self.inner.identity
 
 
 def vocabulary_settings(config: MergeConfig) -> TokenizerSettings | None:

@@ -302,7 +302,8 @@ def test_a_fused_tensor_is_read_from_its_expert_matrices(checkpoints):
         assert torch.equal(fused[e], expected)
     assert torch.equal(view.read("model.layers.1.mlp.experts.down_proj", rows=(2, 4))[1],
                        raw.read("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
-    assert torch.equal(view.read("model.layers.1.mlp.gate.weight"), raw.read("model.layers.1.block_sparse_moe.gate.weight"))
+    assert torch.equal(view.read("model.layers.1.mlp.gate.weight"),
+                       raw.read("model.layers.1.block_sparse_moe.gate.weight"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
