@@ -101,42 +101,55 @@ def predict(feats: np.ndarray, head: dict) -> np.ndarray:
 
 
 class Classifier(torch.nn.Module):
-    def __init__(self, encoder, head_state: dict):
+    """The encoder with one linear head per task, on its mean-pooled last hidden states."""
+
+    def __init__(self, encoder, head_states: dict[str, dict]):
         super().__init__()
         self.encoder = encoder
-        n, d = head_state["weight"].shape
-        self.head = torch.nn.Linear(d, n)
-        self.head.load_state_dict(head_state)
+        self.heads = torch.nn.ModuleDict()
+        for name, state in head_states.items():
+            n, d = state["weight"].shape
+            self.heads[name] = torch.nn.Linear(d, n)
+            self.heads[name].load_state_dict(state)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, task: str, input_ids, attention_mask):
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(mean_pool(h, attention_mask))
+        return self.heads[task](mean_pool(h, attention_mask))
 
 
-def finetune(base: Path, task: dict, head_init: dict, out_dir: Path, head_path: Path, *, steps: int, lr: float,
+def finetune(base: Path, tasks: dict, head_inits: dict, out_dir: Path, head_paths: dict, *, steps: int, lr: float,
              head_lr: float, batch_size: int, warmup: float = 0.06, weight_decay: float = 0.01, seed: int = 0,
              log=print) -> dict:
-    """LP-FT: the encoder (minus the word embeddings) and the head, AdamW, linear warm-up then linear decay."""
+    """LP-FT: the encoder (minus the word embeddings) and the heads, AdamW, linear warm-up then linear decay. One task
+    makes its expert, all six the data-mixture model: each batch holds one task's examples (for its head), and an
+    epoch is every task's batches in one shuffled order."""
     seed_everything(seed)
     tok = load_tokenizer(base)
-    model = Classifier(load_encoder(base), head_init)
+    model = Classifier(load_encoder(base), head_inits)
     model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": lr}, {"params": model.head.parameters(), "lr": head_lr}],
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": lr}, {"params": model.heads.parameters(), "lr": head_lr}],
                             weight_decay=weight_decay)
-    texts = [t for t, _ in task["train"]]
-    labels = torch.tensor([y for _, y in task["train"]])
+    texts = {n: [t for t, _ in task["train"]] for n, task in tasks.items()}
+    labels = {n: torch.tensor([y for _, y in task["train"]]) for n, task in tasks.items()}
     rng = np.random.default_rng(seed)
 
+    def epoch():
+        if len(tasks) == 1:  # an expert's batches, tokenised as they are drawn
+            (n,) = tasks
+            yield from ((n, b) for b in batches(tok, texts[n], batch_size, rng.permutation(len(texts[n]))))
+            return
+        every = [(n, b) for n in tasks for b in batches(tok, texts[n], batch_size, rng.permutation(len(texts[n])))]
+        yield from (every[i] for i in rng.permutation(len(every)))
+
     def loss_fn(batch):
-        idx, enc = batch
+        n, (idx, enc) = batch
         if len(idx) < 2:
             return None
-        return torch.nn.functional.cross_entropy(model(enc["input_ids"], enc["attention_mask"]), labels[idx])
+        return torch.nn.functional.cross_entropy(model(n, enc["input_ids"], enc["attention_mask"]), labels[n][idx])
 
     model.train()
-    run = train_loop(list(model.parameters()), opt, lambda: batches(tok, texts, batch_size, rng.permutation(len(texts))),
-                     loss_fn, steps, warmup, log)
+    run = train_loop(list(model.parameters()), opt, epoch, loss_fn, steps, warmup, log)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.encoder.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
@@ -145,11 +158,12 @@ def finetune(base: Path, task: dict, head_init: dict, out_dir: Path, head_path: 
 
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    head_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(head_path))
+    for n, path in head_paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in model.heads[n].state_dict().items()}, str(path))
+    examples = sum(len(t) for t in texts.values())
     info = {"steps": steps, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "seed": seed,
-            "train_examples": len(texts), "epochs": round(steps * batch_size / len(texts), 2),
-            **run}
+            "tasks": list(tasks), "train_examples": examples, "epochs": round(steps * batch_size / examples, 2), **run}
     write_json(out_dir.parent / f"{out_dir.name}.train.json", info)
     return info
 

@@ -78,8 +78,8 @@ def _train_one(args) -> tuple[str, dict]:
     enc_dir, head_path = expert_paths(cache, data_key, cfg, name)
     init = E.load_head(probe_dir(cache, data_key) / f"{name}.safetensors")
     prefix = f"[{name}]"
-    info = E.finetune(cache / "encoder" / "base", task, init, enc_dir, head_path, steps=cfg.steps, lr=cfg.lr,
-                      head_lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+    info = E.finetune(cache / "encoder" / "base", {name: task}, {name: init}, enc_dir, {name: head_path},
+                      steps=cfg.steps, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed,
                       log=lambda m: print(prefix, m, flush=True))
     return name, info
 
@@ -141,6 +141,36 @@ def base_with_expert_heads(cache: Path, data_key: str, cfg: TrainConfig, tasks: 
     return out
 
 
+def mixture_rows(cache: Path, data_key: str, cfg: TrainConfig, tasks: dict, log=print) -> dict:
+    """The data-mixture baselines: one encoder fine-tuned on the union of the tasks' training data, with its own
+    head per task (LP-FT from the same probes as the experts), scored on every task with those heads; with as many
+    steps as all the experts together, and with as many as one expert."""
+    rows = {}
+    for label, steps in ((f"data mixture ({len(tasks)} x {cfg.steps} steps)", len(tasks) * cfg.steps),
+                         (f"data mixture ({cfg.steps} steps)", cfg.steps)):
+        mix = TrainConfig(**{**asdict(cfg), "steps": steps})
+        root = cache / "encoder" / f"mixture_{data_key}_{mix.tag}"
+        heads = {n: root / "heads" / f"{n}.safetensors" for n in tasks}
+        if not (root / "encoder" / "config.json").exists():
+            log(f"training {label}")
+            inits = {n: E.load_head(probe_dir(cache, data_key) / f"{n}.safetensors") for n in tasks}
+            E.finetune(cache / "encoder" / "base", tasks, inits, root / "encoder", heads, steps=mix.steps, lr=mix.lr,
+                       head_lr=mix.head_lr, batch_size=mix.batch_size, seed=mix.seed,
+                       log=lambda m: log(f"[mixture] {m}"))
+        path = root / "scores.json"
+        if not path.exists():
+            tok = E.load_tokenizer(cache / "encoder" / "base")
+            loaded = {n: E.load_head(h) for n, h in heads.items()}
+            write_json(path, {s: {n: v.astype(int).tolist() for n, v in
+                                  E.evaluate_encoder(root / "encoder", tok, tasks, loaded, s).items()}
+                              for s in ("val", "test")})
+        scores = read_json(path)
+        log(f"{label}: val {np.mean([np.mean(v) for v in scores['val'].values()]):.3f} "
+            f"test {np.mean([np.mean(v) for v in scores['test'].values()]):.3f}")
+        rows[label] = scores["test"]
+    return rows
+
+
 def prepare(args, prof: dict, cache: Path, log=print) -> dict:
     """Track 1 up to the merges: splits, frozen-base probes, experts (trained once, cached) and their scores."""
     from . import methods as M
@@ -154,10 +184,11 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
     sizes = ", ".join(f"{n} ({len(t['train'])}/{len(t['val'])}/{len(t['test'])})" for n, t in tasks.items())
     log(f"[encoder] tasks (train/val/test): {sizes}")
     probes = base_probes(cache, key, tasks, log=log)
-    cfg = TrainConfig(steps=args.steps or prof["steps"], lr=args.lr or prof.get("lr", TrainConfig.lr))
+    cfg = TrainConfig(steps=args.steps or prof["steps"], lr=args.lr or prof.get("lr", TrainConfig.lr), seed=args.seed)
     infos = train_experts(cache, key, cfg, tasks, jobs=args.jobs, threads=args.threads, log=log)
     experts = expert_scores(cache, key, cfg, tasks, log=log)
     with_heads = base_with_expert_heads(cache, key, cfg, tasks, log=log)
+    mixture = mixture_rows(cache, key, cfg, tasks, log=log) if args.mixture else {}
     ctx = Context(root=cache / "merges" / f"encoder_{key}_{cfg.tag}", base=cache / "encoder" / "base",
                   experts=tuple(str(expert_paths(cache, key, cfg, n)[0]) for n in names),
                   heads=tuple(str(expert_paths(cache, key, cfg, n)[1]) for n in names), task_names=tuple(names),
@@ -172,5 +203,5 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
             "base_with_heads_val": {n: float(np.mean(v)) for n, v in with_heads["val"].items()}}
     return {"names": names, "ctx": ctx, "base": {n: p["test"] for n, p in probes.items()},
             "experts": {n: e["test"] for n, e in experts.items()}, "meta": meta,
-            "extra_refs": {f"{BASE_WITH_HEADS} (λ=0)": with_heads["test"]},
+            "extra_refs": {f"{BASE_WITH_HEADS} (λ=0)": with_heads["test"], **mixture},
             "title": f"Track 1: all-MiniLM-L6-v2, {len(names)} tasks, test accuracy / expert's (95% CI)"}

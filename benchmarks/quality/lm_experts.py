@@ -57,8 +57,10 @@ def save_base(out: Path, log=print) -> Path:
     return out
 
 
-def finetune(frozen: FrozenPart, name: str, out_dir: Path, cfg: LMConfig, log=print) -> dict:
-    """The blocks above frozen.split, AdamW, cross-entropy of the answer's first token over the vocabulary."""
+def finetune(frozen: FrozenPart, names: list[str], out_dir: Path, cfg: LMConfig, log=print) -> dict:
+    """The blocks above frozen.split, AdamW, cross-entropy of the answer's first token over the vocabulary, on the
+    training data of `names`: one task makes its expert, all six the data-mixture model. Each batch holds one
+    task's examples (they share the task's prompt prefix); an epoch is every task's batches in one shuffled order."""
     seed_everything(cfg.seed)
     upper = blocks(load_model(frozen.base), frozen.split)
     for p in upper.parameters():
@@ -67,21 +69,25 @@ def finetune(frozen: FrozenPart, name: str, out_dir: Path, cfg: LMConfig, log=pr
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    task = frozen.tasks[name]
-    st = frozen.states(name, "train")
-    target = torch.tensor(answer_ids(frozen.tok, name, len(task["labels"])))[
-        torch.tensor([label for _, label in task["train"]])]
+    states = {n: frozen.states(n, "train") for n in names}
+    targets = {n: torch.tensor(answer_ids(frozen.tok, n, len(frozen.tasks[n]["labels"])))[
+        torch.tensor([label for _, label in frozen.tasks[n]["train"]])] for n in names}
     rng = np.random.default_rng(cfg.seed)
 
     def epoch():
-        order = rng.permutation(len(st["rest"]))
-        for i in range(0, len(order) - 1, cfg.batch_size):
-            yield order[i:i + cfg.batch_size]
+        batches = []
+        for n in names:
+            order = rng.permutation(len(states[n]["rest"]))
+            batches += [(n, order[i:i + cfg.batch_size]) for i in range(0, len(order) - 1, cfg.batch_size)]
+        if len(names) > 1:  # one task keeps its order, so an expert is the same with or without this line
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        yield from batches
 
-    def loss_fn(idx):
-        _, kv = run_prefix(upper, st["prefix"])  # with gradients: the prefix's keys depend on the tuned blocks
-        logits = answer_logits(upper, kv, [st["rest"][j] for j in idx])
-        return torch.nn.functional.cross_entropy(logits, target[idx])
+    def loss_fn(batch):
+        n, idx = batch
+        _, kv = run_prefix(upper, states[n]["prefix"])  # with gradients: the prefix's keys depend on the tuned blocks
+        logits = answer_logits(upper, kv, [states[n]["rest"][j] for j in idx])
+        return torch.nn.functional.cross_entropy(logits, targets[n][idx])
 
     upper.train()
     run = train_loop(params, opt, epoch, loss_fn, cfg.steps, log=log)
@@ -94,10 +100,33 @@ def finetune(frozen: FrozenPart, name: str, out_dir: Path, cfg: LMConfig, log=pr
     frozen.tok.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    info = {**asdict(cfg), "trained_blocks": list(range(frozen.split, len(model.model.layers))),
-            "train_examples": len(st["rest"]), "epochs": round(cfg.steps * cfg.batch_size / len(st["rest"]), 2), **run}
-    write_json(out_dir.parent / f"{name}.train.json", info)
+    examples = sum(len(states[n]["rest"]) for n in names)
+    info = {**asdict(cfg), "tasks": list(names), "trained_blocks": list(range(frozen.split, len(model.model.layers))),
+            "train_examples": examples, "epochs": round(cfg.steps * cfg.batch_size / examples, 2), **run}
+    write_json(out_dir.parent / f"{out_dir.name}.train.json", info)
     return info
+
+
+def mixture_rows(frozen: FrozenPart, names: list[str], root: Path, cfg: LMConfig, log=print) -> dict:
+    """The data-mixture baselines (one model fine-tuned on the union of the tasks' training data), scored like the
+    merges: with as many steps as all the experts together, and with as many as one expert."""
+    rows = {}
+    for label, steps in ((f"data mixture ({len(names)} x {cfg.steps} steps)", len(names) * cfg.steps),
+                         (f"data mixture ({cfg.steps} steps)", cfg.steps)):
+        mix = LMConfig(**{**asdict(cfg), "steps": steps})
+        out = root / f"mixture_{mix.tag}"
+        if not (out / "config.json").exists():
+            log(f"training {label}")
+            finetune(frozen, names, out, mix, log=lambda m: log(f"[mixture] {m}"))
+        path = root / f"mixture_{mix.tag}.scores.json"
+        if not path.exists():
+            write_json(path, {s: {n: v.tolist() for n, v in evaluate(out, frozen, s, names).items()}
+                              for s in ("val", "test")})
+        scores = read_json(path)
+        log(f"{label}: val {np.mean([np.mean(v) for v in scores['val'].values()]):.3f} "
+            f"test {np.mean([np.mean(v) for v in scores['test'].values()]):.3f}")
+        rows[label] = scores["test"]
+    return rows
 
 
 def prepare(args, prof: dict, cache: Path, log=print) -> dict:
@@ -117,7 +146,7 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
     root = cache / "lm"
     base = save_base(root / "base", log)
     cfg = LMConfig(steps=args.steps or prof["lm_steps"], lr=prof.get("lm_lr", LMConfig.lr),
-                   top_blocks=prof.get("lm_top_blocks", LMConfig.top_blocks))
+                   top_blocks=prof.get("lm_top_blocks", LMConfig.top_blocks), seed=args.seed)
     split = read_json(base / "config.json")["num_hidden_layers"] - cfg.top_blocks
     ph = prompt_hash()
     frozen = FrozenPart(base, split, root / f"states_{key}_p{ph}_below{split}", tasks)
@@ -135,7 +164,7 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
     for n in names:
         if not (exp_root / n / "config.json").exists():
             log(f"training LM expert {n} ({cfg.tag})")
-            finetune(frozen, n, exp_root / n, cfg, log=lambda m, n=n: log(f"[{n}] {m}"))
+            finetune(frozen, [n], exp_root / n, cfg, log=lambda m, n=n: log(f"[{n}] {m}"))
         infos[n] = read_json(exp_root / f"{n}.train.json")
     spath = exp_root / "scores.json"
     experts = read_json(spath) if spath.exists() else {}
@@ -144,6 +173,7 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
             experts[n] = {s: evaluate(exp_root / n, frozen, s, [n])[n].tolist() for s in ("val", "test")}
             write_json(spath, experts)
             log(f"LM expert {n}: val {np.mean(experts[n]['val']):.3f} test {np.mean(experts[n]['test']):.3f}")
+    mixture = mixture_rows(frozen, names, root / f"mixture_{key}_p{ph}", cfg, log) if args.mixture else {}
     set_threads(args.threads)
     ctx = Context(root=cache / "merges" / f"lm_{key}_p{ph}_{cfg.tag}", base=base,
                   experts=tuple(str(exp_root / n) for n in names), heads=(), task_names=tuple(names),
@@ -157,6 +187,6 @@ def prepare(args, prof: dict, cache: Path, log=print) -> dict:
             "expert_val": {n: float(np.mean(e["val"])) for n, e in experts.items() if n in tasks},
             "base_val": {n: float(np.mean(scores[n]["val"])) for n in names}}
     return {"names": names, "ctx": ctx, "base": {n: scores[n]["test"] for n in names},
-            "experts": {n: experts[n]["test"] for n in names}, "meta": meta,
+            "experts": {n: experts[n]["test"] for n in names}, "meta": meta, "extra_refs": mixture,
             "title": f"Track 2: SmolLM2-135M-Instruct (top {cfg.top_blocks} blocks tuned), {len(names)} tasks, "
                      f"test accuracy / expert's (95% CI)"}

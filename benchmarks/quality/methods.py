@@ -49,6 +49,12 @@ GRIDS: dict[str, tuple[dict, dict]] = {
     "iso_cts": ({"alpha": ALPHA}, {}),
 }
 
+# Where a track's earlier validation searches ended far from ALPHA, its grid starts there (the LM track's spectral
+# methods chose alpha 1.8-5.6 after up to six extensions from ALPHA: 2026-12-02, lm.md). Still chosen on validation
+# and still extended at an edge; only the steps to get there are saved.
+TRACK_KNOBS = {"lm": {"tsvm": {"alpha": (1.3333, 1.7777, 2.3702)}, "rtsvm": {"alpha": (1.3333, 1.7777, 2.3702)},
+                      "iso_c": {"alpha": (3.1601, 4.2133, 5.6175)}, "iso_cts": {"alpha": (3.1601, 4.2133, 5.6175)}}}
+
 # Extra rows: a method run with some parameters fixed (each gets its own knob search).
 # rtsvm: each addition on and off (the plain row is both on, its defaults), each with its own alpha search; then
 # one statistic at a time moved away from its default (both additions on) at one fixed alpha (the value validation
@@ -60,15 +66,27 @@ SWITCHES = {"rtsvm": [{"outlier_weighting": ow, "adaptive_rank": ar} for ow in (
                       if (ow, ar) != (True, True)]}
 STATISTICS = {"rtsvm": [{}, {"outlier_m": 5.0}, {"outlier_m": 2.0}, {"outlier_statistic": "median"},
                         {"outlier_weight": 0.5}, {"outlier_residual": "drop"}, {"eta": 0.8}, {"eta": 0.95}]}
+# rtsvm's candidate reconstructions (issue 15), each on top of the defaults: (fixed parameters, its own knob grid),
+# searched jointly with alpha on validation. The lambda grids follow each statistic's scale: an outlier share is
+# about 0.01-0.05 of the entries, an excess kurtosis about 1-100.
+CANDIDATES = {"rtsvm": [
+    ({"spectrum_outliers": True, "spectrum_outlier_shrink": 0.0}, {"spectrum_outlier_m": (1.5, 3.0)}),
+    ({"task_weighting": "outlier_share"}, {"task_weighting_lambda": (10.0, 50.0)}),
+    ({"task_weighting": "kurtosis"}, {"task_weighting_lambda": (0.1, 1.0)}),
+    ({"rank_allocation": "model"}, {"rank_budget": (0.5, 1.0, 2.0)}),
+]}
+ABLATIONS = ("none", "switches", "candidates", "all")  # each level runs the rows of the levels before it
 
 
-def variants(name: str, ablation: str, stat_alpha: float) -> list[dict]:
-    """The extra rows' fixed parameters: none, the switches, or also the statistics (`all`) at alpha stat_alpha."""
-    if ablation == "none":
-        return []
-    rows = list(SWITCHES.get(name, []))
-    if ablation == "all":
-        rows += [{**v, "alpha": stat_alpha} for v in STATISTICS.get(name, [])]
+def variants(name: str, ablation: str, stat_alpha: float) -> list[tuple[dict, dict]]:
+    """The extra rows as (fixed parameters, extra knobs): none, the switches, also the candidate reconstructions
+    (`candidates`), or also the statistics at alpha stat_alpha (`all`)."""
+    level = ABLATIONS.index(ablation)
+    rows = [(v, {}) for v in SWITCHES.get(name, [])] if level >= 1 else []
+    if level >= 2:
+        rows += CANDIDATES.get(name, [])
+    if level >= 3:
+        rows += [({**v, "alpha": stat_alpha}, {}) for v in STATISTICS.get(name, [])]
     return rows
 
 
@@ -115,10 +133,10 @@ def list_methods() -> dict[str, dict]:
     return found
 
 
-def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", stat_alpha: float = STAT_ALPHA["encoder"],
+def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", track: str = "encoder",
          log=print) -> list[Method]:
-    """The rows to run: every listed method (that takes n_models models), plus the variants (ablation: "none",
-    "switches" = only the on/off switches, or "all" = also the statistics at alpha stat_alpha)."""
+    """The rows to run on `track`: every listed method (that takes n_models models), plus the variants of
+    `ablation` (one of ABLATIONS, see variants())."""
     rows = []
     for name, info in list_methods().items():
         if only and name not in only:
@@ -127,11 +145,13 @@ def plan(n_models: int, only: list[str] | None = None, ablation: str = "all", st
             log(f"skip {name}: merges {info['min_models']}..{info['max_models'] or 'any'} models, not {n_models}")
             continue
         knobs, fixed = GRIDS.get(name, ({}, {}))
+        knobs = {**knobs, **TRACK_KNOBS.get(track, {}).get(name, {})}
         rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"], dict(knobs),
                            dict(fixed), known=name in GRIDS))
-        for extra in variants(name, ablation, stat_alpha):
+        for extra, extra_knobs in variants(name, ablation, STAT_ALPHA[track]):
             rows.append(Method(name, info["needs_base"], info["min_models"], info["max_models"],
-                               {k: v for k, v in knobs.items() if k not in extra}, {**fixed, **extra}))
+                               {**{k: v for k, v in knobs.items() if k not in extra}, **extra_knobs},
+                               {**fixed, **extra}))
     return rows
 
 

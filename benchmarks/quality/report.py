@@ -65,7 +65,7 @@ def summarise(track: str, tasks: list[str], base: dict, experts: dict, search: d
                  "task_acc": accs, "task_ci": {t: ci(d["task"][i]) for i, t in enumerate(tasks)},
                  "avg": float(np.mean(list(accs.values()))), "avg_ci": ci(d["acc"]),
                  "norm": float(np.mean([accs[t] / max(expert[t].mean(), 1e-9) for t in tasks])), "norm_ci": ci(d["norm"])}
-        if best is not None and name in merged:
+        if best is not None:  # references too: how far the experts and the data-mixture models are from it
             diff = d["acc"] - draws[best]["acc"]
             entry["diff_to_best"] = float(entry["avg"] - np.mean([merged[best][t].mean() for t in tasks]))
             entry["diff_to_best_ci"] = ci(diff)
@@ -146,8 +146,8 @@ def ablation_markdown(summary: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     out = []
     fixed_refs = sorted({e["ablation_ref"] for e in rows} - {ABLATION_REF})
-    groups = [(ABLATION_REF, "each addition on/off, each with alpha chosen on validation; Δ against the defaults "
-                             "(`rtsvm`, both on)")]
+    groups = [(ABLATION_REF, "each addition on/off, and each candidate reconstruction on top of the defaults, each "
+                             "with alpha (and its own knob) chosen on validation; Δ against the defaults (`rtsvm`)")]
     for ref in fixed_refs:
         alpha = next(e["fixed"]["alpha"] for e in rows if e["ablation_ref"] == ref)
         groups.append((ref, f"one statistic at a time away from its default (both additions on), alpha fixed at "
@@ -188,6 +188,27 @@ def document(summary: dict, title: str) -> str:
     if summary.get("errors"):
         parts += ["", "### Failed rows", ""] + [f"- {k}: {v.splitlines()[0] if v else ''}" for k, v in summary["errors"].items()]
     return "\n".join(parts)
+
+
+def seeds_markdown(by_seed: dict[int, dict]) -> str:
+    """The rows that every fine-tuning seed ran, side by side: how much a row, and its gap to the best merge, move
+    when only the experts' seed changes (the data, splits, grids and merge code being the same)."""
+    seeds = sorted(by_seed)
+    rows = [{e["row"]: e for e in by_seed[s]["rows"]} for s in seeds]
+    common = [label for label in rows[0] if all(label in r for r in rows[1:])]
+    head = (["row"] + [f"avg, seed {s}" for s in seeds] + [f"Δ best, seed {s} [CI]" for s in seeds]
+            + ["seed spread of avg", "seed spread of Δ best"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in common:
+        es = [r[label] for r in rows]
+        spread = lambda xs: f"{100 * (max(xs) - min(xs)):.1f}"
+        cells = [label] + [f"{_pct(e['avg'])} ({e['knob'] or '—'})" for e in es]
+        cells += [f"{100 * e['diff_to_best']:+.1f} {_pci(e['diff_to_best_ci'])}" for e in es]
+        cells += [spread([e["avg"] for e in es]), spread([e["diff_to_best"] for e in es])]
+        lines.append("| " + " | ".join(cells) + " |")
+    best = ", ".join(f"seed {s}: {by_seed[s]['best_merge']}" for s in seeds)
+    return (f"Best merge per seed: {best}. Intervals: test-set bootstrap within one seed; the spread columns are the "
+            f"largest minus the smallest value over the seeds, for the same knobs' search.\n\n" + "\n".join(lines))
 
 
 def write_csv(summary: dict, path: Path) -> None:

@@ -20,6 +20,7 @@ tables under the cache only.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.quality import methods as M
-from benchmarks.quality.common import RESULTS, default_cache, set_threads, write_json
+from benchmarks.quality.common import RESULTS, default_cache, read_json, set_threads, write_json
 
 # Track 2 costs ~10x track 1 per merge on CPU (a 135M decoder, prompts of ~80 tokens): one method per family
 LM_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "model_stock", "tsvm", "rtsvm",
@@ -63,9 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="override the encoder learning rate")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods")
     p.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
-    p.add_argument("--ablation", choices=["none", "switches", "all"], default="all",
-                   help="rtsvm ablation rows: none, each addition on/off (switches), or also its statistics (all)")
+    p.add_argument("--ablation", choices=M.ABLATIONS, default="all",
+                   help="rtsvm's extra rows: none, each addition on/off (switches), also the candidate "
+                        "reconstructions (candidates), or also its statistics (all)")
     p.add_argument("--no-ablation", dest="ablation", action="store_const", const="none", help="same as --ablation none")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fine-tuning seed of the experts and data-mixture models (the splits keep seed 0); the "
+                        "tables get a _seed<N> suffix unless it is 0, and <track>_seeds.md compares the seeds")
+    p.add_argument("--mixture", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fine-tune and score the data-mixture baselines")
     p.add_argument("--no-extend", action="store_true", help="do not extend knob grids at their edges")
     p.add_argument("--extend-steps", type=int, default=None,
                    help="how many times a grid may be extended past an edge where its best value lies (default: 2 "
@@ -83,8 +90,8 @@ def profile_of(args) -> tuple[str, dict]:
     return name, prof
 
 
-def method_rows(prof: dict, n_models: int, ablation: str, stat_alpha: float, log) -> list[M.Method]:
-    rows = M.plan(n_models, only=prof["methods"], ablation=ablation, stat_alpha=stat_alpha, log=log)
+def method_rows(prof: dict, n_models: int, ablation: str, track: str, log) -> list[M.Method]:
+    rows = M.plan(n_models, only=prof["methods"], ablation=ablation, track=track, log=log)
     if prof["single_point"]:  # tiny: the middle value of each knob, nothing else
         for r in rows:
             r.knobs = {k: (v[len(v) // 2],) for k, v in r.knobs.items()}
@@ -104,15 +111,20 @@ def run_track(track: str, args, name: str, prof: dict, cache: Path, results: Pat
     names = setup["names"]
     if track == "lm" and not args.methods and prof.get("lm_methods"):
         prof = {**prof, "methods": prof["lm_methods"]}
-    rows = method_rows(prof, len(names), args.ablation, M.STAT_ALPHA[track], log)
+    rows = method_rows(prof, len(names), args.ablation, track, log)
     extend_steps = 0 if args.no_extend or prof["single_point"] else (
         M.EXTEND_STEPS[track] if args.extend_steps is None else args.extend_steps)
     found = search(setup["ctx"], rows, jobs=args.jobs, extend_steps=extend_steps, log=log)
     summary = report.summarise(track, names, setup["base"], setup["experts"], found, {"profile": name, **setup["meta"]},
                                setup.get("extra_refs"))
-    suffix = "" if name == "full" else f"_{name}"
-    md = report.write_all(summary, results, f"{track}{suffix}", setup["title"])
+    profile_suffix = "" if name == "full" else f"_{name}"
+    seed_suffix = f"_seed{args.seed}" if args.seed else ""
+    md = report.write_all(summary, results, f"{track}{profile_suffix}{seed_suffix}", setup["title"])
     log("\n" + md)
+    by_seed = {int(m.group(1) or 0): read_json(f) for f in results.glob(f"{track}{profile_suffix}*.json")
+               if (m := re.fullmatch(rf"{track}{profile_suffix}(?:_seed(\d+))?\.json", f.name))}
+    if len(by_seed) > 1:
+        (results / f"{track}{profile_suffix}_seeds.md").write_text(report.seeds_markdown(by_seed) + "\n")
     return summary
 
 
