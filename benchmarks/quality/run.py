@@ -142,8 +142,10 @@ def main(argv=None) -> int:
         if args.track in (track, "all"):
             out[track] = run_track(track, args, name, prof, cache, results, log)
     tracks = "" if args.track == "all" else f"_{args.track}"
-    write_json(results / f"last_run_{name}{tracks}.json", {"seconds": round(time.time() - start, 1), "args": vars(args)
-                                                   | {"cache": str(cache), "results": str(results)}})
+    seed_suffix = f"_seed{args.seed}" if args.seed else ""
+    run_record = {"seconds": round(time.time() - start, 1),
+                  "args": vars(args) | {"cache": str(cache), "results": str(results)}}
+    write_json(results / f"last_run_{name}{tracks}{seed_suffix}.json", run_record)
     log("done")
     return 0
 
