@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,8 +265,10 @@ def test_too_many_workers_is_a_clear_error(tmp_path, family_fp32_single, ray_add
 
 class FlakyWorker:
     """Runs a unit by name, writing one file per start; the first time it starts a unit listed in `dies_on`, the
-    whole worker process dies. With `dies_coming_up`, the first replacement actor dies before it is up (as one
-    placed on a node that is going away)."""
+    whole worker process dies, once the driver has collected the results of the units this actor ran before
+    (each marked by a `<name>.collected` file): a process that exits right after a task may lose that task's reply,
+    and the pool then rightly counts the task as unfinished. With `dies_coming_up`, the first replacement actor dies
+    before it is up (as one placed on a node that is going away)."""
 
     def __init__(self, log_dir: str, dies_coming_up: bool = False):
         self.log, self.dies_coming_up = Path(log_dir), dies_coming_up
@@ -281,6 +284,10 @@ class FlakyWorker:
         starts = len(list(self.log.glob(f"{name}.start*")))
         (self.log / f"{name}.start{starts}").touch()
         if name in dies_on and starts == 0:
+            earlier = [f.name.split(".")[0] for f in self.log.glob("*.start0") if not f.name.startswith(f"{name}.")]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all((self.log / f"{e}.collected").exists() for e in earlier):
+                time.sleep(0.01)
             os._exit(1)
         return name
 
@@ -302,7 +309,11 @@ def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_addres
     units = [WorkUnit(index=i, shard=name, tensors=(), cost=0.0) for i, name in enumerate("ABC")]
     done = []
     try:
-        pool.run(units, lambda actor, unit: actor.run.remote(unit.shard, ("B",)), lambda unit, r: done.append(r))
+        def collected(unit, result):
+            done.append(result)
+            (tmp_path / f"{result}.collected").touch()
+
+        pool.run(units, lambda actor, unit: actor.run.remote(unit.shard, ("B",)), collected)
     finally:
         for actor in pool.actors:
             ray.kill(actor)
