@@ -176,11 +176,12 @@ def test_tsvm_of_a_task_and_its_copy_is_that_task(problem):
     close(run("tsvm", base, [deltas[0], deltas[0]], svd="exact") - base, expected, 1e-4)
 
 
-def test_rtsvm_with_both_switches_off_writes_tsvms_bytes(problem):
+def test_rtsvm_with_every_addition_off_writes_tsvms_bytes(problem):
     base, deltas = problem
     for svd in ("exact", "randomized"):
         a = run("tsvm", base, deltas, svd=svd, alpha=0.7)
-        b = run("rtsvm", base, deltas, svd=svd, alpha=0.7, outlier_weighting=False, adaptive_rank=False)
+        b = run("rtsvm", base, deltas, svd=svd, alpha=0.7, outlier_weighting=False, adaptive_rank=False,
+                spectrum_outliers=False)
         assert np.array_equal(a, b)
 
 
@@ -190,8 +191,8 @@ def test_rtsvm_outlier_weighting_matches_the_reference(problem, residual, statis
     base, deltas = problem
     gen = np.random.default_rng(5)
     spiky = [d + (gen.random(d.shape) < 0.01) * gen.standard_normal(d.shape) * 0.5 for d in deltas]
-    actual = run("rtsvm", base, spiky, svd="exact", adaptive_rank=False, outlier_m=3.0, outlier_weight=0.25,
-                 outlier_statistic=statistic, outlier_residual=residual, alpha=0.9)
+    actual = run("rtsvm", base, spiky, svd="exact", adaptive_rank=False, spectrum_outliers=False, outlier_m=3.0,
+                 outlier_weight=0.25, outlier_statistic=statistic, outlier_residual=residual, alpha=0.9)
     weighted = [ref.downweight_outliers(d, 3.0, 0.25, statistic) for d in spiky]
     expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted])
     if residual == "add":
@@ -211,7 +212,8 @@ def test_rtsvm_adaptive_rank_keeps_the_energy_share_within_the_budget():
         u, _ = np.linalg.qr(gen.standard_normal((60, 60)))
         v, _ = np.linalg.qr(gen.standard_normal((60, 60)))
         deltas.append((u * s) @ v.T)
-    actual = run("rtsvm", np.zeros((60, 60)), deltas, svd="exact", outlier_weighting=False, eta=0.9)
+    actual = run("rtsvm", np.zeros((60, 60)), deltas, svd="exact", outlier_weighting=False, spectrum_outliers=False,
+                 eta=0.9)
     # by hand: task 0 holds 9/14.0057 = 64.3% in 1 direction, 13/14.0057 = 92.8% in 2 -> k = 2
     assert run.stats["rank_kept"] == [2, 30] == [ref.energy_rank(d, 0.9, 30) for d in deltas]
     close(actual, ref.tsvm(np.zeros((60, 60)), deltas, ranks=[2, 30]), 1e-5)
@@ -223,24 +225,31 @@ def spiky(deltas, rates=(0.01, 0.01, 0.01), seed=5):
     return [d + (gen.random(d.shape) < rate) * gen.standard_normal(d.shape) * 0.5 for d, rate in zip(deltas, rates)]
 
 
-def test_rtsvm_with_the_candidate_switches_off_is_todays_rtsvm(problem):
-    """task_weighting none, spectrum_outliers false, rank_allocation tensor, set explicitly: the bytes of rtsvm's
-    defaults, and the reference of outlier weighting with the adaptive rank (both on by default)."""
+@pytest.mark.parametrize("spectrum_outliers", [True, False])
+def test_rtsvm_defaults_match_the_reference(problem, spectrum_outliers):
+    """The defaults: outlier weighting, the adaptive rank, and the kept singular values clipped at 1.5 x their
+    median (spectrum_outliers: false leaves them); the other candidates off, the same bytes as set explicitly."""
     base, deltas = problem
     tasks = spiky(deltas)
-    off = dict(task_weighting="none", spectrum_outliers=False, rank_allocation="tensor")
+    explicit = dict(outlier_weighting=True, adaptive_rank=True, spectrum_outlier_m=1.5, spectrum_outlier_shrink=0.0,
+                    task_weighting="none", rank_allocation="tensor")
     for svd in ("auto", "randomized", "exact"):
-        assert np.array_equal(run("rtsvm", base, tasks, svd=svd, **off), run("rtsvm", base, tasks, svd=svd))
-    actual = run("rtsvm", base, tasks, svd="exact", **off)
+        assert np.array_equal(run("rtsvm", base, tasks, svd=svd, spectrum_outliers=spectrum_outliers, **explicit),
+                              run("rtsvm", base, tasks, svd=svd, **({} if spectrum_outliers else
+                                                                     {"spectrum_outliers": False})))
+    actual = run("rtsvm", base, tasks, svd="exact", spectrum_outliers=spectrum_outliers)
     weighted = [ref.downweight_outliers(d, 3.0, 0.0) for d in tasks]
     ranks = [ref.energy_rank(w, 0.9, 13) for w, _ in weighted]
-    expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted], ranks=ranks) + sum(e for _, e in weighted)
-    close(actual - base, expected, 2e-5)
+    spectrum = (lambda s: ref.shrink_spectrum(s, 1.5, 0.0)) if spectrum_outliers else None
+    expected = ref.tsvm(np.zeros_like(base), [w for w, _ in weighted], ranks=ranks, spectrum=spectrum)
+    close(actual - base, expected + sum(e for _, e in weighted), 2e-5)
     assert run.stats["rank_kept"] == ranks
-    assert not {"tail_weights", "spectrum_outlier_share", "rank_cap"} & set(run.stats)
+    assert ("spectrum_outlier_share" in run.stats) == spectrum_outliers
+    assert not {"tail_weights", "rank_cap"} & set(run.stats)
 
 
-CANDIDATES_OFF = dict(outlier_weighting=False, adaptive_rank=False)
+OW_AR_OFF = dict(outlier_weighting=False, adaptive_rank=False)  # spectral outliers set by each test
+EVERY_ADDITION_OFF = dict(OW_AR_OFF, spectrum_outliers=False)
 
 
 @pytest.mark.parametrize("svd", ["exact", "gram"])
@@ -252,7 +261,7 @@ def test_rtsvm_spectrum_outliers_shrink_a_known_spectrum_by_hand(svd, m, shrink,
     """One task, diag(10, 4, 3, 2, 1, 0.5): all 6 triplets kept (T = 1), polar factors the identity."""
     spectrum = np.array([10.0, 4.0, 3.0, 2.0, 1.0, 0.5])
     actual = run("rtsvm", np.zeros((6, 6)), [np.diag(spectrum)], svd=svd, spectrum_outliers=True,
-                 spectrum_outlier_m=m, spectrum_outlier_shrink=shrink, **CANDIDATES_OFF)
+                 spectrum_outlier_m=m, spectrum_outlier_shrink=shrink, **OW_AR_OFF)
     close(actual, np.diag(diagonal), 1e-6)
     assert run.stats["spectrum_outlier_share"] == [np.mean(spectrum > m * 2.5)]
 
@@ -261,7 +270,7 @@ def test_rtsvm_spectrum_outliers_shrink_a_known_spectrum_by_hand(svd, m, shrink,
 def test_rtsvm_spectrum_outliers_match_the_reference(problem, svd):
     base, deltas = problem
     actual = run("rtsvm", base, deltas, svd=svd, spectrum_outliers=True, spectrum_outlier_m=1.5,
-                 spectrum_outlier_shrink=0.3, alpha=0.8, **CANDIDATES_OFF)
+                 spectrum_outlier_shrink=0.3, alpha=0.8, **OW_AR_OFF)
     expected = ref.tsvm(base, deltas, alpha=0.8, spectrum=lambda s: ref.shrink_spectrum(s, 1.5, 0.3))
     close(actual - base, expected - base, 2e-5)
     kept = [np.linalg.svd(d, compute_uv=False)[:13] for d in deltas]
@@ -272,7 +281,7 @@ def test_rtsvm_spectrum_outliers_match_the_reference(problem, svd):
 def test_rtsvm_spectrum_outliers_kept_whole_are_tsvm(problem):
     """spectrum_outlier_shrink: 1 changes no singular value: tsvm's bytes (the other end, 0, clips)."""
     base, deltas = problem
-    kept = run("rtsvm", base, deltas, spectrum_outliers=True, spectrum_outlier_shrink=1.0, **CANDIDATES_OFF)
+    kept = run("rtsvm", base, deltas, spectrum_outliers=True, spectrum_outlier_shrink=1.0, **OW_AR_OFF)
     assert np.array_equal(kept, run("tsvm", base, deltas))
 
 
@@ -289,7 +298,7 @@ def test_rtsvm_task_weights_from_known_tails_by_hand(how, strength, tasks, tails
     u = [1 / (1 + strength * tail) for tail in tails]
     weights = [2 * x / sum(u) for x in u]  # [1/1.2, 1.4/1.2] and [2/6.7, 11.4/6.7]
     actual = run("rtsvm", np.zeros((10, 10)), tasks, svd="exact", task_weighting=how, task_weighting_lambda=strength,
-                 **CANDIDATES_OFF)
+                 **EVERY_ADDITION_OFF)
     assert run.stats["tail_statistic"] == pytest.approx(tails, abs=1e-12)
     assert run.stats["tail_weights"] == pytest.approx(weights, rel=1e-12)
     assert np.array_equal(actual, run("tsvm", np.zeros((10, 10)), tasks, svd="exact", weight=weights))
@@ -300,7 +309,7 @@ def test_rtsvm_task_weights_match_the_reference(problem, how, strength):
     """Heavy-tail weights from the raw task vectors, then outlier weighting (on by default) of the weighted ones."""
     base, deltas = problem
     tasks = spiky(deltas, rates=(0.002, 0.01, 0.03))
-    actual = run("rtsvm", base, tasks, svd="exact", adaptive_rank=False, task_weighting=how,
+    actual = run("rtsvm", base, tasks, svd="exact", adaptive_rank=False, spectrum_outliers=False, task_weighting=how,
                  task_weighting_lambda=strength)
     tails = [ref.tail_statistic(d, how) for d in tasks]
     weights = ref.heavy_tail_weights(tails, strength)
@@ -349,7 +358,7 @@ def test_rtsvm_model_rank_allocation_of_a_two_matrix_model_by_hand(svd):
     short, long = [3.0, 1.0], [4.0, 3.0, 2.0, 1.0]
     model = {"a": (np.zeros((8, 8)), [diagonal_in([0, 1], short), diagonal_in([4, 5, 6, 7], long)]),
              "b": (np.zeros((8, 8)), [diagonal_in([0, 1, 2, 3], long), diagonal_in([4, 5], short)])}
-    params = dict(svd=svd, rank_allocation="model", rank_budget=0.75, **CANDIDATES_OFF)
+    params = dict(svd=svd, rank_allocation="model", rank_budget=0.75, **EVERY_ADDITION_OFF)
     budget = model_first_pass("rtsvm", model, **params)
     assert budget == {"rank_budget": 6, "effective_rank_total": [3852, 3852]}
     expected = {"a": ([1, 4], diagonal_in([0, 4, 5, 6, 7], [3.0, 4.0, 3.0, 2.0, 1.0])),
@@ -386,7 +395,7 @@ def test_rtsvm_model_rank_allocation_matches_the_reference(svd, adaptive):
     """The caps from every matrix's effective rank (of the outlier-weighted task vectors, the SVDs' input), the
     adaptive rank within them, the merge per matrix; the norm averaged."""
     model = random_model()
-    params = dict(svd=svd, adaptive_rank=adaptive, rank_allocation="model", rank_budget=0.6)
+    params = dict(svd=svd, adaptive_rank=adaptive, spectrum_outliers=False, rank_allocation="model", rank_budget=0.6)
     budget = model_first_pass("rtsvm", model, **params)
     matrices = [(name, e) for name, (base, _) in model.items() if base.ndim >= 2
                 for e in ([None] if base.ndim == 2 else range(base.shape[0]))]
@@ -413,7 +422,7 @@ def test_rtsvm_model_rank_allocation_matches_the_reference(svd, adaptive):
 def test_rtsvm_model_budget_beyond_every_cap_is_tsvm():
     """A budget large enough that every matrix's share exceeds floor(r/T): tsvm's ranks and bytes (svd: auto)."""
     model = random_model()
-    params = dict(rank_allocation="model", rank_budget=50.0, **CANDIDATES_OFF)
+    params = dict(rank_allocation="model", rank_budget=50.0, **EVERY_ADDITION_OFF)
     budget = model_first_pass("rtsvm", model, **params)
     for name, (base, deltas) in model.items():
         assert np.array_equal(run("rtsvm", base, deltas, name=name, first_pass=budget, **params),

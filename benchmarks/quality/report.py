@@ -181,9 +181,10 @@ def document(summary: dict, title: str) -> str:
     abl = ablation_markdown(summary)
     if abl:
         parts += ["", "### R-TSVM ablation", "",
-                  "OW = outlier-aware weighting, AR = sparsity-adaptive rank. The plain `rtsvm` row runs the defaults "
-                  "(both on, outlier_m 3, mean statistic, outlier_weight 0, residual add, eta 0.9). `tsvm` and "
-                  "`rtsvm [OW off, AR off]` compute the same merge. val Δ / test Δ: difference to the reference row "
+                  "OW = outlier-aware weighting, AR = sparsity-adaptive rank, SO = spectral outliers clipped. The "
+                  "plain `rtsvm` row runs the defaults (all three on: outlier_m 3, mean statistic, outlier_weight 0, "
+                  "residual add, eta 0.9, spectrum_outlier_m 1.5). `tsvm` and `rtsvm [OW off, AR off, SO off]` "
+                  "compute the same merge. val Δ / test Δ: difference to the reference row "
                   "on validation / test (test interval paired over the same resamples).", "", abl]
     if summary.get("errors"):
         parts += ["", "### Failed rows", ""] + [f"- {k}: {v.splitlines()[0] if v else ''}" for k, v in summary["errors"].items()]

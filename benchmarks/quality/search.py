@@ -8,6 +8,7 @@ processes; stored scores are reused on the next run.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import re
 import shutil
@@ -66,13 +67,33 @@ def _evaluate(ctx: Context, model_dir: Path, split: str) -> dict[str, list[int]]
     return {n: v.astype(int).tolist() for n, v in res.items()}
 
 
+# Score entries written before they recorded the method's defaults: still valid for every method but these, whose
+# defaults changed since (rtsvm: spectral outliers on, 2026-12-03).
+DEFAULTS_CHANGED_SINCE_UNRECORDED = {"rtsvm"}
+
+
+def method_defaults(name: str, models: int) -> dict:
+    """The parameters the CLI fills in where a row's YAML is silent, as JSON stores them: a changed default changes
+    the merge behind an unchanged YAML, so a cached score counts only while they are the same."""
+    from distmerge.methods import get_method
+
+    return json.loads(json.dumps(get_method(name).defaults(models), default=str))
+
+
+def still_valid(entry: dict, row: M.Method, defaults: dict) -> bool:
+    if "defaults" in entry:
+        return entry["defaults"] == defaults
+    return row.name not in DEFAULTS_CHANGED_SINCE_UNRECORDED
+
+
 def run_unit(args) -> tuple[str, str, dict | None, str | None]:
     """Merge + evaluate one (row, point) on one or more splits; returns (label, point key, {split: result}, error)."""
     ctx, row, point, splits = args
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     set_threads(ctx.threads)
     paths = {s: score_path(ctx, row, point, s) for s in splits}
-    done = {s: read_json(p) for s, p in paths.items() if p.exists()}
+    defaults = method_defaults(row.name, len(ctx.experts))
+    done = {s: entry for s, p in paths.items() if p.exists() and still_valid(entry := read_json(p), row, defaults)}
     if len(done) == len(splits):
         return row.label, M.point_key(point), done, None
     work = ctx.root / "work" / slug(row.label) / slug(M.point_key(point))
@@ -90,7 +111,7 @@ def run_unit(args) -> tuple[str, str, dict | None, str | None]:
             correct = _evaluate(ctx, out, split)
             done[split] = {"row": row.label, "method": row.name, "point": point, "fixed": row.fixed, "split": split,
                            "merge_seconds": round(t_merge, 1), "eval_seconds": round(time.time() - t1, 1),
-                           "correct": correct, "config": cfg.read_text()}
+                           "correct": correct, "config": cfg.read_text(), "defaults": defaults}
             write_json(paths[split], done[split])
         return row.label, M.point_key(point), done, None
     except Exception as exc:  # reported in the results, never silently dropped
