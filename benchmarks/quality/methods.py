@@ -68,9 +68,10 @@ STATISTICS = {"rtsvm": [{}, {"outlier_m": 5.0}, {"outlier_m": 2.0}, {"outlier_st
                         {"outlier_weight": 0.5}, {"outlier_residual": "drop"}, {"eta": 0.8}, {"eta": 0.95}]}
 # rtsvm's candidate reconstructions (issue 15), each on top of the defaults: (fixed parameters, its own knob grid),
 # searched jointly with alpha on validation. The spectral outliers won on validation on both tracks (2026-12-03) and
-# are now part of the defaults; their row searches the threshold around its default. The lambda grids follow each statistic's scale: an outlier share is
-# about 0.01-0.05 of the entries, an excess kurtosis about 1-100. The budget counts every SVD-merged matrix, the
-# untouched ones too (on the LM track 18 of 30 blocks are not tuned): only a budget below 12/30 can bind there.
+# are now part of the defaults; their row searches the threshold around its default. The lambda grids follow each
+# statistic's scale: an outlier share is about 0.01-0.05 of the entries, an excess kurtosis about 1-100. The budget
+# counts every SVD-merged matrix, the untouched ones too (on the LM track 18 of 30 blocks are not tuned): only a
+# budget below 12/30 can bind there.
 CANDIDATES = {"rtsvm": [
     ({"spectrum_outliers": True, "spectrum_outlier_shrink": 0.0}, {"spectrum_outlier_m": (1.0, 1.5, 3.0)}),
     ({"task_weighting": "outlier_share"}, {"task_weighting_lambda": (10.0, 50.0)}),
