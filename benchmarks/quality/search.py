@@ -168,7 +168,9 @@ def search(ctx: Context, rows: list[M.Method], jobs: int, extend_steps: int, log
     chosen = {}
     for r in rows:
         if val[r.label]:
-            best_key = max(val[r.label], key=lambda k: mean_acc(val[r.label][k]))
+            # in grid order, not in the order the parallel merges finished: a tie goes to the earlier point
+            keys = [k for k in map(M.point_key, points[r.label]) if k in val[r.label]]
+            best_key = max(keys, key=lambda k: mean_acc(val[r.label][k]))
             chosen[r.label] = (r, val[r.label][best_key]["point"])
     todo = [(ctx, r, p, "test") for label, (r, p) in chosen.items() if label not in test]
     log(f"test: {len(todo)} merge(s)")
