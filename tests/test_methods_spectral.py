@@ -233,10 +233,10 @@ def test_rtsvm_defaults_match_the_reference(problem, spectrum_outliers):
     tasks = spiky(deltas)
     explicit = dict(outlier_weighting=True, adaptive_rank=True, spectrum_outlier_m=1.5, spectrum_outlier_shrink=0.0,
                     task_weighting="none", rank_allocation="tensor")
+    implicit = {} if spectrum_outliers else {"spectrum_outliers": False}
     for svd in ("auto", "randomized", "exact"):
         assert np.array_equal(run("rtsvm", base, tasks, svd=svd, spectrum_outliers=spectrum_outliers, **explicit),
-                              run("rtsvm", base, tasks, svd=svd, **({} if spectrum_outliers else
-                                                                     {"spectrum_outliers": False})))
+                              run("rtsvm", base, tasks, svd=svd, **implicit))
     actual = run("rtsvm", base, tasks, svd="exact", spectrum_outliers=spectrum_outliers)
     weighted = [ref.downweight_outliers(d, 3.0, 0.0) for d in tasks]
     ranks = [ref.energy_rank(w, 0.9, 13) for w, _ in weighted]

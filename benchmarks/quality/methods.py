@@ -56,10 +56,10 @@ TRACK_KNOBS = {"lm": {"tsvm": {"alpha": (1.3333, 1.7777, 2.3702)}, "rtsvm": {"al
                       "iso_c": {"alpha": (3.1601, 4.2133, 5.6175)}, "iso_cts": {"alpha": (3.1601, 4.2133, 5.6175)}}}
 
 # Extra rows: a method run with some parameters fixed (each gets its own knob search).
-# rtsvm: each addition on and off (the plain row is both on, its defaults), each with its own alpha search; then
-# one statistic at a time moved away from its default (both additions on) at one fixed alpha (the value validation
-# chose for the defaults on that track), next to the defaults at that alpha: one merge each (a CPU budget). The
-# ablation table and the proposed defaults come from these rows (read on validation first).
+# rtsvm: each addition off in turn, and all off (the plain row is all on, its defaults), each with its own alpha
+# search; then one statistic at a time moved away from its default (every addition on) at one fixed alpha (the
+# value validation chose for the defaults on that track), next to the defaults at that alpha: one merge each (a CPU
+# budget). The ablation table and the proposed defaults come from these rows (read on validation first).
 STAT_ALPHA = {"encoder": 0.3333,  # track 1's validation choice for rtsvm (grid 0.5, 0.75, 1 extended down)
               "lm": 1.7777}       # track 2's (grid 0.5, 0.75, 1 extended up)
 ADDITIONS = ("outlier_weighting", "adaptive_rank", "spectrum_outliers")  # rtsvm's, all on by default

@@ -150,7 +150,7 @@ def ablation_markdown(summary: dict) -> str:
                              "with alpha (and its own knob) chosen on validation; Δ against the defaults (`rtsvm`)")]
     for ref in fixed_refs:
         alpha = next(e["fixed"]["alpha"] for e in rows if e["ablation_ref"] == ref)
-        groups.append((ref, f"one statistic at a time away from its default (both additions on), alpha fixed at "
+        groups.append((ref, f"one statistic at a time away from its default (every addition on), alpha fixed at "
                             f"{alpha:g}; Δ against the defaults at that alpha"))
     for ref, what in groups:
         sel = [e for e in rows if e["ablation_ref"] == ref]
