@@ -73,12 +73,13 @@ class InputStack:
     def __init__(self):
         self._buffer: torch.Tensor | None = None
 
-    def load(self, plan: MergePlan, job: TensorJob, device: torch.device, rows: tuple[int, int] | None = None):
+    def load(self, plan: MergePlan, job: TensorJob, device: torch.device, rows: tuple[int, int] | None = None,
+             check: bool = True):
         """(base, models): the base tensor (or None) and the T fine-tuned tensors stacked, in the compute dtype;
-        rows `rows[0]:rows[1]` of them only, when given."""
+        rows `rows[0]:rows[1]` of them only, when given; each scanned for NaN and Inf unless `check` is False."""
         dtype = getattr(torch, plan.config.compute_dtype)
-        inputs = ([plan.base] if plan.base else []) + list(plan.models)
         shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+        inputs = plan.inputs()
         numel = len(inputs) * math.prod(shape)
         buffer = self._buffer  # one plan and one device per unit: only the size changes
         if buffer is None or buffer.numel() < numel:
@@ -86,7 +87,7 @@ class InputStack:
             self._buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
         stack = buffer[:numel].view(len(inputs), *shape)
         for slot, ckpt in zip(stack, inputs):
-            slot.copy_(read_checked(ckpt, job.name, rows))
+            slot.copy_(read_checked(ckpt, job.name, rows) if check else ckpt.read(job.name, rows))
         return (stack[0], stack[1:]) if plan.base else (None, stack)
 
     def holds(self, tensor: torch.Tensor) -> bool:
@@ -109,11 +110,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device, inputs: 
     `first_pass`: the result of the method's first pass, when the plan has one."""
     if not job.merge:
         return plan.reference.read(job.name), {}
-    base, models = inputs.load(plan, job, device, rows)
+    scan_inputs = not plan.spec.non_finite_reaches_output
+    base, models = inputs.load(plan, job, device, rows, check=scan_inputs)
     ctx = tensor_context(plan, job, rows, first_pass)
     merged = plan.spec.fn(base, models, job.params, ctx)
     out = merged.to(DTYPES[job.out_dtype][0])
     if not all_finite(out):
+        if not scan_inputs:  # a corrupt input, or an overflow: the inputs' own scan tells which
+            for ckpt in plan.inputs():
+                read_checked(ckpt, job.name, rows)
         raise ConfigError(f"merged tensor {job.name} has values outside the range of "
                           f"{CODE_TO_NAME.get(job.out_dtype, job.out_dtype)}; "
                           "save in bfloat16 or float32 (out_dtype), or lower lambda/weights")

@@ -128,14 +128,22 @@ def test_integer_versus_float_tensor(tmp_path, family_fp32_single):
                       "I32")
 
 
-def test_nan_in_an_input_tensor_names_model_and_tensor_and_leaves_no_model(tmp_path, family_fp32_single):
+# ties scans each input; linear and task_arithmetic scan only their result, and trace a non-finite one back (a
+# zero weight as well: 0 * NaN and 0 * inf are NaN)
+@pytest.mark.parametrize("method, value, weight", [("ties", float("nan"), 1.0), ("linear", float("nan"), 1.0),
+                                                   ("linear", float("-inf"), 0.0),
+                                                   ("task_arithmetic", float("inf"), 1.0)])
+def test_nan_in_an_input_tensor_names_model_and_tensor_and_leaves_no_model(tmp_path, family_fp32_single, method,
+                                                                           value, weight):
     def poison(d: Path):
-        def put_nan(t):
-            t["model.layers.1.self_attn.v_proj.weight"][3, 4] = float("nan")
-        edit_single_file(d, put_nan)
+        def put_value(t):
+            t["model.layers.1.self_attn.v_proj.weight"][3, 4] = value
+        edit_single_file(d, put_value)
 
     models = first_expert_replaced(tmp_path, family_fp32_single, poison)
-    cfg = write_config(tmp_path / "c.yaml", "ties", family_fp32_single, models=models)
+    models[0]["parameters"] = {"weight": weight}
+    cfg = write_config(tmp_path / "c.yaml", method, family_fp32_single, models=models,
+                       base=None if method == "linear" else "family")
     out = tmp_path / "out"
     assert_user_error(run_cli("merge", cfg, "-o", out, check=False), "bad_expert",
                       "model.layers.1.self_attn.v_proj.weight", "NaN")
@@ -143,6 +151,15 @@ def test_nan_in_an_input_tensor_names_model_and_tensor_and_leaves_no_model(tmp_p
     assert not list(out.rglob("*.partial"))
     assert_user_error(run_cli("validate", cfg, "--deep", check=False), "bad_expert", "NaN")
 
+
+
+def test_a_result_outside_the_saved_dtype_is_an_overflow_not_a_corrupt_model(tmp_path, family_fp32_single):
+    models = [{"model": str(p), "parameters": {"weight": 3e38}} for p in family_fp32_single["experts"]]
+    cfg = write_config(tmp_path / "c.yaml", "linear", family_fp32_single, models=models, base=None,
+                       parameters={"normalize": False})
+    assert_user_error(run_cli("merge", cfg, "-o", tmp_path / "out", check=False), "has values outside the range",
+                      "lower lambda/weights")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 CONFIG_ERRORS = [
     ("density out of range", dict(method="ties", models="density", value=1.5), ["density: 1.5", "(0, 1]"]),

@@ -212,7 +212,7 @@ def check_linear(p: dict) -> str | None:
 
 @merge_method("linear", needs_base=False, summary="weighted mean of the models: sum_t w_t x_t / sum_t w_t",
               params=(WEIGHT, Param("normalize", "bool", True, "divide by the sum of weights")), check=check_linear,
-              reference="https://arxiv.org/abs/2203.05482", blockwise=entrywise)
+              reference="https://arxiv.org/abs/2203.05482", blockwise=entrywise, non_finite_reaches_output=True)
 def linear(base, models, p, ctx):
     weights = p["weight"]
     for t, w in enumerate(weights):
@@ -225,7 +225,7 @@ def linear(base, models, p, ctx):
 
 @merge_method("task_arithmetic", needs_base=True, summary="b + lambda * sum_t w_t d_t",
               params=(WEIGHT, LAMBDA, aggregate("sum"), INT8_MASK), reference="https://arxiv.org/abs/2212.04089",
-              blockwise=entrywise)
+              blockwise=entrywise, non_finite_reaches_output=True)
 def task_arithmetic(base, models, p, ctx):
     return task_arithmetic_family(base, models, p, ctx, None, elect_sign=False)
 

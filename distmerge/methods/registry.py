@@ -216,6 +216,10 @@ class MethodSpec:
     # row, for DELLA's ranks): then a tensor may be merged in row blocks under a memory budget, with the same bytes.
     # None: never (a per-tensor statistic: TIES' top-k, a norm, ...).
     blockwise: Callable[[dict], bool] | None = None
+    # Whether every NaN or infinity among the inputs reaches the result (weighted sums: NaN + x, inf - inf and
+    # 0 * inf are all NaN). Then the inputs need no scan of their own: the merged tensor's scan finds a corrupt
+    # input, which is then traced back to its model. Methods that select entries (masks, draws, where) lose them.
+    non_finite_reaches_output: bool = False
 
     @property
     def takes_base(self) -> bool:
@@ -246,7 +250,8 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
                  work: Callable[[str, tuple[int, ...], dict, int], Work] = elementwise_work,
                  first_pass: FirstPass | None = None,
                  mergekit_draws: Callable[[tuple[int, ...], dict], int] | None = None, optional_base: bool = False,
-                 base_is_model: bool = False, blockwise: Callable[[dict], bool] | None = None):
+                 base_is_model: bool = False, blockwise: Callable[[dict], bool] | None = None,
+                 non_finite_reaches_output: bool = False):
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
@@ -254,7 +259,7 @@ def merge_method(name: str, *, params: tuple[Param, ...], summary: str, needs_ba
             raise ValueError(f"merge method {name!r}: needs_base, optional_base and base_is_model exclude each other")
         _REGISTRY[name] = MethodSpec(name, fn, params, summary, needs_base, min_models, max_models, random,
                                      reference, check, details, work, first_pass, mergekit_draws, optional_base,
-                                     base_is_model, blockwise)
+                                     base_is_model, blockwise, non_finite_reaches_output)
         return fn
 
     return register
