@@ -66,17 +66,22 @@ def test_compare_fusionbench_agrees_on_a_small_family(tmp_path):
 
 
 @pytest.mark.peers
-def test_bench_speed_tiny_against_mergekit(tmp_path):
-    run_script("bench_speed.py", "--tiny", "--methods", "linear,ties", "--results", str(tmp_path),
+def test_bench_speed_tiny_against_mergekit_and_fusionbench(tmp_path):
+    """model_stock is checked against mergekit's untimed float32 run; iso_c goes through the FusionBench driver."""
+    run_script("bench_speed.py", "--tiny", "--methods", "linear,ties,model_stock,iso_c", "--results", str(tmp_path),
                "--cache", str(tmp_path / "cache"), timeout=1800)
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert "distmerge:ties" in json.dumps(result) and "mergekit:ties" in json.dumps(result)
+    assert {"distmerge:ties", "mergekit:ties", "mergekit:model_stock", "fusionbench:iso_c"} <= set(result["medians"])
+    assert len(result["checks"]) == 5 and all(check["ok"] for check in result["checks"])
 
 
 def test_bench_speed_tiny_without_peers(tmp_path):
-    run_script("bench_speed.py", "--tiny", "--skip-peers", "--methods", "linear,tsvm", "--results", str(tmp_path),
-               "--cache", str(tmp_path / "cache"))
-    assert "limit:read_write" in (tmp_path / "speed.md").read_text()
+    """Two families (the spectral one shallower), and a distmerge-only method against the physical limit."""
+    run_script("bench_speed.py", "--tiny", "--skip-peers", "--methods", "linear,consensus_ta,tsvm,rtsvm",
+               "--spectral-layers", "1", "--results", str(tmp_path), "--cache", str(tmp_path / "cache"))
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert {"limit:read_write", "limit:read_write_spectral", "distmerge:rtsvm"} <= set(result["medians"])
+    assert ("distmerge:rtsvm", "limit:read_write_spectral") in {(t["ours"], t["peer"]) for t in result["targets"]}
 
 
 @pytest.mark.peers

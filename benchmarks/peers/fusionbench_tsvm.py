@@ -1,11 +1,13 @@
-"""One TSV-M merge through FusionBench, holding the models as FusionBench does: the speed benchmark's peer run.
+"""One TSV-M, Iso-C or Iso-CTS merge through FusionBench, holding the models as FusionBench does: the speed
+benchmark's peer run of the spectral methods.
 
     python fusionbench_tsvm.py JOB.json
 
-JOB.json: {"base", "experts", "alpha", "out", "exclude"}. Loads base and experts as whole float32 state dicts,
-builds the task vectors, calls `compute_and_sum_svd_mem_reduction(task_vectors, exclude_keys, accelerator="cpu")`
-and saves base + alpha * merged in bfloat16. Run by the fusion-bench venv's python (bench_speed.py), which times it
-and records its peak memory.
+JOB.json: {"method": tsvm | iso_c | iso_cts, "base", "experts", "alpha", "common_fraction", "out", "exclude"}.
+Loads base and experts as whole float32 state dicts, builds the task vectors (as FusionBench's TSVM, IsoC and
+IsoCTS algorithms do: the base and every task vector in memory at once), calls the method's function on CPU
+(`compute_and_sum_svd_mem_reduction`, `iso_c` or `iso_cts`, with exclude_keys) and saves base + alpha * merged in
+bfloat16. Run by the fusion-bench venv's python (bench_speed.py), which times it and records its peak memory.
 """
 
 import contextlib
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 from safetensors.torch import load_file, save_file
 
@@ -36,11 +39,22 @@ def task_vectors(base: dict, experts: list[str]) -> list[dict]:
     return out
 
 
+def merged_task_vector(job: dict, vectors: list[dict]) -> dict:
+    exclude = job["exclude"] or None
+    if job["method"] == "tsvm":
+        return compute_and_sum_svd_mem_reduction(vectors, exclude_keys=exclude, accelerator="cpu")
+    if job["method"] == "iso_c":
+        return iso_c(vectors, accelerator="cpu", exclude_keys=exclude)
+    if job["method"] == "iso_cts":
+        return iso_cts(vectors, common_space_fraction=job["common_fraction"], accelerator="cpu", exclude_keys=exclude)
+    raise ValueError(job["method"])
+
+
 def main(job: dict) -> None:
     base = load_float32(job["base"])
     vectors = task_vectors(base, job["experts"])
     with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints a line per tensor
-        merged = compute_and_sum_svd_mem_reduction(vectors, exclude_keys=job["exclude"] or None, accelerator="cpu")
+        merged = merged_task_vector(job, vectors)
     out = {name: (base[name] + job["alpha"] * merged[name]).to(torch.bfloat16).contiguous() for name in base}
     Path(job["out"]).mkdir(parents=True, exist_ok=True)
     save_file(out, str(Path(job["out"]) / "model.safetensors"), metadata={"format": "pt"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from .cases import ALPHA, LIMITS, N_EXPERTS, TARGETS, group
+from .cases import ALPHA, CHECKED_AGAINST_FLOAT32, COMMON_FRACTION, LIMITS, N_EXPERTS, TARGETS, group, peer
 
 
 def median(values: list[float]) -> float:
@@ -22,15 +22,30 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def limit_for(label: str, medians: dict[str, dict]) -> str:
+    """The physical limit of the family a run reads (the elementwise one's where the families are the same)."""
+    limit = LIMITS[group(label)]
+    return limit if limit in medians else LIMITS["elementwise"]
+
+
+def comparisons(medians: dict[str, dict]) -> list[tuple]:
+    """TARGETS' rows for every distmerge run measured; a run with none (or none whose peer ran) gets one row without
+    targets against its peer, or against its family's physical limit where it has no peer or the peer did not run."""
+    rows = []
+    for ours in [label for label in medians if label.startswith("distmerge:")]:
+        targeted = [t for t in TARGETS if t[0] == ours and t[1] in medians]
+        theirs = peer(ours.split(":", 1)[1])
+        rows += targeted or [(ours, theirs if theirs in medians else limit_for(ours, medians), None, None)]
+    return rows
+
+
 def evaluate_targets(medians: dict[str, dict]) -> list[dict]:
     """Time and memory ratios against the peer measured in the same invocation, and whether they meet TARGETS."""
     rows = []
-    for ours, peer, time_target, memory_divisor in TARGETS:
-        if ours not in medians or peer not in medians:
-            continue
-        time_ratio = medians[ours]["wall_s"] / medians[peer]["wall_s"]
-        memory_ratio = medians[ours]["maxrss_bytes"] / medians[peer]["maxrss_bytes"]
-        rows.append({"ours": ours, "peer": peer, "time_ratio": time_ratio, "speedup": 1 / time_ratio,
+    for ours, theirs, time_target, memory_divisor in comparisons(medians):
+        time_ratio = medians[ours]["wall_s"] / medians[theirs]["wall_s"]
+        memory_ratio = medians[ours]["maxrss_bytes"] / medians[theirs]["maxrss_bytes"]
+        rows.append({"ours": ours, "peer": theirs, "time_ratio": time_ratio, "speedup": 1 / time_ratio,
                      "time_target": time_target, "time_ok": None if time_target is None else time_ratio <= time_target,
                      "memory_ratio": memory_ratio, "memory_target": memory_divisor and 1 / memory_divisor,
                      "memory_ok": None if memory_divisor is None else memory_ratio <= 1 / memory_divisor})
@@ -41,17 +56,52 @@ def gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f}"
 
 
-def input_lines(context: dict) -> list[str]:
-    """One line per family of inputs (two when the tsvm runs read shallower checkpoints)."""
+def two_families(context: dict) -> bool:
     fams = context["families"]
-    two = fams["tsvm"]["root"] != fams["elementwise"]["root"]
-    return [(f"- inputs{' for ' + ('tsvm' if g == 'tsvm' else 'linear, ties, dare_ties, della') if two else ''}: "
+    return fams["spectral"]["root"] != fams["elementwise"]["root"]
+
+
+def method_lines(context: dict) -> list[str]:
+    """Which methods ran on which family, and against which peer."""
+    names = {"mergekit": "mergekit", "fusionbench": "FusionBench"}
+
+    def against(method: str) -> str:
+        tool = (peer(method) or ":").split(":")[0]
+        if not tool:
+            return "distmerge only: against the physical limit"
+        if tool not in context["peers"]:
+            return f"{names[tool]} not run: against the physical limit"
+        return f"with {names[tool]}"
+
+    lines = []
+    for name, methods in context["methods"].items():
+        groups = {}
+        for method in methods:
+            groups.setdefault(against(method), []).append(method)
+        if groups:
+            lines.append(f"- {len(methods)} method(s) on the {name} family: "
+                         + "; ".join(f"{', '.join(ms)} ({how})" for how, ms in groups.items()) + ".")
+    return lines
+
+
+def input_lines(context: dict) -> list[str]:
+    """One line per family of inputs (two when the spectral runs read shallower checkpoints)."""
+    two = two_families(context)
+    return [(f"- inputs{f' of the {g} family' if two else ' (one family for every method)'}: "
              f"`distmerge.synthetic.make_family`, Llama-shaped, base + {N_EXPERTS} experts, bfloat16, "
              f"input shards of {fam['shard_size'] / 1e6:.0f} MB with an index: "
              + ", ".join(f"{k} {v}" for k, v in fam["settings"]["llama_config"].items())
              + f"; **{fam['params'] / 1e9:.3f}B parameters per model** ({fam['model_bytes'] / 1e9:.2f} GB), "
              f"{(N_EXPERTS + 1) * fam['model_bytes'] / 1e9:.2f} GB read per merge; cached at `{fam['root']}`.")
-            for g, fam in fams.items() if g == "elementwise" or two]
+            for g, fam in context["families"].items() if g == "elementwise" or two]
+
+
+def float32_sentence(context: dict) -> str:
+    rerun = [m for m in CHECKED_AGAINST_FLOAT32 if m in context["methods"]["elementwise"]]
+    if not rerun or "mergekit" not in context["peers"]:
+        return ""
+    return (f" After the rounds, mergekit runs {', '.join(rerun)} once more with `dtype: float32, out_dtype: "
+            "bfloat16`, untimed, for the checks (its bfloat16 compute is too coarse there to check distmerge against).")
 
 
 def header(context: dict) -> list[str]:
@@ -68,24 +118,35 @@ def header(context: dict) -> list[str]:
          "each run are in the table of every run."),
         f"- distmerge {context['versions']['distmerge']} (git {context['git']}), torch "
         f"{context['versions']['torch']}, default threads (torch: {context['torch_threads']})"
-        + "".join(f"; {peer} venv: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-                  for peer, versions in context["peer_versions"].items()),
+        + "".join(f"; {tool} venv: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+                  for tool, versions in context["peer_versions"].items()),
+        *method_lines(context),
         *input_lines(context),
-        (f"- the same YAML for both tools (`{context['work']}/configs/`), `dtype: bfloat16`: distmerge computes in "
-         "float32 and writes bfloat16; mergekit computes and writes bfloat16. Output shards of "
-         f"{context['out_shard_size'] / 1e6:.0f} MB on both sides."),
+        (f"- the elementwise methods: the same YAML for distmerge and mergekit (`{context['work']}/configs/`), each "
+         "method's case of compare_mergekit.py (`mergekit_parity/cases.py`) with density 0.5 where it has one (its "
+         "parameters are in speed/cases.py), `dtype: bfloat16`: distmerge computes in float32 and writes bfloat16; "
+         "mergekit computes and writes bfloat16 (arcee_fusion and ramplus_tl also set `out_dtype: bfloat16`, which "
+         f"mergekit 0.1.5 would otherwise write in float32). Output shards of {context['out_shard_size'] / 1e6:.0f} "
+         "MB on both sides." + float32_sentence(context)),
         ("- distmerge: `distmerge merge CFG -o OUT --force --quiet --runtime local --shard-size S`; mergekit: "
          "`mergekit-yaml CFG OUT --out-shard-size S/2 --quiet` (S/2 parameters: bfloat16) (its defaults otherwise: no "
-         "lazy unpickle, tokenizer copied, model card written, as distmerge writes its card); FusionBench: a driver "
-         "that loads base and experts as whole float32 state dicts, builds task vectors and calls "
-         "`compute_and_sum_svd_mem_reduction(task_vectors, accelerator=\"cpu\")`, then saves base + alpha * merged "
-         f"(alpha {ALPHA}) in bfloat16; distmerge tsvm with `svd: exact` and with the default `svd: auto`"
+         "lazy unpickle, tokenizer copied, model card written, as distmerge writes its card)."),
+        ("- the spectral methods: FusionBench through a driver (`peers/fusionbench_tsvm.py`) that loads base and "
+         "experts as whole float32 state dicts, builds the task vectors and calls "
+         "`compute_and_sum_svd_mem_reduction` (tsvm), `iso_c` or "
+         f"`iso_cts(common_space_fraction={COMMON_FRACTION})` with `accelerator=\"cpu\"`, then saves base + alpha * "
+         f"merged (alpha {ALPHA}) in bfloat16. distmerge: tsvm with `svd: exact` (FusionBench's computation) and with "
+         "the default `svd: auto`"
          + (f" ({context['auto_runs']} round(s) only)" if context["auto_runs"] < context["runs"] else "")
-         + (". **tsvm on both sides averages `model.embed_tokens.weight` and `lm_head.weight`** (distmerge "
-            "`exclude`, FusionBench `exclude_keys`); every other 2-D tensor goes through the SVDs."
-            if context["tsvm_exclude"] else "; every 2-D tensor, embeddings included, goes through the SVDs.")),
-        ("- physical limit (`limit:read_write`): read every input tensor of all models with safetensors "
-         "(`safe_open` + `get_tensor`, one at a time) and write one model's worth of bytes with `save_file`."),
+         + "; iso_cts with `svd: exact` (FusionBench's computation); iso_c (no per-task SVDs, so no `svd` "
+         f"parameter) and rtsvm with their defaults; alpha {ALPHA}, and the default `polar: gram` throughout "
+         "(FusionBench orthogonalises with SVDs: the same result to float32 round-off, see compare_fusionbench.py)"
+         + (". **The spectral methods on both sides average `model.embed_tokens.weight` and `lm_head.weight`** "
+            "(distmerge `exclude`, FusionBench `exclude_keys`); every other 2-D tensor goes through the SVDs."
+            if context["spectral_exclude"] else "; every 2-D tensor, embeddings included, goes through the SVDs.")),
+        ("- physical limit (`limit:read_write`, and `limit:read_write_spectral` on the spectral family when it is "
+         "another): read every input tensor of all models with safetensors (`safe_open` + `get_tensor`, one at a "
+         "time) and write one model's worth of bytes with `save_file`."),
         ("- every run is a fresh process timed by a wrapper: wall time from start to exit (Python and torch import "
          "included, for every tool), peak RSS = `getrusage(RUSAGE_CHILDREN).ru_maxrss` of a fresh wrapper (the "
          "largest process of the tree); `tree peak` is the summed RSS of the process tree polled every 50 ms. "
@@ -99,7 +160,7 @@ def medians_table(medians: dict) -> list[str]:
              "| run | median wall (s) | x physical limit | median peak RSS (GB) | tree peak (GB) | runs |",
              "|---|---|---|---|---|---|"]
     for label, s in medians.items():
-        limit = medians.get(LIMITS[group(label)]) or medians.get(LIMITS["elementwise"])
+        limit = medians.get(limit_for(label, medians))
         over = f"{s['wall_s'] / limit['wall_s']:.1f}" if limit else "-"
         lines.append(f"| {label} | {s['wall_s']:.1f} | {over} | {gb(s['maxrss_bytes'])} | "
                      f"{gb(s['tree_peak_bytes'])} | {s['runs']} |")
@@ -107,7 +168,8 @@ def medians_table(medians: dict) -> list[str]:
 
 
 def targets_table(targets: list[dict]) -> list[str]:
-    lines = ["## Targets (medians; ratios against the peer measured in the same invocation)", "",
+    lines = [("## Targets (medians; each distmerge run against its peer measured in the same invocation, or against "
+              "the physical limit where it has none; `-`: no target)"), "",
              ("| distmerge | peer | time ratio (ours/peer) | speedup | time target | memory ratio | memory target | "
               "verdict |"), "|---|---|---|---|---|---|---|---|"]
     for t in targets:
@@ -119,9 +181,7 @@ def targets_table(targets: list[dict]) -> list[str]:
             verdict.append("memory met" if t["memory_ok"] else "**memory MISSED**")
         memory_target = "-" if t["memory_target"] is None else f"<= {t['memory_target']:.3f}"
         lines.append(f"| {t['ours']} | {t['peer']} | {t['time_ratio']:.3f} | {t['speedup']:.2f}x | {time_target} | "
-                     f"{t['memory_ratio']:.3f} | {memory_target} | {', '.join(verdict)} |")
-    if not targets:
-        lines.append("| (no peers in this run: `--skip-peers`) | | | | | | | |")
+                     f"{t['memory_ratio']:.3f} | {memory_target} | {', '.join(verdict) or '-'} |")
     return lines
 
 

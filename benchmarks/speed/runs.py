@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peers.venvs import driver
 
-from .cases import ALPHA, ELEMENTWISE, LIMITS, TSVM_VARIANTS
+from .cases import ALPHA, CHECKED_AGAINST_FLOAT32, COMMON_FRACTION, ELEMENTWISE, LIMITS, SPECTRAL_METHODS, peer, runs_of
 
 HERE = Path(__file__).resolve().parent
 MEASURE = HERE / "measure.py"
@@ -55,30 +55,41 @@ def limit_job(group: str, fam: dict, out: Path) -> tuple[str, list[str], Path]:
     return label, [sys.executable, str(READ_WRITE), str(target), str(fam["base"]), *map(str, fam["experts"])], target
 
 
-def fusionbench_job(fam: dict, fusionbench_python: Path, work: Path, exclude: list[str]) -> tuple[str, list[str], Path]:
-    target = work / "out" / "fusionbench-tsvm"
-    job_file = work / "fusionbench_job.json"
-    job_file.write_text(json.dumps({"base": str(fam["base"]), "experts": [str(p) for p in fam["experts"]],
-                                    "alpha": ALPHA, "out": str(target), "exclude": exclude}))
-    return "fusionbench:tsvm", [str(fusionbench_python), str(driver("fusionbench_tsvm.py")), str(job_file)], target
+def fusionbench_job(method: str, fam: dict, fusionbench_python: Path, work: Path,
+                    exclude: list[str]) -> tuple[str, list[str], Path]:
+    target = work / "out" / f"fusionbench-{method}"
+    job_file = work / f"fusionbench_{method}_job.json"
+    job_file.write_text(json.dumps({"method": method, "base": str(fam["base"]),
+                                    "experts": [str(p) for p in fam["experts"]], "alpha": ALPHA,
+                                    "common_fraction": COMMON_FRACTION, "out": str(target), "exclude": exclude}))
+    command = [str(fusionbench_python), str(driver("fusionbench_tsvm.py")), str(job_file)]
+    return f"fusionbench:{method}", command, target
 
 
 def jobs_for(fams: dict[str, dict], cfgs: dict[str, Path], work: Path, peers: dict, shard_size: int,
              exclude: list[str]) -> list[tuple[str, list[str], Path]]:
-    """(label, command, output directory) for one round, tools interleaved method by method."""
+    """(label, command, output directory) for one round: each method's distmerge run(s), then its peer's."""
     out = work / "out"
     jobs = [limit_job("elementwise", fams["elementwise"], out)]
     for method in ELEMENTWISE:
         jobs.append(distmerge_job(method, cfgs[method], out, shard_size))
-        if "mergekit" in peers:
+        if "mergekit" in peers and peer(method):
             jobs.append(mergekit_job(method, peers["mergekit"], cfgs[method], out, shard_size))
-    if fams["tsvm"]["root"] != fams["elementwise"]["root"]:
-        jobs.append(limit_job("tsvm", fams["tsvm"], out))
-    for variant in TSVM_VARIANTS:
-        jobs.append(distmerge_job(variant, cfgs[variant], out, shard_size))
-    if "fusionbench" in peers:
-        jobs.append(fusionbench_job(fams["tsvm"], peers["fusionbench"], work, exclude))
+    if fams["spectral"]["root"] != fams["elementwise"]["root"]:
+        jobs.append(limit_job("spectral", fams["spectral"], out))
+    for method in SPECTRAL_METHODS:
+        jobs += [distmerge_job(run, cfgs[run], out, shard_size) for run in runs_of(method)]
+        if "fusionbench" in peers and peer(method):
+            jobs.append(fusionbench_job(method, fams["spectral"], peers["fusionbench"], work, exclude))
     return jobs
+
+
+def float32_jobs(cfgs: dict[str, Path], work: Path, peers: dict, shard_size: int) -> list[tuple[str, list[str], Path]]:
+    """mergekit's untimed float32 runs that the checks compare some methods with (CHECKED_AGAINST_FLOAT32)."""
+    if "mergekit" not in peers:
+        return []
+    return [mergekit_job(f"{method}_float32", peers["mergekit"], cfgs[f"{method}_float32"], work / "out", shard_size)
+            for method in CHECKED_AGAINST_FLOAT32]
 
 
 def warm_page_cache(fams: list[dict]) -> None:
