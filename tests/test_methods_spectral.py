@@ -11,7 +11,7 @@ import torch
 import reference_spectral as ref
 from conftest import assert_param_refused
 
-from distmerge.methods import TensorContext, get_method
+from distmerge.methods import TensorContext, get_method, linalg, spectral
 from distmerge.methods.linalg import ROW_CHUNK, gram_svd, polar, randomized_svd, top_svd_by_energy
 from distmerge.methods.spectral import excess_kurtosis
 
@@ -147,6 +147,200 @@ def test_a_stack_of_expert_matrices_is_merged_matrix_by_matrix(case):
     for key, value in stack_stats.items():
         if isinstance(value, list) and not isinstance(value[0], str):
             np.testing.assert_allclose(value, np.mean([s[key] for s in alone_stats], axis=0), err_msg=key)
+
+
+# ---- a stack decomposed together (batched calls, as on a GPU) against one matrix at a time (as on a CPU) -------
+
+# Stated tolerance, relative to each matrix's merged task vector: 1e-5. Both paths run the same float32 arithmetic
+# in a different order (batched kernels; in a stack whose matrices keep different numbers of triplets, stacked
+# singular vectors padded with zero columns), so they differ by float32 round-off (6e-8) amplified by the
+# conditioning of the stacked singular vectors. Measured on a CPU: at most 4.3e-7 (in the Frobenius norm; 4.1e-7
+# of the largest entry), where the matrices keep different numbers of triplets and the polar factors come from
+# the SVD; most cases are the same bytes (LAPACK is called per matrix either way). On a GPU: tests/test_cuda.py.
+BATCHED_TOLERANCE = 1e-5
+# statistics of the singular values themselves agree to round-off; every other one (ranks, caps, labels, the
+# task vectors' own statistics) is the same
+ROUNDED_STATISTICS = {"energy_kept", "mean_singular_value"}
+
+
+@pytest.fixture
+def decomposed(monkeypatch):
+    """The leading (batch) dimensions of every input the merge decomposes: () for a matrix, (G,) for a group of
+    a stack's matrices (every route forms a Gram matrix or runs an exact SVD, of the task vectors, a sketch's
+    projection or the stacked singular vectors)."""
+    seen = []
+    for name in ("gram64", "exact_svd"):
+        def recorded(matrix, *args, real=getattr(linalg, name), **kwargs):
+            seen.append(tuple(matrix.shape[:-2]))
+            return real(matrix, *args, **kwargs)
+
+        monkeypatch.setattr(linalg, name, recorded)
+        if hasattr(spectral, name):
+            monkeypatch.setattr(spectral, name, recorded)
+    return seen
+
+
+def merged_stack(method, base, deltas, together: bool, monkeypatch, **params):
+    """`run` on a stack, its matrices decomposed together (`batches_stacks`, forced) or one at a time."""
+    monkeypatch.setattr(spectral, "batches_stacks", lambda device: together)
+    return run(method, base, deltas, name="layers.0.mlp.experts.down_proj", **params), run.stats
+
+
+def expert_stack(experts, rows, cols, n_tasks, unusual=None, seed=0, decays=(0.8,)):
+    """A base and task vectors [experts, rows, cols] with distinct decaying spectra (expert e, task t decays at
+    decays[(e + t) % len(decays)]); `unusual` (expert, rank): that expert's task vectors have that rank, 0 being
+    an expert no model changed."""
+    gen = np.random.default_rng(seed)
+    base = 0.02 * gen.standard_normal((experts, rows, cols))
+    deltas = []
+    for t in range(n_tasks):
+        matrices = []
+        for e in range(experts):
+            rank = unusual[1] if unusual and unusual[0] == e else min(rows, cols)
+            decay = decays[(e + t) % len(decays)]
+            matrices.append(low_rank_plus_noise(rows, cols, rank, 0.0, 100 * seed + 10 * t + e, decay) if rank
+                            else np.zeros((rows, cols)))
+        deltas.append(np.stack(matrices))
+    return base, deltas
+
+
+def assert_stacks_agree(together, one_at_a_time, base, stats, loop_stats):
+    for e in range(base.shape[0]):
+        close(together[e] - base[e], one_at_a_time[e] - base[e], rel=BATCHED_TOLERANCE)
+    assert list(stats) == list(loop_stats)
+    for key, value in loop_stats.items():
+        if key in ROUNDED_STATISTICS:
+            np.testing.assert_allclose(stats[key], value, rtol=BATCHED_TOLERANCE, err_msg=key)
+        else:
+            assert stats[key] == value, key
+
+
+BATCHED_CASES = {
+    "tsvm": ("tsvm", {}),
+    "tsvm, polar svd": ("tsvm", {"polar": "svd"}),
+    "rtsvm": ("rtsvm", {}),
+    "rtsvm fixed rank, every candidate": ("rtsvm", {"adaptive_rank": False, "task_weighting": "kurtosis",
+                                                     "spectrum_outlier_shrink": 0.3}),
+    "rtsvm median outliers, tail weights, polar svd": ("rtsvm", {"outlier_statistic": "median", "polar": "svd",
+                                                                 "task_weighting": "outlier_share"}),
+    "iso_c": ("iso_c", {}),
+    "iso_c, polar svd": ("iso_c", {"polar": "svd"}),
+    "iso_cts": ("iso_cts", {}),
+    "iso_cts, polar svd": ("iso_cts", {"polar": "svd", "common_fraction": 0.5}),
+}
+STACKS = {  # experts, rows, cols, tasks, (expert, rank) of an unusual expert
+    "square": (3, 32, 32, 2),
+    "tall, one expert unchanged": (4, 60, 24, 3, (1, 0)),
+    "wide, one expert of rank 3": (3, 20, 56, 2, (2, 3)),
+    "a single expert": (1, 40, 30, 3),
+}
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+@pytest.mark.parametrize("case,svd", [(case, svd) for case in sorted(BATCHED_CASES)
+                                      for svd in ([None] if case.startswith("iso_c,") or case == "iso_c"
+                                                  else ["exact", "gram", "randomized", "auto"])])
+def test_a_stack_decomposed_together_agrees_with_one_matrix_at_a_time(case, svd, stack, monkeypatch, decomposed):
+    """The batched path (a GPU's) forced on a CPU: the merged stack is the per-matrix loop's to float32 round-off
+    (BATCHED_TOLERANCE), with the same statistics; its decompositions take the stack's matrices together (a
+    single expert is merged as a matrix)."""
+    method, params = BATCHED_CASES[case]
+    params = dict(params, **({"svd": svd} if svd else {}))
+    if svd == "randomized":  # sketches narrower than the matrices: the merge depends on each matrix's own draws
+        params.update(oversample=2, power_iters=1)
+    base, deltas = expert_stack(*STACKS[stack])
+    one_at_a_time, loop_stats = merged_stack(method, base, deltas, False, monkeypatch, **params)
+    assert set(decomposed) == {()}
+    decomposed.clear()
+    together, stats = merged_stack(method, base, deltas, True, monkeypatch, **params)
+    # (the adaptive rank's search leaves an unchanged expert out: no energy, no triplets)
+    assert set(decomposed) == {()} if base.shape[0] == 1 else decomposed and () not in decomposed
+    assert_stacks_agree(together, one_at_a_time, base, stats, loop_stats)
+
+
+@pytest.mark.parametrize("case", [case for case in sorted(STACK_CASES) if STACK_CASES[case][1] is not None])
+def test_a_stack_decomposed_together_matches_the_reference(case, monkeypatch):
+    """Independently of the per-matrix path: each matrix of the batched merge against the NumPy reference."""
+    method = case.split()[0]
+    params, reference = STACK_CASES[case]
+    base, deltas = expert_stack(3, 40, 24, 2, decays=(0.7, 0.8, 0.9))
+    together, _ = merged_stack(method, base, deltas, True, monkeypatch, **params)
+    for e in range(3):
+        close(together[e] - base[e], reference(base[e], [d[e] for d in deltas]) - base[e], rel=2e-5)
+
+
+def test_energy_search_steps_take_the_matrices_still_short_of_their_share(monkeypatch, decomposed):
+    """rtsvm's adaptive rank on 300 x 280 experts with auto SVDs: a 66-column sketch holds the energy share of the
+    fast-decaying experts, the others go on to the Gram route, together (the report joins the routes); the same
+    ranks, routes and merge as one matrix at a time."""
+    base, deltas = expert_stack(5, 300, 280, 2, decays=(0.5, 0.97, 0.9, 0.99, 0.6))
+    params = dict(oversample=2, spectrum_outliers=False)
+    one_at_a_time, loop_stats = merged_stack("rtsvm", base, deltas, False, monkeypatch, **params)
+    decomposed.clear()
+    together, stats = merged_stack("rtsvm", base, deltas, True, monkeypatch, **params)
+    assert loop_stats["svd"] == ["randomized/gram", "randomized/gram"]
+    assert {(5,), (3,), (2,)} & set(decomposed) and () not in decomposed  # the sketches' step, then the rest's
+    assert_stacks_agree(together, one_at_a_time, base, stats, loop_stats)
+
+
+def test_a_stack_is_decomposed_in_groups_within_the_scratch_bound(monkeypatch, decomposed):
+    """A bound that holds two matrices' declared scratch: a stack of 5 goes in groups of 2, 2 and 1 (as equal as
+    the bound allows), agrees with the loop, and declares the scratch of a group."""
+    spec = get_method("tsvm")
+    p = spec.defaults(2, svd="gram")
+    one = spec.work.per_matrix(30, 20, p, 2)
+    monkeypatch.setattr(spectral, "STACK_GROUP_SCRATCH", 2 * (one.scratch + 2 * one.scratch_float64))
+    declared = spec.work("layers.0.mlp.experts.down_proj", (5, 30, 20), p, 2)
+    assert (declared.scratch, declared.scratch_float64) == (2 * one.scratch, 2 * one.scratch_float64)
+    assert declared.decompositions == one.decompositions * 5
+    base, deltas = expert_stack(5, 30, 20, 2)
+    one_at_a_time, loop_stats = merged_stack("tsvm", base, deltas, False, monkeypatch, svd="gram")
+    decomposed.clear()
+    together, stats = merged_stack("tsvm", base, deltas, True, monkeypatch, svd="gram")
+    assert set(decomposed) == {(2,), (1,)}
+    assert_stacks_agree(together, one_at_a_time, base, stats, loop_stats)
+
+
+def test_the_declared_scratch_of_a_stack_is_that_of_a_group():
+    """Qwen3-MoE's experts (128 of 768 x 2048): groups of 32 within STACK_GROUP_SCRATCH; with `rank_allocation:
+    model` and randomized task SVDs (sketches as wide as each matrix's own cap) one matrix at a time."""
+    for method in ("tsvm", "rtsvm", "iso_c", "iso_cts"):
+        spec = get_method(method)
+        p = spec.defaults(2)
+        one = spec.work.per_matrix(768, 2048, p, 2)
+        declared = spec.work("layers.0.mlp.experts.down_proj", (128, 768, 2048), p, 2)
+        group = declared.scratch // one.scratch
+        assert declared.scratch == group * one.scratch and declared.scratch_float64 == group * one.scratch_float64
+        assert group * (one.scratch + 2 * one.scratch_float64) <= spectral.STACK_GROUP_SCRATCH
+        assert group == {"tsvm": 32, "rtsvm": 32, "iso_c": 32, "iso_cts": 26}[method]  # 4 x 32; 31 fit: 5 x 26
+    spec = get_method("rtsvm")
+    for svd, group in (("randomized", 1), ("gram", 32)):
+        p = spec.defaults(2, rank_allocation="model", svd=svd)
+        assert spec.work("e", (128, 768, 2048), p, 2).scratch == group * spec.work.per_matrix(768, 2048, p, 2).scratch
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("svd", ["exact", "gram", "randomized"])
+def test_model_rank_allocation_of_a_stack_decomposed_together(svd, adaptive, monkeypatch, decomposed):
+    """`rank_allocation: model` gives each expert its own caps: with exact or gram SVDs the stack is decomposed
+    together at its largest caps and each expert keeps its own; with randomized ones (each cap its own sketch
+    width) the experts are merged one at a time. Either way, the loop's merge and statistics."""
+    model = random_model()
+    params = dict(svd=svd, adaptive_rank=adaptive, rank_allocation="model", rank_budget=0.6,
+                  oversample=2, spectrum_outliers=False)
+    budget = model_first_pass("rtsvm", model, **params)
+    base, deltas = model["m.0.experts"]
+    caps = []
+    for e in range(2):
+        run("rtsvm", base[e], [d[e] for d in deltas], name=f"layers.0.mlp.experts.down_proj[{e}]",
+            first_pass=budget, **params)
+        caps.append(run.stats["rank_cap"])
+    assert caps[0] != caps[1]
+    one_at_a_time, loop_stats = merged_stack("rtsvm", base, deltas, False, monkeypatch, first_pass=budget, **params)
+    decomposed.clear()
+    together, stats = merged_stack("rtsvm", base, deltas, True, monkeypatch, first_pass=budget, **params)
+    assert ((2,) in decomposed) == (svd != "randomized")  # (each expert's effective ranks are its own)
+    assert_stacks_agree(together, one_at_a_time, base, stats, loop_stats)
 
 
 def test_a_weight_stored_transposed_is_merged_as_its_transpose(problem):
@@ -478,6 +672,28 @@ def test_iso_cts_matches_the_reference(problem, svd):
     close(actual - base, ref.iso_cts(base, deltas, alpha=0.9, common_fraction=0.6) - base, 5e-5)
 
 
+def test_decompositions_of_a_stack_are_each_matrixs_own():
+    """Batched (a stack [3, 120, 40]) against one matrix at a time: the Gram polar factor's pseudo-inverse rule
+    takes each matrix's own largest singular value (a matrix at 1e-8 the others' scale keeps its directions; one
+    whose columns repeat drops the repeats, as alone), and every SVD route reconstructs each matrix's own top-k
+    approximation, to float32 round-off."""
+    gen = np.random.default_rng(4)
+    half = gen.standard_normal((120, 20))
+    stack = torch.tensor(np.stack([gen.standard_normal((120, 40)), 1e-8 * gen.standard_normal((120, 40)),
+                                   np.concatenate([half, half], 1)]), dtype=torch.float32)
+    for method in ("gram", "svd"):
+        alone = torch.stack([polar(matrix.clone(), method) for matrix in stack])
+        together = polar(stack.clone(), method)
+        close(together.double().numpy(), alone.double().numpy(), 1e-6)
+    sources = [lambda shape, e=e: torch.rand(shape, generator=torch.Generator().manual_seed(e)) for e in range(3)]
+    for backend in ("exact", "gram", "randomized"):
+        together = linalg.top_svd(stack[:2], 12, backend, 4, 2, sources[:2]).each()
+        for e, factors in enumerate(together):
+            alone = linalg.top_svd(stack[e], 12, backend, 4, 2, sources[e])
+            reconstruct = lambda f: ((f.U * f.S) @ f.V.mT).double().numpy()  # noqa: E731
+            close(reconstruct(factors), reconstruct(alone), 1e-6)
+            assert factors.backend == alone.backend == backend
+
 @pytest.mark.parametrize("condition", [1e1, 1e3, 1e5, 5e6])
 def test_gram_polar_factor_agrees_with_the_svd_one(condition):
     """Against the float64 polar factor of the float32 input: the float64 Gram route is at least as accurate as
@@ -530,5 +746,5 @@ def test_energy_rank_with_randomized_sketches_equals_the_exact_rank():
     sketch = lambda shape: torch.rand(shape, generator=gen)  # noqa: E731
     expected = ref.energy_rank(a.double().numpy(), 0.95, 100)
     for backend in ("randomized", "exact", "gram"):
-        factors = top_svd_by_energy(a, 0.95, 100, backend, 10, 2, sketch)
+        [factors] = top_svd_by_energy(a, 0.95, 100, backend, 10, 2, sketch)
         assert factors.S.numel() == expected, backend

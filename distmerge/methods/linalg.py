@@ -1,13 +1,16 @@
 """Linear algebra for the spectral methods: top-k SVDs (exact or randomized), polar factors, low-rank updates.
 
 All of it runs on the tensor's own device, in float32 (or float64 when the merge computes in float64), never in
-16-bit.
+16-bit. Every routine takes a matrix [rows, cols] or a stack of them [E, rows, cols], decomposed together in
+batched calls (each matrix as it would be on its own, up to round-off); a matrix takes the same calls as it always
+has.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -89,7 +92,8 @@ def energy_svd_routes(rows: int, cols: int, cap: int, backend: str, oversample: 
 
 @dataclass
 class Factors:
-    """Leading singular triplets of one matrix: A ~= U diag(S) V^T, with how they were computed."""
+    """Leading singular triplets of one matrix, A ~= U diag(S) V^T (or of each matrix of a stack, with a leading
+    dimension on each factor), with how they were computed."""
 
     U: torch.Tensor  # rows x k
     S: torch.Tensor  # k
@@ -98,16 +102,56 @@ class Factors:
 
     def top(self, k: int) -> "Factors":
         """The k leading triplets, copied out so that the full factors can be freed."""
-        if k >= self.S.numel():
+        if k >= self.S.shape[-1]:
             return self
-        return Factors(self.U[:, :k].contiguous(), self.S[:k].clone(), self.V[:, :k].contiguous(), self.backend)
+        return Factors(self.U[..., :k].contiguous(), self.S[..., :k].clone(), self.V[..., :k].contiguous(),
+                       self.backend)
+
+    def each(self) -> list["Factors"]:
+        """The factors of each matrix of a stack (views), or [self] for one matrix."""
+        if self.S.dim() == 1:
+            return [self]
+        return [Factors(U, S, V, self.backend) for U, S, V in zip(self.U, self.S, self.V)]
+
+
+TestMatrix = Callable[[tuple[int, int]], torch.Tensor]  # keyed uniform [0, 1) draws of the shape asked for
+
+
+def draw_test_matrix(test_matrix: TestMatrix | Sequence[TestMatrix], shape: tuple[int, int]) -> torch.Tensor:
+    """A matrix's test matrix, or a stack's: each matrix's own draw (one source per matrix), stacked."""
+    if callable(test_matrix):
+        return test_matrix(shape)
+    return torch.stack([draw(shape) for draw in test_matrix])
+
+
+def some_of(matrices, indices: list[int]):
+    """Matrices `indices` of a stack (the stack itself when that is all of them: no copy), or of its test matrix
+    sources; a single matrix (or its source) as it is."""
+    if callable(matrices) or (isinstance(matrices, torch.Tensor) and matrices.dim() == 2):
+        return matrices
+    if len(indices) == len(matrices):
+        return matrices
+    return matrices[indices] if isinstance(matrices, torch.Tensor) else [matrices[i] for i in indices]
+
+
+def rows_per_step(matrix: torch.Tensor) -> int:
+    """ROW_CHUNK rows of a matrix per step of a chunked product; a stack's matrices share them, so its steps
+    hold what a matrix's do."""
+    return max(1, ROW_CHUNK // math.prod(matrix.shape[:-2]))
+
+
+def add_matmul_(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1) -> torch.Tensor:
+    """target += alpha * left @ right in place, for a matrix or a stack of them."""
+    if target.dim() == 2:
+        return target.addmm_(left, right, alpha=alpha)
+    return target.baddbmm_(left, right, alpha=alpha)
 
 
 def exact_svd(matrix: torch.Tensor) -> Factors:
     """LAPACK's / cuSOLVER's SVD. A matrix at least twice as tall as wide (or wide as tall) is first reduced by
     QR, A = Q R, and R is decomposed: the same result, a third of the workspace, and no overflow of cuSOLVER's
     32-bit workspace size on embedding-sized matrices (128256 x 8192 fails without it)."""
-    rows, cols = matrix.shape
+    rows, cols = matrix.shape[-2:]
     if max(rows, cols) < 2 * min(rows, cols) or min(rows, cols) == 0:  # an empty one: no QR to reduce by
         driver = CUDA_SVD_DRIVER if matrix.is_cuda else None
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
@@ -128,21 +172,21 @@ def gram_svd(matrix: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = 
     about 9x faster than cuSOLVER's SVD of a 28672 x 8192 matrix and needs a third of its workspace
     (benchmarks/results/svd/svd_cuda.md).
     """
-    wide = matrix.shape[0] < matrix.shape[1]
+    wide = matrix.shape[-2] < matrix.shape[-1]
     tall = matrix.mT if wide else matrix
     eigenvalues, vectors = torch.linalg.eigh(gram64(tall))
-    singular_values = eigenvalues.flip(0).clamp(min=0).sqrt().to(matrix.dtype)
-    k = keep(singular_values) if keep else singular_values.numel()
-    singular_values = singular_values[:k].clone()
-    right = vectors.flip(1)[:, :k].to(matrix.dtype)
+    singular_values = eigenvalues.flip(-1).clamp(min=0).sqrt().to(matrix.dtype)
+    k = keep(singular_values) if keep else singular_values.shape[-1]
+    singular_values = singular_values[..., :k].clone()
+    right = vectors.flip(-1)[..., :k].to(matrix.dtype)
     left = tall @ right
-    left.div_(torch.where(singular_values > 0, singular_values, 1.0))
+    left.div_(torch.where(singular_values > 0, singular_values, 1.0).unsqueeze(-2))
     return Factors(right, singular_values, left, "gram") if wide else Factors(left, singular_values, right, "gram")
 
 
 def full_svd(matrix: torch.Tensor, backend: str, keep: Callable[[torch.Tensor], int] | None = None) -> Factors:
-    """The leading `keep(singular_values)` triplets (all by default), by `backend`: exact (LAPACK / cuSOLVER),
-    or gram (which then computes only those)."""
+    """The leading `keep(singular_values)` triplets (all by default; of a stack, the most any of its matrices
+    keeps), by `backend`: exact (LAPACK / cuSOLVER), or gram (which then computes only those)."""
     if backend == "gram":
         return gram_svd(matrix, keep)
     factors = exact_svd(matrix)
@@ -160,15 +204,16 @@ def resolve_backend(backend: str, rank: int, oversample: int, full_rank: int) ->
 
 
 def randomized_svd(matrix: torch.Tensor, columns: int, power_iters: int,
-                   test_matrix: Callable[[tuple[int, int]], torch.Tensor]) -> Factors:
+                   test_matrix: TestMatrix | Sequence[TestMatrix]) -> Factors:
     """Halko, Martinsson & Tropp's randomized SVD with `columns` sketch columns and subspace iterations.
 
     `test_matrix(shape)` supplies the random sketch (keyed draws, so the result does not depend on the device
-    or worker); its entries are centred uniforms, which sketch a range as well as Gaussians do.
+    or worker; a stack has one source per matrix); its entries are centred uniforms, which sketch a range as well
+    as Gaussians do.
     """
-    rows, cols = matrix.shape
+    rows, cols = matrix.shape[-2:]
     columns = min(columns, rows, cols)
-    omega = test_matrix((cols, columns)).to(matrix.dtype).sub_(0.5)
+    omega = draw_test_matrix(test_matrix, (cols, columns)).to(matrix.dtype).sub_(0.5)
     basis = torch.linalg.qr(matrix @ omega).Q
     for _ in range(power_iters):
         basis = torch.linalg.qr(matrix.mT @ basis).Q
@@ -185,7 +230,7 @@ def sketch_fits(rank: int, oversample: int, full_rank: int) -> bool:
 def top_svd(matrix: torch.Tensor, rank: int, backend: str, oversample: int, power_iters: int,
             test_matrix) -> Factors:
     """The `rank` leading singular triplets, by backend: exact, gram, randomized, or auto (resolve_backend)."""
-    backend = resolve_backend(backend, rank, oversample, min(matrix.shape))
+    backend = resolve_backend(backend, rank, oversample, min(matrix.shape[-2:]))
     if backend == "randomized":
         return randomized_svd(matrix, rank + oversample, power_iters, test_matrix).top(rank)
     return full_svd(matrix, backend, keep=lambda singular_values: rank)
@@ -199,36 +244,56 @@ def energy_rank(singular_values: torch.Tensor, total_energy: float, eta: float) 
 
 
 def top_svd_by_energy(matrix: torch.Tensor, eta: float, cap: int, backend: str, oversample: int,
-                      power_iters: int, test_matrix) -> Factors:
-    """Leading triplets up to the smallest rank holding a share `eta` of the matrix's energy (at most `cap`).
+                      power_iters: int, test_matrix) -> list[Factors]:
+    """Leading triplets up to the smallest rank holding a share `eta` of the matrix's energy (at most `cap`): one
+    Factors per matrix (of a stack, or the one matrix), since each matrix of a stack keeps its own rank.
 
     The energy is ||matrix||_F^2, known without an SVD. With auto or randomized, sketches grow from 64 columns,
     doubling, until the share is reached or the cap is; auto moves to a full SVD (resolve_backend) once a
-    sketch would be larger than a quarter of the full rank.
+    sketch would be larger than a quarter of the full rank. A stack's matrices still short of their share take
+    each step together.
     """
-    full_rank = min(matrix.shape)
-    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
-    if total == 0.0:  # nothing to keep: no triplets (even a zero one would overfill a budget of floor(r/T) = 0)
-        return Factors(matrix.new_zeros(matrix.shape[0], 0), matrix.new_zeros(0), matrix.new_zeros(matrix.shape[1], 0),
-                       "none")
+    matrices = matrix.unbind(0) if matrix.dim() == 3 else (matrix,)
+    full_rank = min(matrix.shape[-2:])
+    totals = [float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2) for m in matrices]
+    # nothing to keep in a zero matrix: no triplets (even a zero one would overfill a budget of floor(r/T) = 0)
+    found = {i: no_triplets(m) for i, m in enumerate(matrices) if totals[i] == 0.0}
     rank = min(cap, 64)
-    while resolve_backend(backend, rank, oversample, full_rank) == "randomized":
-        factors = randomized_svd(matrix, rank + oversample, power_iters, test_matrix)
-        k = energy_rank(factors.S[:rank], total, eta)
-        if k is not None or rank >= cap:
-            return factors.top(min(k or cap, cap))
+    while len(found) < len(matrices) and resolve_backend(backend, rank, oversample, full_rank) == "randomized":
+        searching = [i for i in range(len(matrices)) if i not in found]
+        sketched = randomized_svd(some_of(matrix, searching), rank + oversample, power_iters,
+                                  some_of(test_matrix, searching))
+        for i, factors in zip(searching, sketched.each()):
+            k = energy_rank(factors.S[:rank], totals[i], eta)
+            if k is not None or rank >= cap:
+                found[i] = factors.top(min(k or cap, cap))
         rank = min(cap, 2 * rank)
-    return full_svd(matrix, resolve_backend(backend, cap, oversample, full_rank),
-                    keep=lambda singular_values: min(energy_rank(singular_values, total, eta) or cap, cap))
+    searching = [i for i in range(len(matrices)) if i not in found]
+    if searching:
+        def kept(i: int, singular_values: torch.Tensor) -> int:
+            return min(energy_rank(singular_values, totals[i], eta) or cap, cap)
+
+        full = full_svd(some_of(matrix, searching), resolve_backend(backend, cap, oversample, full_rank),
+                        keep=lambda spectra: max(map(kept, searching, spectra.reshape(-1, spectra.shape[-1]))))
+        # the leading values a matrix keeps are among those kept for the stack: its own rank again
+        found.update((i, factors.top(kept(i, factors.S))) for i, factors in zip(searching, full.each()))
+    return [found[i] for i in range(len(matrices))]
+
+
+def no_triplets(matrix: torch.Tensor) -> Factors:
+    """What a zero matrix keeps: rows x 0 and cols x 0 factors."""
+    return Factors(matrix.new_zeros(matrix.shape[0], 0), matrix.new_zeros(0), matrix.new_zeros(matrix.shape[1], 0),
+                   "none")
 
 
 def gram64(matrix: torch.Tensor) -> torch.Tensor:
-    """matrix^T matrix accumulated in float64, a block of rows at a time."""
-    cols = matrix.shape[1]
-    gram = torch.zeros(cols, cols, dtype=torch.float64, device=matrix.device)
-    for start in range(0, matrix.shape[0], ROW_CHUNK):
-        block = matrix[start:start + ROW_CHUNK].double()
-        gram.addmm_(block.mT, block)
+    """matrix^T matrix (of each matrix of a stack) accumulated in float64, a block of rows at a time."""
+    cols = matrix.shape[-1]
+    gram = torch.zeros(*matrix.shape[:-2], cols, cols, dtype=torch.float64, device=matrix.device)
+    step = rows_per_step(matrix)
+    for start in range(0, matrix.shape[-2], step):
+        block = matrix[..., start:start + step, :].double()
+        add_matmul_(gram, block.mT, block)
     return gram
 
 
@@ -242,12 +307,13 @@ def polar_via_gram(matrix: torch.Tensor) -> torch.Tensor:
     then returns that task, where an SVD would pick an arbitrary completion.
     """
     eigenvalues, vectors = torch.linalg.eigh(gram64(matrix))
-    keep = eigenvalues > (POLAR_RCOND**2) * eigenvalues[-1].clamp(min=torch.finfo(torch.float64).tiny)
+    largest = eigenvalues[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)  # each matrix's own
+    keep = eigenvalues > (POLAR_RCOND**2) * largest
     inverse_root = torch.where(keep, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-    whitening = (vectors * inverse_root) @ vectors.mT
-    rows = max(1, WHITENING_BLOCK_BYTES // (8 * matrix.shape[1]))
-    for start in range(0, matrix.shape[0], rows):
-        block = matrix[start:start + rows]
+    whitening = (vectors * inverse_root.unsqueeze(-2)) @ vectors.mT
+    rows = max(1, WHITENING_BLOCK_BYTES // (8 * math.prod(matrix.shape[:-2]) * matrix.shape[-1]))
+    for start in range(0, matrix.shape[-2], rows):
+        block = matrix[..., start:start + rows, :]
         block.copy_(block.double() @ whitening)
     return matrix
 
@@ -268,34 +334,54 @@ def polar(matrix: torch.Tensor, method: str) -> torch.Tensor:
 
 
 class StackedFactors:
-    """The tasks' leading singular triplets side by side, in one preallocated buffer per side (so the per-task
-    factors can be freed as soon as they are stacked), then merged: b + scale * polar(U) diag(S) polar(V)^T."""
+    """The tasks' leading singular triplets side by side, of a matrix or of each matrix of a stack (`like`), in
+    one preallocated buffer per side (so the per-task factors can be freed as soon as they are stacked), then
+    merged: b + scale * polar(U) diag(S) polar(V)^T.
+
+    A stack's matrices may keep different numbers of triplets; the buffers start at zero, so one that keeps fewer
+    has zero columns after its own, with zero singular values: they add nothing, and leave its other columns' polar
+    factors as they are (the Gram route drops a zero direction; to the SVD route it is a null direction, weighted
+    by its zero singular value)."""
 
     def __init__(self, rows: int, cols: int, capacity: int, like: torch.Tensor):
-        self.U = like.new_empty(rows, capacity)
-        self.V = like.new_empty(cols, capacity)
-        self.S: list[torch.Tensor] = []
-        self.used = 0
-        self.backends: list[str] = []
+        batch = like.shape[:-2]
+        allocate = like.new_zeros if batch else like.new_empty
+        self.U = allocate(*batch, rows, capacity)
+        self.V = allocate(*batch, cols, capacity)
+        matrices = math.prod(batch)
+        self.S: list[list[torch.Tensor]] = [[] for _ in range(matrices)]
+        self.used = [0] * matrices
+        self.backends: list[list[str]] = [[] for _ in range(matrices)]
 
-    def add(self, factors: Factors) -> None:
-        k = factors.S.numel()
-        self.U[:, self.used:self.used + k] = factors.U
-        self.V[:, self.used:self.used + k] = factors.V
-        self.S.append(factors.S)
-        self.backends.append(factors.backend)
-        self.used += k
+    def add(self, factors: Factors, matrix: int = 0) -> None:
+        """One matrix's triplets (of matrix `matrix` of a stack) after those it has."""
+        k, used = factors.S.numel(), self.used[matrix]
+        U, V = (self.U, self.V) if self.U.dim() == 2 else (self.U[matrix], self.V[matrix])
+        U[:, used:used + k] = factors.U
+        V[:, used:used + k] = factors.V
+        self.S[matrix].append(factors.S)
+        self.backends[matrix].append(factors.backend)
+        self.used[matrix] += k
+
+    def add_each(self, factors: Factors) -> None:
+        """The triplets of the matrix, or of each matrix of the stack (factors with its leading dimension)."""
+        for matrix, one in enumerate(factors.each()):
+            self.add(one, matrix)
 
     def add_to_(self, target: torch.Tensor, scale: float, polar_method: str,
                 flatten: bool = False) -> torch.Tensor:
-        """target += scale * U_o diag(S) V_o^T; `flatten` replaces every singular value by their mean.
-        With no triplets (a matrix narrower than the number of tasks: floor(r/T) = 0) nothing is added."""
-        if self.used == 0:
+        """target += scale * U_o diag(S) V_o^T; `flatten` replaces every singular value by their mean (each
+        matrix's own). With no triplets (a matrix narrower than the number of tasks: floor(r/T) = 0) nothing is
+        added."""
+        width = max(self.used)
+        if width == 0:
             return target
-        U, V = self.U[:, :self.used], self.V[:, :self.used]
-        S = torch.cat(self.S)
+        U, V = self.U[..., :width], self.V[..., :width]
+        spectra = [torch.cat(S) for S in self.S]
         if flatten:
-            S = torch.full_like(S, float(S.mean()))
+            spectra = [torch.full_like(S, float(S.mean())) for S in spectra]
+        S = spectra[0] if U.dim() == 2 else torch.stack([torch.nn.functional.pad(S, (0, width - S.numel()))
+                                                         for S in spectra])
         U, V = polar(U, polar_method), polar(V, polar_method)
         return add_low_rank_(target, U, S, V, scale)
 
@@ -303,7 +389,8 @@ class StackedFactors:
 def add_low_rank_(target: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """target += scale * U diag(S) V^T, a block of rows at a time (no full-size temporary)."""
-    right = (V * S).mT.contiguous()
-    for start in range(0, target.shape[0], ROW_CHUNK):
-        target[start:start + ROW_CHUNK].addmm_(U[start:start + ROW_CHUNK], right, alpha=scale)
+    right = (V * S.unsqueeze(-2)).mT.contiguous()
+    step = rows_per_step(target)
+    for start in range(0, target.shape[-2], step):
+        add_matmul_(target[..., start:start + step, :], U[..., start:start + step, :], right, alpha=scale)
     return target

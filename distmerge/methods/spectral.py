@@ -11,9 +11,10 @@ iso_cts   Iso-CTS: a common subspace of the sum plus each task's own directions 
           with a flat spectrum.
 
 A 3-D tensor (the fused experts of a mixture-of-experts layer, [experts, rows, cols]) is merged as its stack of
-matrices, each one decomposed on its own, exactly as the same matrices stored one per tensor. A weight stored
-transposed ([in, out], GPT-2's Conv1D) is merged as the [out, in] matrix it is. Tensors of any other rank (norms,
-biases), and those matching `exclude`, are averaged instead: b + alpha * mean_t w_t d_t.
+matrices, each one as the same matrix stored on its own would be: on a CPU one after the other (the same bytes),
+on a GPU in groups decomposed together by batched calls (the same up to float32 round-off; `batches_stacks`). A
+weight stored transposed ([in, out], GPT-2's Conv1D) is merged as the [out, in] matrix it is. Tensors of any
+other rank (norms, biases), and those matching `exclude`, are averaged instead: b + alpha * mean_t w_t d_t.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .linalg import (
     ROW_CHUNK,
     Decomposition,
     StackedFactors,
+    add_matmul_,
     energy_svd_routes,
     exact_svd,
     polar,
@@ -74,26 +76,62 @@ def averaged(base, deltas, alpha) -> torch.Tensor:
     return base.add_(deltas.mean(0), alpha=alpha)
 
 
-def spectral_merge(merge_matrix, base, models, p, ctx: TensorContext) -> torch.Tensor:
-    """One spectral method on one tensor: `merge_matrix(b, d, p, ctx)` merges a matrix b with its weighted task
-    vectors d [T, rows, cols] and returns the result. A matrix is merged as it is; a stack of matrices
-    [E, rows, cols] one matrix at a time, each with its own context (its name gets `[e]`, so its random sketches
-    are its own); anything else is averaged. A matrix stored transposed (`ctx.transposed`) is merged as its
-    transpose, written back through the transposed view."""
+def spectral_merge(merge_matrix, work, base, models, p, ctx: TensorContext) -> torch.Tensor:
+    """One spectral method on one tensor: `merge_matrix(b, d, p, ctxs)` merges a matrix b with its weighted task
+    vectors d [T, rows, cols] (or a stack of them, b [G, rows, cols] and d [T, G, rows, cols], with one context
+    per matrix in `ctxs`) and returns the result. A matrix is merged as it is; a stack of matrices [E, rows, cols]
+    as its matrices, each with its own context (its name gets `[e]`, so its random sketches are its own): where
+    the device batches (`batches_stacks`), in groups of `stack_group` matrices decomposed together, otherwise one
+    at a time; anything else is averaged. A matrix stored transposed (`ctx.transposed`) is merged as its
+    transpose, written back through the transposed view. `work` is the method's declaration (declared_per_matrix),
+    whose scratch sizes the groups."""
     deltas = weighted_task_vectors(base, models, p["weight"])
     if not goes_through_svd(ctx.name, tuple(base.shape), p["exclude"]):
         return averaged(base, deltas, p["alpha"])
     matrices, deltas = (base.mT, deltas.mT) if ctx.transposed else (base, deltas)
     if matrices.dim() == 2:
-        matrices.copy_(merge_matrix(matrices, deltas, p, ctx))
+        matrices.copy_(merge_matrix(matrices, deltas, p, [ctx]))
         return base
-    per_matrix = []
-    for e in range(matrices.shape[0]):
-        matrix_ctx = TensorContext(f"{ctx.name}[{e}]", ctx.seed, ctx.model_ids, ctx.first_pass)
-        matrices[e].copy_(merge_matrix(matrices[e], deltas[:, e], p, matrix_ctx))
-        per_matrix.append(matrix_ctx.stats)
-    ctx.stats.update(mean_over_matrices(per_matrix))
+    experts, rows, cols = matrices.shape
+    contexts = [TensorContext(f"{ctx.name}[{e}]", ctx.seed, ctx.model_ids, ctx.first_pass) for e in range(experts)]
+    group = 1
+    if batches_stacks(matrices.device):
+        group = stack_group(work.per_matrix(rows, cols, p, deltas.shape[0]), experts, p, min(rows, cols),
+                            deltas.shape[0])
+    for start in range(0, experts, group):
+        part = start if group == 1 else slice(start, start + group)  # a group of one is merged as a matrix
+        matrices[part].copy_(merge_matrix(matrices[part], deltas[:, part], p, contexts[start:start + group]))
+    ctx.stats.update(mean_over_matrices([c.stats for c in contexts]))
     return base
+
+
+def batches_stacks(device: torch.device) -> bool:
+    """Whether a stack's matrices are decomposed together, in batched calls: on a GPU, where a loop of small
+    decompositions is dominated by each call's latency (Qwen3-MoE: 128 experts of 768 x 2048 per layer). A CPU's
+    batched linear algebra loops over the matrices itself, so there the stack is merged one matrix at a time,
+    with the bytes of the matrices stored one per tensor."""
+    return device.type == "cuda"
+
+
+# Scratch (elements of the compute dtype; a float64 one counts as two) that the matrices of a stack decomposed
+# together may hold: 1 GiB in float32, against the T + 1 copies of the stack a merge holds anyway. Groups of a few
+# dozen expert matrices (32 of Qwen3-MoE's 768 x 2048) already take one call where the loop took 32.
+STACK_GROUP_SCRATCH = 1 << 28
+
+
+def stack_group(one_matrix: Work, experts: int, p: dict, full_rank: int, n_tasks: int) -> int:
+    """How many matrices of a stack are decomposed together where the device batches: at most as many as keep
+    their declared scratch within STACK_GROUP_SCRATCH (at least one), in groups as equal as that allows (128
+    experts in 4 groups of 32, not 3 of 37 and one of 17).
+
+    One at a time with `rank_allocation: model` and randomized task SVDs: each matrix's own rank cap sets the
+    width of its sketches (and the steps of its energy search), so the matrices' sketches differ in shape. With
+    exact or gram task SVDs the stack is decomposed once, at its largest cap, and each matrix keeps its own."""
+    if allocates_over_the_model(p) and task_svd_backend(p, full_rank // n_tasks, full_rank) == "randomized":
+        return 1
+    per_matrix = one_matrix.scratch + 2 * one_matrix.scratch_float64
+    largest = max(1, min(experts, STACK_GROUP_SCRATCH // max(1, per_matrix)))
+    return math.ceil(experts / math.ceil(experts / largest))
 
 
 def mean_over_matrices(stats: list[dict]) -> dict:
@@ -115,9 +153,16 @@ def _mean_or_join(values):
     return sum(values) / len(values)
 
 
-def sketch_source(ctx: TensorContext, task: int, device):
-    """Random test matrices for task `task`'s randomized SVD, keyed like every other draw."""
-    return lambda shape: ctx.uniform(task, shape, device, stream="svd")
+def sketch_source(ctxs: list[TensorContext], task: int, like: torch.Tensor):
+    """Random test matrices for task `task`'s randomized SVDs of a matrix, keyed like every other draw; of a
+    stack (`like` 3-D), one source per matrix, each drawing from its own context's stream."""
+    sources = [lambda shape, ctx=ctx: ctx.uniform(task, shape, like.device, stream="svd") for ctx in ctxs]
+    return sources if like.dim() == 3 else sources[0]
+
+
+def matrices_of(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The matrices of a stack [G, rows, cols] (views), or the matrix itself."""
+    return (tensor,) if tensor.dim() == 2 else tensor.unbind(0)
 
 
 # ---- what each method runs on one tensor (for `distmerge plan` and the unit order) --------------------------
@@ -128,18 +173,22 @@ def averaged_work(shape: tuple[int, ...]) -> Work:
 
 
 def declared_per_matrix(matrix_work):
-    """A method's `work=` from what it runs on one rows x cols matrix, `matrix_work(rows, cols, p, n_tasks)`:
-    that for a matrix, E times its decompositions for a stack of E matrices (merged one after the other, so the
-    scratch is one matrix's), the averaging's for anything else."""
+    """A method's `work=` from what it runs on one rows x cols matrix, `matrix_work(rows, cols, p, n_tasks)`
+    (kept as `work.per_matrix`): that for a matrix; for a stack of E matrices, E times its decompositions and the
+    scratch of the matrices decomposed together (a group of stack_group matrices where the device batches, one
+    on a CPU: the declaration, made before the device is known, holds for both); the averaging's for anything
+    else."""
     def work(name: str, shape: tuple[int, ...], p: dict, n_tasks: int) -> Work:
         if not goes_through_svd(name, shape, p["exclude"]):
             return averaged_work(shape)
         one = matrix_work(*shape[-2:], p, n_tasks)
         if len(shape) == 2:
             return one
-        return Work(one.decompositions * shape[0], one.scratch, one.scratch_float64, one.upper_bound)
+        group = stack_group(one, shape[0], p, min(shape[-2:]), n_tasks)
+        return Work(one.decompositions * shape[0], group * one.scratch, group * one.scratch_float64, one.upper_bound)
 
     work.__doc__ = matrix_work.__doc__
+    work.per_matrix = matrix_work
     return work
 
 
@@ -209,36 +258,47 @@ RTSVM_SWITCHES_OFF = {"outlier_weighting": False, "adaptive_rank": False, "task_
               summary="each task keeps its floor(r/T) leading singular triplets; stacked singular vectors are "
                       "orthogonalised; b + alpha * U_o S V_o^T")
 def tsvm(base, models, p, ctx):
-    return spectral_merge(task_singular_vectors, base, models, {**p, **RTSVM_SWITCHES_OFF}, ctx)
+    return spectral_merge(task_singular_vectors, task_singular_vectors_work, base, models,
+                          {**p, **RTSVM_SWITCHES_OFF}, ctx)
 
 
-def task_singular_vectors(base, deltas, p, ctx):
-    """tsvm on one matrix, with R-TSVM's additions where their switches are on (all off: tsvm, the same bytes)."""
-    n_tasks, (rows, cols) = deltas.shape[0], base.shape
+def task_singular_vectors(base, deltas, p, ctxs):
+    """tsvm on a matrix, or on a stack of them decomposed together (`ctxs`: each matrix's context, which gets its
+    statistics), with R-TSVM's additions where their switches are on (all off: tsvm, the same bytes). What is not
+    a decomposition (the task vectors' preparation, ranks, spectra) is each matrix's own, as it would be alone."""
+    n_tasks, (rows, cols) = deltas.shape[0], base.shape[-2:]
     per_task = min(rows, cols) // n_tasks
-    excess = prepare_task_vectors_(deltas, p, ctx)
-    caps = task_rank_caps(deltas, per_task, p, ctx)
+    matrix_deltas = each_matrix(deltas)
+    excess = [prepare_task_vectors_(d, p, ctx) for d, ctx in zip(matrix_deltas, ctxs)]
+    caps = [task_rank_caps(d, per_task, p, ctx) for d, ctx in zip(matrix_deltas, ctxs)]
     backend = task_svd_backend(p, per_task, min(rows, cols))
     stack = StackedFactors(rows, cols, n_tasks * per_task, base)
-    ranks, energies, spectral_outlier_shares = [], [], []
+    ranks, energies, spectral_outlier_shares = ([[] for _ in ctxs] for _ in range(3))
     for t in range(n_tasks):
-        sketch = sketch_source(ctx, t, base.device)
+        sketch = sketch_source(ctxs, t, base)
+        cap = max(matrix_caps[t] for matrix_caps in caps)  # a stack is decomposed at its largest cap
         if p["adaptive_rank"]:
-            f = top_svd_by_energy(deltas[t], p["eta"], caps[t], backend, p["oversample"], p["power_iters"], sketch)
+            per_matrix = top_svd_by_energy(deltas[t], p["eta"], cap, backend, p["oversample"], p["power_iters"],
+                                           sketch)
         else:
-            f = top_svd(deltas[t], caps[t], backend, p["oversample"], p["power_iters"], sketch)
-        ranks.append(int(f.S.numel()))
-        energies.append(_energy_kept(deltas[t], f))
+            per_matrix = top_svd(deltas[t], cap, backend, p["oversample"], p["power_iters"], sketch).each()
+        for e, f in enumerate(per_matrix):
+            f = f.top(caps[e][t])
+            ranks[e].append(int(f.S.numel()))
+            energies[e].append(_energy_kept(matrix_deltas[e][t], f))
+            if p["spectrum_outliers"]:
+                f.S, shrunk = shrink_spectral_outliers(f.S, p["spectrum_outlier_m"], p["spectrum_outlier_shrink"])
+                spectral_outlier_shares[e].append(shrunk / f.S.numel() if f.S.numel() else 0.0)
+            stack.add(f, e)
+    for e, ctx in enumerate(ctxs):
+        ctx.stats.update(rank_kept=ranks[e], energy_kept=energies[e], weights=list(p["weight"]),
+                         svd=stack.backends[e])
         if p["spectrum_outliers"]:
-            f.S, shrunk = shrink_spectral_outliers(f.S, p["spectrum_outlier_m"], p["spectrum_outlier_shrink"])
-            spectral_outlier_shares.append(shrunk / f.S.numel() if f.S.numel() else 0.0)
-        stack.add(f)
-    ctx.stats.update(rank_kept=ranks, energy_kept=energies, weights=list(p["weight"]), svd=stack.backends)
-    if p["spectrum_outliers"]:
-        ctx.stats["spectrum_outlier_share"] = spectral_outlier_shares
+            ctx.stats["spectrum_outlier_share"] = spectral_outlier_shares[e]
     merged = stack.add_to_(base, p["alpha"], p["polar"])
-    if excess is not None and p["outlier_residual"] == "add":
-        merged.add_(excess, alpha=p["alpha"])
+    for matrix, matrix_excess in zip(matrices_of(merged), excess):
+        if matrix_excess is not None and p["outlier_residual"] == "add":
+            matrix.add_(matrix_excess, alpha=p["alpha"])
     return merged
 
 
@@ -492,30 +552,35 @@ noise on the LM track); task_weighting none and rank_allocation tensor (no gain 
               reference="TSV-M https://arxiv.org/abs/2412.00081; outliers as in OWL https://arxiv.org/abs/2310.05175",
               summary="TSV-M plus outlier-aware weighting of heavy-tailed task vectors and sparsity-adaptive rank")
 def rtsvm(base, models, p, ctx):
-    return spectral_merge(task_singular_vectors, base, models, p, ctx)
+    return spectral_merge(task_singular_vectors, task_singular_vectors_work, base, models, p, ctx)
 
 
 @merge_method("iso_c", needs_base=True, params=SPECTRAL_PARAMS[:3] + (POLAR,), work=iso_c_work,
               reference="https://arxiv.org/abs/2502.04959",
               summary="D = sum_t d_t with every singular value replaced by their mean: b + alpha * mean(S) U V^T")
 def iso_c(base, models, p, ctx):
-    return spectral_merge(isotropic_sum, base, models, p, ctx)
+    return spectral_merge(isotropic_sum, iso_c_work, base, models, p, ctx)
 
 
-def isotropic_sum(base, deltas, p, ctx):
+def isotropic_sum(base, deltas, p, ctxs):
+    """Iso-C on a matrix, or on a stack of them decomposed together (`ctxs`: one context per matrix)."""
     total = deltas.sum(0)
     # mean(S) U V^T is mean(S) times the polar factor of D: no SVD needed with the Gram route
-    wide = total.shape[0] < total.shape[1]
+    wide = total.shape[-2] < total.shape[-1]
     tall = total.mT if wide else total
     if p["polar"] == "svd":
         factors = exact_svd(tall)
-        mean_singular_value = float(factors.S.mean())
+        mean_singular_values = factors.S.mean(-1)
         orthogonal = factors.U @ factors.V.mT
     else:
-        mean_singular_value = float(singular_values_via_gram(tall).mean())
+        mean_singular_values = singular_values_via_gram(tall).mean(-1)
         orthogonal = polar(tall, "gram")
-    ctx.stats["mean_singular_value"] = mean_singular_value
-    return base.add_(orthogonal.mT if wide else orthogonal, alpha=p["alpha"] * mean_singular_value)
+    orthogonal = orthogonal.mT if wide else orthogonal
+    for matrix, direction, mean, ctx in zip(matrices_of(base), matrices_of(orthogonal),
+                                            mean_singular_values.view(-1).tolist(), ctxs):
+        ctx.stats["mean_singular_value"] = mean
+        matrix.add_(direction, alpha=p["alpha"] * mean)
+    return base
 
 
 def iso_cts_ranks(full_rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -533,20 +598,22 @@ def iso_cts_ranks(full_rank: int, n_tasks: int, common_fraction: float) -> tuple
               summary="common subspace of sum_t d_t plus each task's top directions outside it, orthogonalised, "
                       "flat spectrum")
 def iso_cts(base, models, p, ctx):
-    return spectral_merge(isotropic_common_and_specific, base, models, p, ctx)
+    return spectral_merge(isotropic_common_and_specific, iso_cts_work, base, models, p, ctx)
 
 
-def isotropic_common_and_specific(base, deltas, p, ctx):
+def isotropic_common_and_specific(base, deltas, p, ctxs):
+    """Iso-CTS on a matrix, or on a stack of them decomposed together (`ctxs`: one context per matrix)."""
     n_tasks = deltas.shape[0]
-    common, per_task = iso_cts_ranks(min(base.shape), n_tasks, p["common_fraction"])
-    rows, cols = base.shape
+    rows, cols = base.shape[-2:]
+    common, per_task = iso_cts_ranks(min(rows, cols), n_tasks, p["common_fraction"])
     stack = StackedFactors(rows, cols, common + n_tasks * per_task, base)
-    stack.add(top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],
-                      sketch_source(ctx, 0, base.device)))
-    shared_left = stack.U[:, :common]
+    stack.add_each(top_svd(deltas.sum(0), common, p["svd"], p["oversample"], p["power_iters"],
+                           sketch_source(ctxs, 0, base)))
+    shared_left = stack.U[..., :common]
     for t in range(n_tasks):
-        residual = deltas[t].addmm_(shared_left, shared_left.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
-        stack.add(top_svd(residual, per_task, p["svd"], p["oversample"], p["power_iters"],
-                          sketch_source(ctx, t, base.device)))
-    ctx.stats.update(rank_kept=[common] + [per_task] * n_tasks, svd=stack.backends)
+        residual = add_matmul_(deltas[t], shared_left, shared_left.mT @ deltas[t], alpha=-1)  # (I - U_c U_c^T) d_t
+        stack.add_each(top_svd(residual, per_task, p["svd"], p["oversample"], p["power_iters"],
+                               sketch_source(ctxs, t, base)))
+    for ctx, backends in zip(ctxs, stack.backends):
+        ctx.stats.update(rank_kept=[common] + [per_task] * n_tasks, svd=backends)
     return stack.add_to_(base, p["alpha"], p["polar"], flatten=True)
