@@ -66,8 +66,8 @@ class InputStack:
     the next.
 
     Fresh memory costs a page fault and a page of zeroing per 4 KiB on first touch: on a CPU that was a quarter
-    of a linear merge's time (benchmarks/results/speed/linear.md). The returned views are valid until the
-    next `load`; each merged tensor is written out before then.
+    of a linear merge's time (the 2026-11-30 speed run: `git show e19de03:benchmarks/results/speed/linear.md`).
+    The returned views are valid until the next `load`; each merged tensor is written out before then.
     """
 
     def __init__(self):
