@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError, StorageError
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_adapter_config
@@ -52,6 +51,7 @@ class TensorInfo:
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     file: str  # absolute path of the safetensors file holding it
+    start: int | None = None  # where its bytes begin in that file (`read_safetensors_header`'s "start")
 
     @property
     def numel(self) -> int:
@@ -77,8 +77,8 @@ def read_safetensors_header(path: Path, model: str | None = None, shown: Path | 
     opened: a header that is not a JSON object, metadata that is not a map of strings, an entry without a known
     dtype, a shape of non-negative integers and two data offsets, offsets that disagree with dtype x shape, and
     offsets that do not tile the data section exactly (every byte after the header belongs to exactly one tensor:
-    no overlap, no gap, nothing past the end). Errors name `model` and `shown` (the file as the user names it;
-    default `path`) and the tensor.
+    no overlap, no gap, nothing past the end). Each entry gains "start": the file offset of its first byte.
+    Errors name `model` and `shown` (the file as the user names it; default `path`) and the tensor.
     """
     where = f"model {model}: {shown or path}" if model else f"{shown or path}"
 
@@ -136,6 +136,7 @@ def read_safetensors_header(path: Path, model: str | None = None, shown: Path | 
                 f"{where} is truncated or its header is corrupt: tensor {name} ends at byte {8 + header_len + end}, "
                 f"the file has {size} bytes; re-download or re-copy it")
         spans.append((begin, end, name))
+        entry["start"] = 8 + header_len + begin
     covered, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < covered:
@@ -298,22 +299,46 @@ class Checkpoint:
         return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `name` as stored (CPU, stored dtype); `rows=(start, stop)` reads only those rows.
-
-        Each read opens its file anew: safetensors maps the whole file, and mapped pages count as the process's
-        resident memory while the map lives, so a handle kept open through a merge holds every tensor it read.
-        """
+        """Tensor `name` as stored (CPU, stored dtype); `rows=(start, stop)` reads only those rows."""
         info = self.tensors[name]
+        whole = rows is None or self.adapter is not None  # an adapter's update needs the whole tensor
         try:
-            with safe_open(info.file, framework="pt", device="cpu") as handle:
-                whole = rows is None or self.adapter is not None  # an adapter's update needs the whole tensor
-                tensor = handle.get_tensor(name) if whole else handle.get_slice(name)[rows[0]:rows[1]]
-        except Exception as exc:
-            raise StorageError(f"model {self.ref}: reading tensor {name} from {info.file} failed: {exc}") from None
+            tensor = read_rows(info, None if whole else rows)
+        except OSError as exc:
+            raise StorageError(f"model {self.ref}: reading tensor {name} from {info.file} failed: "
+                               f"{exc.strerror or exc}") from None
         if self.adapter is None:
             return tensor
         tensor = self.adapter.apply(name, tensor)
         return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+    def reads_rows_alone(self, name: str) -> bool:
+        """Whether `read(name, rows)` reads only those rows (an adapter's update reads the whole tensor)."""
+        return self.adapter is None or name not in self.adapter.updates
+
+
+def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor's bytes (rows `rows[0]:rows[1]` of them only, when given) read into fresh memory with plain
+    reads at the offsets its checked header gives (`read_safetensors_header`).
+
+    Not through a memory map: mapped pages count as the process's resident memory while the map lives, and
+    faulting them in one page at a time costs more than the copy a read makes.
+    """
+    dtype, width = DTYPES[info.dtype]
+    first, last = rows or (0, info.shape[0] if info.shape else 1)
+    shape = (last - first, *info.shape[1:]) if info.shape else ()
+    row_bytes = math.prod(info.shape[1:]) * width
+    data = torch.empty(math.prod(shape) * width, dtype=torch.uint8)
+    view, done = memoryview(data.numpy()), 0
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.start + first * row_bytes)
+        while done < len(view):
+            count = f.readinto(view[done:])
+            if not count:
+                raise OSError(f"the file ends {len(view) - done} bytes short of the tensor's end (was it changed "
+                              "during the merge?); rerun the same command to resume")
+            done += count
+    return data.view(dtype).view(shape)
 
 
 class CheckpointView(Checkpoint):
@@ -323,6 +348,10 @@ class CheckpointView(Checkpoint):
     def __init__(self, inner: Checkpoint, tensors: dict[str, TensorInfo]):
         super().__init__(inner.ref, inner.path, tensors, inner.config)
         self.inner = inner
+
+    def reads_rows_alone(self, name: str) -> bool:
+        # a name only the view has (fused experts) reads its rows' whole inner tensors
+        return self.inner.reads_rows_alone(name) if name in self.inner.tensors else True
 
     @property
     def files(self) -> list[str]:
@@ -387,7 +416,7 @@ def _index_tensors(ref: str, path: Path) -> dict[str, TensorInfo]:
         for name, entry in header.items():
             if weight_map is not None and weight_map.get(name) != rel:
                 continue
-            tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
+            tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file), entry["start"])
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:

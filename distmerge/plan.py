@@ -52,6 +52,7 @@ class TensorJob:
     transposed: bool = False  # a linear layer's weight stored [in, out] (architecture.stored_transposed)
     parts: tuple[StoredPart, ...] = ()  # the tensors it is written as, where the reference stores it otherwise
     block_rows: int | None = None  # merged this many rows at a time, to stay within the memory budget
+    blockwise: bool = False  # any row blocks give the same bytes, and every input reads them alone
 
     @property
     def stored(self) -> tuple[StoredPart, ...]:
@@ -213,20 +214,23 @@ def worker_memory(config: MergeConfig) -> int | None:
 
 
 def with_row_blocks(plan: MergePlan) -> MergePlan:
-    """The plan with each tensor over the memory budget cut into row blocks, where its method merges entry by entry
-    (`MethodSpec.blockwise`): the same bytes, in pieces. Whole: tensors of one row, fused experts (written as
-    several stored tensors), vocabulary tensors (read whole through the output vocabulary), and mergekit's draws
-    (one sequence per tensor)."""
+    """The plan with each tensor that can be merged in row blocks marked `blockwise`, and cut into blocks where it
+    is over the memory budget. Blockwise: its method merges entry by entry (`MethodSpec.blockwise`), so blocks
+    give the same bytes, and every input reads a block's rows alone. Whole: tensors of one row, fused experts
+    (written as several stored tensors), vocabulary tensors (read whole through the output vocabulary),
+    mergekit's draws (one sequence per tensor), and tensors a LoRA adapter updates (its update reads the whole
+    tensor)."""
     if plan.spec.blockwise is None or plan.config.engine.rng == "mergekit":
         return plan
     vocabulary = set(plan.vocabulary.names) if plan.vocabulary is not None else set()
 
     def blocked(job: TensorJob) -> TensorJob:
         whole = not job.merge or len(job.shape) < 2 or job.parts or job.name in vocabulary
-        if whole or not plan.spec.blockwise(job.params):
+        if whole or not plan.spec.blockwise(job.params) or not all(
+                ckpt.reads_rows_alone(job.name) for ckpt in plan.inputs()):
             return job
         rows = rows_within(plan, job, plan.memory_budget)
-        return replace(job, block_rows=rows) if rows < job.shape[0] else job
+        return replace(job, blockwise=True, block_rows=rows if rows < job.shape[0] else None)
 
     return replace(plan, units=tuple(replace(unit, tensors=tuple(blocked(job) for job in unit.tensors))
                                      for unit in plan.units))

@@ -46,6 +46,10 @@ class SlicedCheckpoint(Checkpoint):
         checkpoint, stored = self.reads[name]
         return checkpoint.read(stored, rows)
 
+    def reads_rows_alone(self, name: str) -> bool:
+        checkpoint, stored = self.reads[name]
+        return checkpoint.reads_rows_alone(stored)
+
     @property
     def files(self) -> list[str]:
         return sorted({file for piece in self.pieces for file in piece.files})

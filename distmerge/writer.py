@@ -39,6 +39,9 @@ TOKENIZER_FILES = (
     "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 ALIGNMENT = 8
+# Bytes written between two starts of their writeback: one start per small row block leaves the disk a queue of
+# small writes that stalls the next ones (writing 1 GB in 2 MiB blocks: 2.6 s, against 0.7 s in 16 MiB starts).
+WRITEBACK_BYTES = 2**24
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % ALIGNMENT)
         self.size = 8 + len(raw) + offset
         self._hash = None  # of the tensor being written, until its last row block
+        self._unsynced = 0  # bytes written since the last start of writeback
         self._fd: int | None = None
         with storage_errors("writing", shard):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,10 @@ class ShardWriter:
                                  f"{self._next_row}, got {name} {tensor.dtype} {tuple(tensor.shape)} rows {rows}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._write(memoryview(data))
-        self._start_writeback(len(data))
+        self._unsynced += len(data)
+        if self._unsynced >= WRITEBACK_BYTES:
+            self._start_writeback(self._unsynced)
+            self._unsynced = 0
         self._hash.update(memoryview(data))
         self._next_row = last
         if rows is not None and last < shape[0]:

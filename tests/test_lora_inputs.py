@@ -74,6 +74,30 @@ def test_base_plus_adapter_merges_like_the_peft_merged_model(tmp_path, llama, lo
             assert torch.equal(outputs[label][name], tensor), (label, name)
 
 
+def test_tensors_an_adapter_updates_are_merged_whole_and_the_rest_in_cpu_blocks(tmp_path, llama, monkeypatch):
+    """An adapter's update reads the whole tensor, so the tensors it updates are not cut into row blocks (each
+    block would read and update the whole tensor again); the others are, with the bytes of the PEFT reference."""
+    from distmerge import engine
+    from distmerge.config import load_config
+    from distmerge.plan import build_plan
+
+    adapter = make_adapter(llama["base"], tmp_path / "adapter", LLAMA_ADAPTERS["plain"])
+    reference = merged_by_peft(llama["base"], adapter, tmp_path / "peft_merged")
+    outputs = {}
+    for label, first in (("reference", str(reference)), ("base+adapter", f"{llama['base']}+{adapter}")):
+        cfg = write_config(tmp_path / f"{label}.yaml", "task_arithmetic", llama,
+                           models=[{"model": first}, {"model": str(llama["experts"][0])}], parameters={"weight": 0.7})
+        blockwise = {job.name for job in build_plan(load_config(cfg)).tensors if job.blockwise}
+        monkeypatch.setattr(engine, "CPU_BLOCK_ENTRIES", 64)
+        run_cli("merge", cfg, tmp_path / label, "--quiet")
+        outputs[label] = shard_tensors(tmp_path / label)
+        if label == "base+adapter":
+            assert "model.layers.0.self_attn.q_proj.weight" not in blockwise
+            assert {"model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight"} <= blockwise
+    for name, tensor in outputs["reference"].items():
+        assert torch.equal(outputs["base+adapter"][name], tensor), name
+
+
 def test_a_bf16_adapter_on_a_bf16_base_matches_peft(tmp_path):
     family = make_family(tmp_path / "family", n_experts=1, config=TINY, dtype=torch.bfloat16)
     adapter = make_adapter(family["base"], tmp_path / "adapter", LLAMA_ADAPTERS["plain"], dtype=torch.bfloat16)

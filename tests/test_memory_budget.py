@@ -61,6 +61,39 @@ def test_row_blocks_give_the_bytes_of_the_whole_tensor(method, family_bf16_shard
     assert {job.name for job, _, _ in blocked} >= {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"}
 
 
+@pytest.mark.parametrize("method", sorted(BLOCKWISE))
+def test_cpu_row_blocks_give_the_bytes_of_whole_tensors(method, family_bf16_sharded, tmp_path, monkeypatch):
+    """On a CPU a blockwise tensor is merged in cache-sized row blocks (`engine.CPU_BLOCK_ENTRIES` entries of each
+    input), without a budget, with one torch thread fewer than the worker's: the bytes of whole tensors."""
+    models = family_bf16_sharded["experts"][:1] if method == "nearswap" else family_bf16_sharded["experts"]
+    cfg = write_config(tmp_path / f"{method}.yaml", method, family_bf16_sharded,
+                       models=[{"model": str(m)} for m in models], parameters=BLOCKWISE[method])
+    threads_before = torch.get_num_threads()
+    monkeypatch.setattr(engine, "CPU_BLOCK_ENTRIES", 2**62)
+    run_cli("merge", cfg, "-o", tmp_path / "whole", "--quiet", "--threads", "2")
+
+    loads = []
+    merge_tensor = engine.merge_tensor
+
+    def recording_merge_tensor(plan, job, device, inputs, first_pass=None, rows=None):
+        loads.append((job, rows, torch.get_num_threads()))
+        return merge_tensor(plan, job, device, inputs, first_pass, rows)
+
+    monkeypatch.setattr(engine, "merge_tensor", recording_merge_tensor)
+    monkeypatch.setattr(engine, "CPU_BLOCK_ENTRIES", 300)
+    run_cli("merge", cfg, "-o", tmp_path / "blocks", "--quiet", "--threads", "2")
+    assert shard_files(tmp_path / "blocks") == shard_files(tmp_path / "whole")
+    blocked = [(job, rows) for job, rows, threads in loads if rows is not None]
+    assert {job.name for job, _ in blocked} >= {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"}
+    for job, rows, threads in loads:
+        assert threads == (1 if job.blockwise else 2), job.name
+        if rows is not None:  # as many whole rows as fit in 300 entries (at least one)
+            row = job.numel // job.shape[0]
+            assert rows[1] - rows[0] == min(job.shape[0] - rows[0], max(1, 300 // row)), (job.name, rows)
+    assert not any(job.blockwise for job, _, _ in loads if len(job.shape) < 2)
+    assert torch.get_num_threads() == threads_before
+
+
 def test_the_report_hashes_the_bytes_written_in_blocks(family_bf16_sharded, tmp_path):
     cfg = write_config(tmp_path / "linear.yaml", "linear", family_bf16_sharded)
     run_cli("merge", cfg, "-o", tmp_path / "out", "--quiet", "--memory-budget", BUDGET)

@@ -48,7 +48,7 @@ def task_vector_difference(base_dir: Path, ours_dir: Path, theirs_dir: Path) -> 
     worst tensor, and the ratio of their norms."""
     base, ours, theirs = TensorReader(base_dir), TensorReader(ours_dir), TensorReader(theirs_dir)
     diff2 = ref2 = ours2 = 0.0
-    worst_rel, worst_name = 0.0, ""
+    worst_rel, worst_name, worst_min_dim = 0.0, "", 0
     for name in base.files:
         b = base(name).float()
         d_ours, d_theirs = ours(name).float() - b, theirs(name).float() - b
@@ -57,9 +57,9 @@ def task_vector_difference(base_dir: Path, ours_dir: Path, theirs_dir: Path) -> 
         diff2, ref2, ours2 = diff2 + tensor_diff2, ref2 + tensor_ref2, ours2 + float(d_ours.pow(2).sum())
         rel = (tensor_diff2 / tensor_ref2) ** 0.5 if tensor_ref2 else 0.0
         if rel > worst_rel:
-            worst_rel, worst_name = rel, name
+            worst_rel, worst_name, worst_min_dim = rel, name, min(b.shape, default=1)
     return {"rel_diff_all": (diff2 / ref2) ** 0.5 if ref2 else float("nan"), "worst_tensor_rel_diff": worst_rel,
-            "worst_tensor": worst_name, "norm_ratio_ours_over_peer": (ours2 / ref2) ** 0.5 if ref2 else float("nan")}
+            "worst_tensor": worst_name, "worst_tensor_min_dim": worst_min_dim, "norm_ratio_ours_over_peer": (ours2 / ref2) ** 0.5 if ref2 else float("nan")}
 
 
 # How far distmerge's merged task vector may be from the peer's. mergekit computes in bfloat16 (distmerge in
@@ -71,20 +71,31 @@ LOOSE_REL_DIFF = 0.1
 CUT = "mergekit's bfloat16 roundings move entries across the selection's cut"
 LOOSE = {"ties": CUT, "breadcrumbs": CUT, "breadcrumbs_ties": CUT, "sce": CUT, "ram": CUT, "ramplus_tl": CUT,
          "nearswap": "mergekit's bfloat16 steps against task vectors capped at t per entry",
-         "karcher": "mergekit iterates in bfloat16"}
+         "karcher": "mergekit iterates in bfloat16",
+         "arcee_fusion": "mergekit takes the quartiles of a tensor over 10^6 entries from a random sample of 10^6 "
+                         "(distmerge's are exact), which moves entries across the cut"}
 NOTES = {
     **{run: "different random draws from mergekit: only the size must match" for run in RANDOM},
-    **{run: f"{why}: rel_diff_all < {LOOSE_REL_DIFF}" for run, why in LOOSE.items()},
     **{run: "against mergekit's untimed run with `dtype: float32`: its bfloat16 compute is too coarse here"
        for run in CHECKED_AGAINST_FLOAT32},
+    "iso_c": "worst tensor within 0.02 + 1/sqrt(min(rows, cols)): one near-null direction (see agrees)",
 }
+for _run, _why in LOOSE.items():
+    NOTES[_run] = "; ".join(filter(None, [NOTES.get(_run), f"{_why}: rel_diff_all < {LOOSE_REL_DIFF}"]))
 
 
 def agrees(run: str, diff: dict) -> bool:
     """Deterministic methods must agree closely with the peer; random ones (different draws) only in size."""
     if run in RANDOM:
         return 0.8 < diff["norm_ratio_ours_over_peer"] < 1.25
-    if run in ("tsvm_exact", "iso_c", "iso_cts"):  # FusionBench's computation in float32 on both sides
+    if run == "iso_c":
+        # Iso-C gives every direction of the task-vector sum the same singular value. A direction whose own is
+        # round-off (below POLAR_RCOND of the largest) distmerge drops, by its pseudo-inverse rule, and
+        # FusionBench's SVD keeps, pointing where round-off decides: one direction of such a matrix is
+        # 1/sqrt(min(rows, cols)) of its norm. Over the whole model both agree to bfloat16 output.
+        return (diff["rel_diff_all"] < 0.02
+                and diff["worst_tensor_rel_diff"] < 0.02 + diff["worst_tensor_min_dim"] ** -0.5)
+    if run in ("tsvm_exact", "iso_cts"):  # FusionBench's computation in float32 on both sides
         return diff["worst_tensor_rel_diff"] < 0.02  # bfloat16 output of both: ~4e-3 of each entry
     if run in SPECTRAL:  # another SVD route (tsvm_auto): round-off of its own
         return diff["rel_diff_all"] < 0.05
