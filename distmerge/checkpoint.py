@@ -350,8 +350,7 @@ class CheckpointView(Checkpoint):
         self.inner = inner
 
     def reads_rows_alone(self, name: str) -> bool:
-        # a name only the view has (fused experts) reads its rows' whole inner tensors
-        return self.inner.reads_rows_alone(name) if name in self.inner.tensors else True
+        return self.inner.reads_rows_alone(name)
 
     @property
     def files(self) -> list[str]:

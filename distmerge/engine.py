@@ -178,7 +178,8 @@ def run_unit(plan: MergePlan, unit: WorkUnit, out: OutputDir, device: torch.devi
                         for part in job.stored:  # the job's time on its first part, so that the report's sums hold
                             rows[part.name].update(stats, seconds=seconds)
                             seconds = 0.0
-                    writer.write([(part.name, part.of(tensor), block, rows[part.name]) for part in job.stored])
+                    writer.write([(part.name, *part.of(tensor, block), rows[part.name])
+                                  for part in job.stored if part.in_block(block)])
             record.tensors.update(rows)
             if on_tensor is not None:
                 on_tensor(job)

@@ -164,6 +164,7 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
     svd_routes = ", ".join(f"{counts[r]} {r}" for r in SVD_ROUTES if counts[r])
     eigh = counts["polar"] + counts["spectrum"]
     blocked = sum(1 for job in plan.tensors if job.block_rows)
+    cpu_blocked = sum(1 for job in plan.tensors if job.blockwise) if device.split(":")[0] == "cpu" else 0
     base = ("" if plan.base is None else f", counting base model {plan.base.ref}" if plan.spec.base_is_model
             else f" + base model {plan.base.ref}")
     lines = [
@@ -179,7 +180,8 @@ def describe(plan: MergePlan, device: str, cluster: Cluster | None = None) -> st
         f"peak memory   {format_bytes(peak_bytes_per_worker(plan))} per worker (one tensor at a time)",
         f"budget        {format_bytes(plan.memory_budget)} per worker"
         + (f"; {blocked} tensor(s) merged in row blocks" if blocked else ""),
-        f"device        {device}",
+        f"device        {device}" + (f"; {cpu_blocked} tensor(s) merged in cache-sized row blocks (entry by entry)"
+                                     if cpu_blocked else ""),
     ]
     over = over_limit(plan)
     if over:

@@ -22,7 +22,7 @@ from .estimates import bytes_read, bytes_written, over_limit, unit_read_bytes
 from .hub import HubAccess
 from .methods import get_method
 from .params import check_parameter_names
-from .plan import MergePlan, build_plan, check_config, fingerprint, with_mergekit_draws
+from .plan import MergePlan, build_plan, check_config, fingerprint, with_mergekit_draws, with_worker_memory
 from .progress import Progress
 from .report import REPORT_NAME, report_bytes, report_rows
 from .runtime import Runtime, make_runtime
@@ -47,6 +47,9 @@ def merge(config: MergeConfig, out: str | Path, *, force: bool = False, quiet: b
         runner = runtime or connect(engine, address, quiet)
         try:
             placement = runner.placement
+            if placement.memory is not None:  # the workers' own memory, known once connected
+                plan = with_worker_memory(plan, placement.memory)
+                check_memory_limit(plan)
             finished = out_dir.prepare(fingerprint(plan, placement.device, placement.threads), force,
                                        [directory for ckpt in plan.inputs() for directory in ckpt.directories])
             pending = [unit for unit in plan.units if unit.shard not in finished]
@@ -77,8 +80,9 @@ def check_memory_limit(plan: MergePlan) -> None:
     job, peak = max(over, key=lambda item: item[1])
     how = "one row at a time" if job.block_rows else f"whole (as {plan.spec.name} does with these parameters)"
     given = plan.config.engine.memory_budget
+    worker = "a Ray worker's" if plan.config.engine.runtime == "ray" else "this machine's"
     limit = f"the memory budget of {format_bytes(given)} (--memory-budget)" if given else \
-        f"this machine's {format_bytes(plan.memory_limit)}"
+        f"{worker} {format_bytes(plan.memory_limit)}"
     raise ConfigError(
         f"tensor {job.name} {list(job.shape)} needs {format_bytes(peak)} per worker to merge {how}, more than "
         f"{limit} ({len(over)} tensor(s) over it); raise --memory-budget (distmerge.memory_budget) if the workers "

@@ -47,8 +47,16 @@ class StoredPart:
     expert: int | None = None
     rows: tuple[int, int] | None = None
 
-    def of(self, merged: torch.Tensor) -> torch.Tensor:
-        return merged if self.expert is None else merged[self.expert, self.rows[0]:self.rows[1]]
+    def in_block(self, block: tuple[int, int] | None) -> bool:
+        """Whether row block `block` of the merged tensor (None: all of it) holds this part, or rows of it."""
+        return self.expert is None or block is None or block[0] <= self.expert < block[1]
+
+    def of(self, merged: torch.Tensor, block: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple | None]:
+        """(this part's tensor, or its rows, in `merged`, row block `block` of the merged tensor; those rows or
+        None): a renamed tensor's block is its own rows, an expert matrix lies whole in the block of its expert."""
+        if self.expert is None:
+            return merged, block
+        return merged[self.expert - (block[0] if block else 0), self.rows[0]:self.rows[1]], None
 
 
 class ModelLayoutView(CheckpointView):
@@ -69,9 +77,15 @@ class ModelLayoutView(CheckpointView):
         first, last = rows or (0, info.shape[0])  # rows of a fused tensor are experts
         fused = torch.empty((last - first, *info.shape[1:]), dtype=DTYPES[info.dtype][0])
         for part in parts:
-            if first <= part.expert < last:
+            if part.in_block((first, last)):
                 fused[part.expert - first, part.rows[0]:part.rows[1]] = self.inner.read(part.name)
         return fused
+
+    def reads_rows_alone(self, name: str) -> bool:
+        parts = self.parts.get(name)
+        if parts is None:
+            return self.inner.reads_rows_alone(name)
+        return parts[0].expert is not None or self.inner.reads_rows_alone(parts[0].name)  # experts are whole reads
 
     def vocabulary_reads(self, name: str) -> list[Checkpoint]:
         """As the inner VocabularyView's (vocabulary tensors are stored as they are read)."""

@@ -213,19 +213,28 @@ def worker_memory(config: MergeConfig) -> int | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() else None
 
 
+def with_worker_memory(plan: MergePlan, memory: int) -> MergePlan:
+    """The plan for workers that can each hold `memory` bytes, where no budget is given: a quarter of it the
+    budget (as a quarter of this machine's is without workers known), a tensor that needs more than all of it
+    refused (`merge.check_memory_limit`)."""
+    if plan.config.engine.memory_budget:
+        return plan
+    return with_row_blocks(replace(plan, memory_budget=memory // 4, memory_limit=memory))
+
+
 def with_row_blocks(plan: MergePlan) -> MergePlan:
     """The plan with each tensor that can be merged in row blocks marked `blockwise`, and cut into blocks where it
     is over the memory budget. Blockwise: its method merges entry by entry (`MethodSpec.blockwise`), so blocks
-    give the same bytes, and every input reads a block's rows alone. Whole: tensors of one row, fused experts
-    (written as several stored tensors), vocabulary tensors (read whole through the output vocabulary),
-    mergekit's draws (one sequence per tensor), and tensors a LoRA adapter updates (its update reads the whole
-    tensor)."""
+    give the same bytes, and every input reads a block's rows alone; the rows of fused experts are experts, each
+    written as its stored matrices. Whole: tensors of one row, vocabulary tensors (read whole through the output
+    vocabulary), mergekit's draws (one sequence per tensor), and tensors a LoRA adapter updates (its update reads
+    the whole tensor)."""
     if plan.spec.blockwise is None or plan.config.engine.rng == "mergekit":
         return plan
     vocabulary = set(plan.vocabulary.names) if plan.vocabulary is not None else set()
 
     def blocked(job: TensorJob) -> TensorJob:
-        whole = not job.merge or len(job.shape) < 2 or job.parts or job.name in vocabulary
+        whole = not job.merge or len(job.shape) < 2 or job.name in vocabulary
         if whole or not plan.spec.blockwise(job.params) or not all(
                 ckpt.reads_rows_alone(job.name) for ckpt in plan.inputs()):
             return job

@@ -215,6 +215,39 @@ def test_both_layouts_of_a_model_merge_to_the_same_model(family, method, checkpo
     assert [key for key in fused if not torch.equal(per_expert[key], fused[key])] == []
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_experts_written_as_their_matrices_merge_in_blocks_of_experts(family, checkpoints, tmp_path,
+                                                                             monkeypatch):
+    """A fused expert tensor written back as one matrix per expert is cut into row blocks like any blockwise tensor
+    (on a CPU, and under a memory budget): its rows are experts, and each block writes its experts' matrices in
+    the stored order, with the bytes of the whole tensor."""
+    from distmerge import engine
+
+    cfg = write_config(tmp_path / "dare.yaml", "dare_ties", checkpoints[family],
+                       parameters={"density": 0.5, "rescale": "inverse"})
+    fused = {job.name: job for job in build_plan(load_config(cfg)).tensors
+             if job.parts and job.parts[0].expert is not None}
+    assert fused and all(job.blockwise for job in fused.values())
+    monkeypatch.setattr(engine, "CPU_BLOCK_ENTRIES", 2**62)
+    run_cli("merge", cfg, "-o", tmp_path / "whole", "--quiet")
+
+    blocks = []
+    merge_tensor = engine.merge_tensor
+
+    def recording_merge_tensor(plan, job, device, inputs, first_pass=None, rows=None):
+        blocks.append((job.name, rows))
+        return merge_tensor(plan, job, device, inputs, first_pass, rows)
+
+    monkeypatch.setattr(engine, "merge_tensor", recording_merge_tensor)
+    monkeypatch.setattr(engine, "CPU_BLOCK_ENTRIES", 1)  # one row per block: one expert of a fused tensor
+    run_cli("merge", cfg, "-o", tmp_path / "blocks", "--quiet")
+    for name, job in fused.items():
+        assert [rows for merged, rows in blocks if merged == name] == [(e, e + 1) for e in range(job.shape[0])]
+    shards = {out: {p.name: p.read_bytes() for p in sorted((tmp_path / out).glob("*.safetensors"))}
+              for out in ("whole", "blocks")}
+    assert shards["blocks"] == shards["whole"]
+
+
 def test_the_report_names_the_fused_tensor_of_each_stored_expert_matrix(checkpoints, merged):
     rows = {row["tensor"]: row for row in read_report(merged("mixtral", "ties"))[0]}
     stored_names = set(stored(checkpoints["mixtral"]["base"]))

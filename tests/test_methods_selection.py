@@ -137,6 +137,22 @@ def test_sce_hand_worked(select_topk, want):
     np.testing.assert_allclose(ref.sce(base, models, select_topk), base + np.array(want), atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 70_001), (2, 5, 9, 31), (4, 1)])
+def test_sce_variance_is_torchs_population_variance(shape, monkeypatch):
+    """sce's variance across the models is float64 arithmetic rounded to float32, in chunks (here of 4096 entries,
+    so that a chunk ends inside a row): the values of torch.var(0, unbiased=False), which accumulates in float64,
+    and within round-off of NumPy's float64 variance."""
+    from distmerge.methods import selection
+
+    monkeypatch.setattr(selection, "VARIANCE_CHUNK", 4096)
+    gen = torch.Generator().manual_seed(1)
+    deltas = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).float()
+    got = selection.population_variance(deltas)
+    assert got.shape == deltas.shape[1:] and got.dtype == torch.float32
+    assert torch.equal(got, deltas.var(0, unbiased=False))
+    np.testing.assert_allclose(got.numpy(), deltas.double().numpy().var(0), rtol=1e-6, atol=0)
+
+
 def test_sce_count_of_kept_entries_is_rounded_in_float32():
     """floor(float32(m) * float32(select_topk)): with m = 90 and select_topk 0.7, float32 gives 63 (63.0), float64
     62 (62.99999999999999)."""

@@ -19,7 +19,7 @@ import pytest
 from conftest import write_config
 
 from distmerge.config import load_config
-from distmerge.errors import StorageError
+from distmerge.errors import ConfigError, StorageError
 from distmerge.merge import finalize, merge
 from distmerge.methods import elementwise
 from distmerge.plan import build_plan, fingerprint
@@ -130,6 +130,27 @@ def test_a_merge_across_two_nodes_writes_the_local_bytes(tmp_path, family_bf16_s
     merge(replace(config, engine=replace(config.engine, runtime="ray", workers=2, shard_size=6000)),
           tmp_path / "ray", quiet=True)
     assert shard_bytes(tmp_path / "ray") == expected and len(expected) >= 3
+
+
+def test_without_a_budget_the_smallest_cpu_worker_decides_what_is_refused(tmp_path, family_bf16_sharded, cluster):
+    """Connected, the driver knows the workers' memory: each node's Ray `memory` resource, shared by as many
+    workers as its CPUs fit; it plans from the smallest worker. A node of 2 CPUs and 200 kB makes 100 kB workers,
+    too small for a tensor that ties merges whole: refused with one error naming the tensor, before any output."""
+    small = cluster.add_node(num_cpus=2, memory=200_000, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    try:
+        runtime = RayRuntime("cpu", quiet=True)
+        try:
+            assert runtime.placement.memory == 100_000
+        finally:
+            runtime.close()
+        config = load_config(write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded,
+                                          parameters={"density": 0.5}))
+        with pytest.raises(ConfigError, match=r"^tensor \S+ .* needs .* more than a Ray worker's 100\.0 KB"):
+            merge(replace(config, engine=replace(config.engine, runtime="ray")), tmp_path / "out", quiet=True)
+        assert not (tmp_path / "out").exists()
+    finally:
+        cluster.remove_node(small)
 
 
 def test_losing_a_worker_node_moves_its_units_to_the_other_node(tmp_path, family_bf16_sharded, cluster,

@@ -18,7 +18,7 @@ from distmerge.merge import finalize, merge
 from distmerge.methods import elementwise
 from distmerge.plan import build_plan, fingerprint
 from distmerge.progress import Progress
-from distmerge.runtime.ray import RayRuntime, WorkerPool
+from distmerge.runtime.ray import RayRuntime, WorkerPool, cpu_worker_memory
 from distmerge.writer import OutputDir
 
 ray = pytest.importorskip("ray")
@@ -322,3 +322,15 @@ def test_a_dead_worker_charges_only_the_unit_it_was_running(tmp_path, ray_addres
     assert len(list(tmp_path.glob("actor*"))) == 2 + replacement_dies_coming_up
     starts = {name: len(list(tmp_path.glob(f"{name}.start*"))) for name in "ABC"}
     assert starts == {"A": 1, "B": 2, "C": 1}
+
+
+def test_a_cpu_worker_holds_its_share_of_its_node():
+    """Each live node's `memory` resource over the workers its CPUs fit; the smallest share decides."""
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 8e9}},
+             {"Alive": True, "Resources": {"CPU": 2.0, "memory": 2e9}},
+             {"Alive": False, "Resources": {"CPU": 1.0, "memory": 1e3}},  # gone
+             {"Alive": True, "Resources": {"memory": 1e3}}]  # a head without CPUs hosts no worker
+    assert cpu_worker_memory(nodes, threads=1) == 1e9  # the second node's two workers
+    assert cpu_worker_memory(nodes, threads=2) == 2e9  # 4e9 each on the first node, 2e9 on the second
+    assert cpu_worker_memory(nodes, threads=3) == 8e9  # only the first node fits one
+    assert cpu_worker_memory(nodes, threads=8) is None

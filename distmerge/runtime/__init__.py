@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Placement:
     """Where the work runs: the device type of every worker and, on CPU, the threads per worker (LAPACK's
-    results depend on it)."""
+    results depend on it); `memory`: what the smallest worker can hold, where the runtime knows more than the
+    plan does (the plan knows the machine that plans it)."""
 
     device: str
     threads: int | None
+    memory: int | None = None
 
 
 class Runtime(Protocol):

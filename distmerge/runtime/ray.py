@@ -255,6 +255,14 @@ class HeadWatch:
         self._stop.set()
 
 
+def cpu_worker_memory(nodes: list[dict], threads: int) -> int | None:
+    """What the smallest CPU worker of `threads` CPUs can hold: each live node's Ray `memory` resource (the memory
+    its tasks and actors may use) shared by as many workers as its CPUs fit; None where no node says."""
+    shares = [node["Resources"]["memory"] / (node["Resources"]["CPU"] // threads) for node in nodes
+              if node.get("Alive") and node["Resources"].get("CPU", 0) >= threads and node["Resources"].get("memory")]
+    return int(min(shares)) if shares else None
+
+
 class RayRuntime:
     def __init__(self, device: str | None, workers: int | None = None, address: str | None = None,
                  threads: int | None = None, quiet: bool = False):
@@ -278,7 +286,8 @@ class RayRuntime:
         else:
             threads = threads or 1
             slots, self._bundle = cpus // threads, {"CPU": threads}
-        self.placement = Placement(device, threads)
+        memory = cpu_worker_memory(ray.nodes(), self._bundle["CPU"]) if device == "cpu" else None
+        self.placement = Placement(device, threads, memory)
         self.workers = workers or slots
         if self.workers < 1 or self.workers > slots:
             raise UserError(f"--workers {self.workers} does not fit the Ray cluster: it has room for {slots} "
