@@ -134,19 +134,19 @@ def test_a_merge_across_two_nodes_writes_the_local_bytes(tmp_path, family_bf16_s
 
 def test_without_a_budget_the_smallest_cpu_worker_decides_what_is_refused(tmp_path, family_bf16_sharded, cluster):
     """Connected, the driver knows the workers' memory: each node's Ray `memory` resource, shared by as many
-    workers as its CPUs fit; it plans from the smallest worker. A node of 2 CPUs and 200 kB makes 100 kB workers,
-    too small for a tensor that ties merges whole: refused with one error naming the tensor, before any output."""
-    small = cluster.add_node(num_cpus=2, memory=200_000, object_store_memory=80 * 2**20)
+    workers as its CPUs fit; it plans from the smallest worker. A node of 2 CPUs and 80 kB makes 40 kB workers,
+    too small for the 57 kB that ties needs to merge an MLP matrix whole: refused with one error naming the tensor, before any output."""
+    small = cluster.add_node(num_cpus=2, memory=80_000, object_store_memory=80 * 2**20)
     cluster.wait_for_nodes()
     try:
         runtime = RayRuntime("cpu", quiet=True)
         try:
-            assert runtime.placement.memory == 100_000
+            assert runtime.placement.memory == 40_000
         finally:
             runtime.close()
         config = load_config(write_config(tmp_path / "ties.yaml", "ties", family_bf16_sharded,
                                           parameters={"density": 0.5}))
-        with pytest.raises(ConfigError, match=r"^tensor \S+ .* needs .* more than a Ray worker's 100\.0 KB"):
+        with pytest.raises(ConfigError, match=r"^tensor \S+ .* needs .* more than a Ray worker's 40\.0 KB"):
             merge(replace(config, engine=replace(config.engine, runtime="ray")), tmp_path / "out", quiet=True)
         assert not (tmp_path / "out").exists()
     finally:
