@@ -35,7 +35,9 @@ against the physical limit everywhere, on the same checkpoints.
    - consensus_ta, consensus_ties and rtsvm have no peer: their ratio is to the physical limit;
    - the physical limit (speed/read_write.py), once per family: read every input tensor of every model with
      safetensors (safe_open + get_tensor, one at a time) and write one model's worth of output bytes.
-   The inputs are read once before timing, so every run reads from the page cache.
+   The inputs are read once before timing, so every run reads from the page cache. A peer's run that fails is
+   a result: recorded with its error, not run again, and its method compared with the physical limit instead; a
+   failure of distmerge or of the physical limit stops the benchmark.
 4. Checks the outputs of the last round (linear against an exact float64 reference for both tools; every other
    method with a peer against the peer's merged task vector: close for the deterministic ones, the same norm for
    the random dare_* and della*; arcee_fusion and model_stock, where mergekit's bfloat16 compute is too coarse,
@@ -120,6 +122,15 @@ def peer_pythons(args, methods: list[str]) -> tuple[dict, dict]:
     return pythons, versions
 
 
+def run_or_record_failure(command: list[str], work: Path, label: str) -> dict:
+    """One measured run. A peer's failure is a result (recorded with its error; its method is then compared with
+    the physical limit); a failure of distmerge or of the physical limit stops the benchmark."""
+    result = runs.measure(command, work, label)
+    if "error" in result and label.startswith(("distmerge:", "limit:")):
+        raise SystemExit(f"{label} failed: {result['error']}\n{shlex.join(command)}")
+    return result
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -149,24 +160,32 @@ def main(argv=None) -> int:
     log(", ".join(f"{g}: {f['params'] / 1e9:.3f}B parameters per model" for g, f in fams.items())
         + f"; {len(jobs)} runs a round; warming the page cache")
     runs.warm_page_cache(list({id(f): f for f in fams.values()}.values()))
-    done = []
+    done, failed = [], set()  # failed: peer runs that failed, not run again
     for round_ in range(1, args.runs + 1):
         for label, command, target in jobs:
-            if label == "distmerge:tsvm_auto" and round_ > args.auto_runs:
+            if label in failed or (label == "distmerge:tsvm_auto" and round_ > args.auto_runs):
                 continue
             shutil.rmtree(target, ignore_errors=True)
-            result = runs.measure(command, work, label)
+            result = run_or_record_failure(command, work, label)
             result.update({"round": round_, "label": label, "command": shlex.join(command)})
             done.append(result)
+            if "error" in result:
+                failed.add(label)
+                log(f"round {round_}/{args.runs} {label:28s} FAILED after {result['wall_s']:.1f} s, not run again: "
+                    f"{result['error']}")
+                continue
             log(f"round {round_}/{args.runs} {label:28s} {result['wall_s']:7.1f} s  peak RSS "
                 f"{result['maxrss_bytes'] / 1e9:.2f} GB  load {result['load_before'][0]:.1f}")
         if round_ < args.runs:  # partial results after every round, so an interrupted run leaves numbers
             write_results(args, argv, started, fams, work, setting, peer_versions, done, [], partial=True)
     for label, command, target in float32_jobs:  # untimed: only the checks read their outputs
         shutil.rmtree(target, ignore_errors=True)
-        runs.measure(command, work, label)
-        log(f"{label} for the checks (untimed)")
-    found = checks.check_outputs(fams, work, [label for label, _, _ in jobs + float32_jobs])
+        if "error" in (result := run_or_record_failure(command, work, label)):
+            failed.add(label)
+            log(f"{label} for the checks (untimed) FAILED: {result['error']}")
+        else:
+            log(f"{label} for the checks (untimed)")
+    found = checks.check_outputs(fams, work, [label for label, _, _ in jobs + float32_jobs if label not in failed])
     for c in found:
         log(f"check {c['check']}: {'ok' if c['ok'] else 'FAILED'}")
     targets = write_results(args, argv, started, fams, work, setting, peer_versions, done, found, partial=False)
@@ -191,6 +210,7 @@ def write_results(args, argv, started, fams, work, setting, peer_versions, done,
         "peer_versions": peer_versions, "peers": setting["peers"], "runs": args.runs, "auto_runs": args.auto_runs,
         "methods": {g: [m for m in setting["methods"] if cases.group(f"distmerge:{m}") == g] for g in fams},
         "spectral_exclude": setting["exclude"], "work": str(work),
+        "failed": sorted({r["label"] for r in done if "error" in r}),
         "out_shard_size": fams["elementwise"]["shard_size"],
         "families": {g: {k: (str(v) if isinstance(v, Path) else v) for k, v in f.items() if k != "experts"}
                      for g, f in fams.items()},

@@ -12,10 +12,10 @@ def median(values: list[float]) -> float:
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
-    """label -> medians over its runs of wall time, peak RSS and tree peak."""
+    """label -> medians over its runs that did not fail of wall time, peak RSS and tree peak."""
     out = {}
-    for label in dict.fromkeys(r["label"] for r in runs):
-        mine = [r for r in runs if r["label"] == label]
+    for label in dict.fromkeys(r["label"] for r in runs if "error" not in r):
+        mine = [r for r in runs if r["label"] == label and "error" not in r]
         out[label] = {"runs": len(mine), "wall_s": median([r["wall_s"] for r in mine]),
                       "maxrss_bytes": median([r["maxrss_bytes"] for r in mine]),
                       "tree_peak_bytes": median([r["tree_peak_bytes"] or 0 for r in mine]) or None}
@@ -71,6 +71,8 @@ def method_lines(context: dict) -> list[str]:
             return "distmerge only: against the physical limit"
         if tool not in context["peers"]:
             return f"{names[tool]} not run: against the physical limit"
+        if peer(method) in context["failed"]:
+            return f"{names[tool]} failed, see below: against the physical limit"
         return f"with {names[tool]}"
 
     lines = []
@@ -194,19 +196,30 @@ def checks_table(checks: list[dict]) -> list[str]:
     return lines
 
 
+def failures_table(runs: list[dict]) -> list[str]:
+    """The peer runs that failed (each is not run again); empty where none did."""
+    failed = [r for r in runs if "error" in r]
+    if not failed:
+        return []
+    return ["## Peer runs that failed (not run again; their methods are compared with the physical limit)", "",
+            "| round | run | after (s) | error |", "|---|---|---|---|",
+            *[f"| {r['round']} | {r['label']} | {r['wall_s']:.1f} | {r['error']} |" for r in failed]]
+
+
 def runs_table(runs: list[dict]) -> list[str]:
     lines = ["## Every run", "",
              ("| round | run | wall (s) | peak RSS (GB) | tree peak (GB) | user+sys CPU (s) | load 1 min before -> "
               "after |"), "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['round']} | {r['label']} | {r['wall_s']:.2f} | {gb(r['maxrss_bytes'])} | "
+        lines.append(f"| {r['round']} | {r['label']}{' (failed)' if 'error' in r else ''} | {r['wall_s']:.2f} | {gb(r['maxrss_bytes'])} | "
                      f"{gb(r['tree_peak_bytes'])} | {r['user_s'] + r['sys_s']:.1f} | "
                      f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} |")
     return lines
 
 
 def render(context: dict, runs: list[dict], medians: dict, targets: list[dict], checks: list[dict]) -> str:
-    sections = [header(context), medians_table(medians), targets_table(targets), checks_table(checks), runs_table(runs)]
+    sections = [header(context), medians_table(medians), targets_table(targets), checks_table(checks),
+                failures_table(runs), runs_table(runs)]
     if context.get("notes"):
         sections.append(["## Notes", "", *[f"- {n}" for n in context["notes"]]])
-    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"

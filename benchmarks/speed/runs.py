@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ READ_WRITE = HERE / "read_write.py"
 
 
 def measure(command: list[str], work: Path, label: str) -> dict:
-    """Run `command` under a fresh wrapper (measure.py); wall time, peak RSS, load averages before and after."""
+    """Run `command` under a fresh wrapper (measure.py); wall time, peak RSS, load averages before and after, and
+    for a run that failed, `error`: its exit status and its log from the last line that names an error."""
     result_file, log_file = work / "measure.json", work / "logs" / f"{label.replace(':', '-')}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
@@ -29,8 +29,10 @@ def measure(command: list[str], work: Path, label: str) -> dict:
     result = json.loads(result_file.read_text())
     result.update({"load_before": list(load_before), "load_after": list(load_after)})
     if result["returncode"] != 0:
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{label} failed (exit {result['returncode']}): {shlex.join(command)}\n{tail}")
+        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+        named = [i for i, line in enumerate(lines) if "Error" in line or "error:" in line]
+        message = " ".join(lines[named[-1] if named else -1:])[:400] or "no output"
+        result["error"] = f"exit {result['returncode']}: {message} (log: {log_file})"
     return result
 
 
