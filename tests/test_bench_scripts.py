@@ -90,3 +90,26 @@ def test_quality_benchmark_tiny(tmp_path):
     run_script("quality/run.py", "--tiny", "--cache", str(tmp_path), "--jobs", "1", timeout=1800)
     tables = list((tmp_path / "quality").rglob("*.md"))
     assert tables, "the tiny run wrote no table"
+
+
+def test_bench_speed_report_keeps_a_failed_peer_run_out_of_the_medians():
+    """A peer run that failed (FusionBench's iso_cts once stopped in LAPACK's SVD) is listed with its error; the
+    medians come from the runs that finished, and its method is compared with the physical limit."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from speed import report
+
+    def run(label, wall_s, round_=1, **extra):
+        return {"label": label, "round": round_, "wall_s": wall_s, "maxrss_bytes": 1e9, "tree_peak_bytes": 1e9,
+                "user_s": wall_s, "sys_s": 0.0, "load_before": [1.0], "load_after": [1.0], **extra}
+
+    runs = [run("limit:read_write", 1.0), run("distmerge:iso_cts", 4.0), run("distmerge:iso_cts", 6.0, 2),
+            run("fusionbench:iso_cts", 3.0, error="exit 1: _LinAlgError: linalg.svd: failed to converge")]
+    medians = report.summarise(runs)
+    assert set(medians) == {"limit:read_write", "distmerge:iso_cts"}
+    assert medians["distmerge:iso_cts"]["wall_s"] == 5.0 and medians["distmerge:iso_cts"]["runs"] == 2
+    [target] = report.evaluate_targets(medians)
+    assert (target["peer"], target["time_ratio"]) == ("limit:read_write", 5.0)
+    failures = "\n".join(report.failures_table(runs))
+    assert "| 1 | fusionbench:iso_cts | 3.0 | exit 1: _LinAlgError" in failures
+    assert "| fusionbench:iso_cts (failed) |" in "\n".join(report.runs_table(runs))
+    assert report.failures_table(runs[:3]) == []
