@@ -211,7 +211,8 @@ def runs_table(runs: list[dict]) -> list[str]:
              ("| round | run | wall (s) | peak RSS (GB) | tree peak (GB) | user+sys CPU (s) | load 1 min before -> "
               "after |"), "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['round']} | {r['label']}{' (failed)' if 'error' in r else ''} | {r['wall_s']:.2f} | {gb(r['maxrss_bytes'])} | "
+        label = f"{r['label']} (failed)" if "error" in r else r["label"]
+        lines.append(f"| {r['round']} | {label} | {r['wall_s']:.2f} | {gb(r['maxrss_bytes'])} | "
                      f"{gb(r['tree_peak_bytes'])} | {r['user_s'] + r['sys_s']:.1f} | "
                      f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} |")
     return lines
