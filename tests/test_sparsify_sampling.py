@@ -188,6 +188,17 @@ def test_della_keep_probability_follows_row_ranks(shape, kind):
             assert torch.allclose(rows.max(1).values, torch.tensor(density + epsilon), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["ties", "subnormal", "few_values", "lognormal"])
+def test_della_keep_probability_ranks_blocks_of_rows_in_float32_and_float64(kind, dtype):
+    """A tensor of several rank blocks (ranked on several threads), in both compute dtypes: every rank is the
+    entry's place in a stable sort of its row (one rank apart is 2 epsilon / 999 = 3e-4)."""
+    x = magnitudes(kind, 700 * 1000, seed=3).reshape(700, 1000)
+    got = della_keep_probability(torch.from_numpy(x).to(dtype), 0.5, 0.15)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.double().numpy(), ref.della_probability(x, 0.5, 0.15), rtol=0, atol=1e-6)
+
+
 # ---- histogram thresholds ----------------------------------------------------------------------------------------
 
 
