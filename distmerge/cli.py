@@ -93,8 +93,8 @@ def _mergekit_no_op(f):
 @click.option("--shard-size", help="Output shard size, e.g. 2GB (default 5GB).")
 @click.option("--out-shard-size", help="Output shard size as mergekit writes it: 5B is 5e9 bytes, also K and M.")
 @click.option("--memory-budget", help="Memory one worker may hold for a tensor, e.g. 8GB (default: a quarter of "
-              "this machine's; under Ray on CPUs, of the smallest worker's share of its node); larger tensors of "
-              "elementwise methods are merged in row blocks.")
+              "this machine's; under Ray, of the smallest worker's share of its node, or of the smallest GPU); larger "
+              "tensors of elementwise methods are merged in row blocks.")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray runtime: number of actors (default: one per GPU).")
 @click.option("--address", help="Ray runtime: cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--threads", "-j", "--num-threads", "threads", type=click.IntRange(min=1),

@@ -153,6 +153,31 @@ def test_without_a_budget_the_smallest_cpu_worker_decides_what_is_refused(tmp_pa
         cluster.remove_node(small)
 
 
+def test_gpu_workers_memory_is_asked_of_a_gpu_on_every_gpu_node(cluster):
+    """The driver sees no GPU: one task on each node with GPUs, holding one of them, reports its memory, and the
+    smallest decides. Two nodes of one (Ray-declared) GPU each, with 80 and 40 GB said by a stand-in probe; a real
+    RayRuntime on these CUDA-less GPUs learns nothing and plans as before."""
+    nodes = [cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=80 * 2**20) for _ in range(2)]
+    cluster.wait_for_nodes()
+    said = {nodes[0].node_id: 80 * 10**9, nodes[1].node_id: 40 * 10**9}
+
+    def probe():
+        node = ray.get_runtime_context().get_node_id()
+        assert ray.get_gpu_ids(), "the probe holds a GPU"
+        return said[node]
+
+    try:
+        assert ray_runtime.gpu_worker_memory(ray, ray.nodes(), probe=probe) == 40 * 10**9
+        runtime = RayRuntime("cuda", quiet=True)
+        try:
+            assert runtime.placement.memory is None
+        finally:
+            runtime.close()
+    finally:
+        for node in nodes:
+            cluster.remove_node(node)
+
+
 def test_losing_a_worker_node_moves_its_units_to_the_other_node(tmp_path, family_bf16_sharded, cluster,
                                                                  monkeypatch):
     """The lost node's worker cannot be replaced (the other node is full): after the start timeout, well before

@@ -3,7 +3,7 @@
 Selection never sorts a whole tensor. For non-negative floats the bit pattern orders like the value, so the top 16
 bits of |x| (sign cleared) are a bucket index that orders like the magnitude: bfloat16 precision for float32
 inputs. One histogram of those buckets finds the bucket holding the k-th largest magnitude; only that bucket's
-members (a fraction of a percent of a float32 tensor) are then sorted. The same histogram, summed over a whole
+members are then ranked, by histograms of their lower bits. The same histogram, summed over a whole
 model, gives TIES its global thresholds.
 
 Ties at the boundary are broken by position, as a stable sort would break them, so masks hold exactly the
@@ -53,11 +53,28 @@ def _kth_largest_members(values: torch.Tensor, k: int):
 
 
 def _largest_members(members: torch.Tensor, rank: int) -> torch.Tensor:
-    """Indices of the `rank` largest `members`, equal values in their given order. A bucket of equal values (an
-    unchanged tensor's zeros, say) needs no sort."""
-    if rank == members.numel() or bool(members.amin() == members.amax()):
-        return torch.arange(rank, device=members.device)
-    return torch.sort(members, descending=True, stable=True).indices[:rank]
+    """Indices of the `rank` largest of non-negative `members`, equal values in their given order, with no sort: a
+    radix select over the 16-bit digits of their bit patterns, most significant first, finds the bit pattern of
+    the rank-th largest. Task vectors of bfloat16 fine-tunes are multiples of a few ulps of their weights, so one
+    bucket can hold a fifth of a tensor, where a stable sort took several times as long."""
+    width = 8 * members.element_size()
+    bits = members.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[width]).to(torch.int64)
+    prefix = 0  # the top digits of the rank-th largest's bit pattern found so far
+    for shift in range(width - 16, -1, -16):
+        digit = (bits >> shift) & 0xFFFF
+        if shift + 16 < width:  # members outside the prefix count in an extra bucket, below every digit
+            digit = torch.where((bits >> (shift + 16)) == prefix, digit + 1, 0)
+        else:
+            digit += 1
+        counts = torch.bincount(digit, minlength=(1 << 16) + 1)
+        boundary, rank = _bucket_holding_kth_largest(counts, rank)
+        prefix = (prefix << 16) | (boundary - 1)
+    if rank == int(counts[boundary]):  # every member equal to the rank-th largest is kept
+        kept = bits >= prefix
+    else:  # the first `rank` of them in the given order
+        equal = bits == prefix
+        kept = (bits > prefix) | (equal & (equal.cumsum(0) <= rank))
+    return kept.nonzero().squeeze(1)
 
 
 def kth_largest(magnitudes: torch.Tensor, k: int) -> float:

@@ -35,6 +35,7 @@ PLACEMENT_TIMEOUT_S = float(os.environ.get("DISTMERGE_PLACEMENT_TIMEOUT", "600")
 WORKER_START_TIMEOUT_S = float(os.environ.get("DISTMERGE_WORKER_START_TIMEOUT", "300"))
 HEAD_TIMEOUT_S = float(os.environ.get("DISTMERGE_HEAD_TIMEOUT", "30"))  # below Ray's own 60 s
 HEAD_PROBE_INTERVAL_S = 5.0
+GPU_PROBE_TIMEOUT_S = 120.0  # asking each GPU node its GPU's memory: a worker process starts and imports torch
 SETTLE_TIMEOUT_S = 30.0  # after an actor died: how long its other tasks get to report their end
 
 
@@ -263,6 +264,29 @@ def cpu_worker_memory(nodes: list[dict], threads: int) -> int | None:
     return int(min(shares)) if shares else None
 
 
+def device_memory() -> int | None:
+    """The memory of the GPU Ray gave this process (the first one it sees); None where CUDA is not usable."""
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def gpu_worker_memory(ray, nodes: list[dict], probe: Callable[[], int | None] = device_memory) -> int | None:
+    """What the smallest GPU worker can hold: the driver sees no GPU, so one task per live node with a GPU asks
+    one of them (`probe`, on that node, holding one GPU). None where no GPU answers within GPU_PROBE_TIMEOUT_S
+    (every GPU busy) or none can say."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(probe)
+    answers = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+               for node in nodes if node.get("Alive") and node["Resources"].get("GPU", 0) >= 1]
+    try:
+        memories = [memory for memory in ray.get(answers, timeout=GPU_PROBE_TIMEOUT_S) if memory]
+    except ray.exceptions.GetTimeoutError:
+        for answer in answers:
+            ray.cancel(answer, force=True)
+        return None
+    return min(memories) if memories else None
+
+
 class RayRuntime:
     def __init__(self, device: str | None, workers: int | None = None, address: str | None = None,
                  threads: int | None = None, quiet: bool = False):
@@ -286,7 +310,10 @@ class RayRuntime:
         else:
             threads = threads or 1
             slots, self._bundle = cpus // threads, {"CPU": threads}
-        memory = cpu_worker_memory(ray.nodes(), self._bundle["CPU"]) if device == "cpu" else None
+        if device == "cpu":
+            memory = cpu_worker_memory(ray.nodes(), self._bundle["CPU"])
+        else:
+            memory = gpu_worker_memory(ray, ray.nodes())
         self.placement = Placement(device, threads, memory)
         self.workers = workers or slots
         if self.workers < 1 or self.workers > slots:
