@@ -323,9 +323,16 @@ def singular_values_via_gram(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram64(matrix)).clamp(min=0).sqrt()
 
 
+def polar_from_svd(factors: Factors) -> torch.Tensor:
+    """P Q^T from the SVD A = P diag(s) Q^T, without the directions whose singular value is below POLAR_RCOND of
+    the largest, as the Gram route drops them: a rank-deficient A's null directions are otherwise whatever the
+    SVD's round-off makes them, so the result would change with the LAPACK call (batched or not, CPU or GPU)."""
+    keep = factors.S > POLAR_RCOND * factors.S[..., :1]
+    return (factors.U * keep.unsqueeze(-2)) @ factors.V.mT
+
+
 def polar_via_svd(matrix: torch.Tensor) -> torch.Tensor:
-    factors = exact_svd(matrix)
-    return factors.U @ factors.V.mT
+    return polar_from_svd(exact_svd(matrix))
 
 
 def polar(matrix: torch.Tensor, method: str) -> torch.Tensor:
@@ -340,8 +347,7 @@ class StackedFactors:
 
     A stack's matrices may keep different numbers of triplets; the buffers start at zero, so one that keeps fewer
     has zero columns after its own, with zero singular values: they add nothing, and leave its other columns' polar
-    factors as they are (the Gram route drops a zero direction; to the SVD route it is a null direction, weighted
-    by its zero singular value)."""
+    factors as they are (both polar routes drop a zero direction)."""
 
     def __init__(self, rows: int, cols: int, capacity: int, like: torch.Tensor):
         batch = like.shape[:-2]

@@ -32,6 +32,7 @@ from .linalg import (
     energy_svd_routes,
     exact_svd,
     polar,
+    polar_from_svd,
     polar_route,
     resolve_backend,
     singular_values_via_gram,
@@ -571,7 +572,7 @@ def isotropic_sum(base, deltas, p, ctxs):
     if p["polar"] == "svd":
         factors = exact_svd(tall)
         mean_singular_values = factors.S.mean(-1)
-        orthogonal = factors.U @ factors.V.mT
+        orthogonal = polar_from_svd(factors)
     else:
         mean_singular_values = singular_values_via_gram(tall).mean(-1)
         orthogonal = polar(tall, "gram")
