@@ -95,6 +95,22 @@ def test_top_k_mask_is_a_stable_sort_prefix(kind, prefer_low_index):
         np.testing.assert_array_equal(mask.numpy(), ref.top_k_mask(x, k, prefer_low_index), err_msg=f"k={k}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_top_k_mask_of_a_bfloat16_fine_tunes_task_vector(dtype):
+    """A task vector of a bfloat16 fine-tune is a few ulps of its weights: at k = n / 2 a fifth of it shares the
+    k-th largest's top 16 bits, and all of those its exact value (at k = 9000, 2620 of them). In every compute dtype, exactly the entries a stable
+    NumPy sort of those values puts first."""
+    gen = np.random.default_rng(11)
+    base = torch.tensor(gen.standard_normal(40_000), dtype=torch.bfloat16).float()
+    tuned = (base + 0.01 * torch.tensor(gen.standard_normal(40_000), dtype=torch.float32)).bfloat16().float()
+    delta = (tuned - base).to(dtype)
+    x = delta.double().numpy()
+    for k in (1, 9_000, 20_000, 39_999):
+        mask = top_k_mask(delta, k)
+        assert int(mask.sum()) == k
+        np.testing.assert_array_equal(mask.numpy(), ref.top_k_mask(np.abs(x), k, True), err_msg=f"k={k}")
+
+
 def test_top_k_mask_ties_by_index_hand_worked():
     x = torch.tensor([1.0, 3.0, 1.0, 2.0, 1.0, 1.0])
     # top 3: 3 and 2, then one of the four 1.0s: index 0 (low first) or index 5 (high first)

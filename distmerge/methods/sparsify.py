@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 HIGH_BINS = 1 << 15  # top 16 bits of a magnitude: sign bit 0, so 2^15 buckets
-RANK_BLOCK_ENTRIES = 1 << 18  # entries ranked at once by one thread: its sort scratch stays in its caches
+RANK_BLOCK_ENTRIES = 1 << 18  # entries ranked at once by one CPU thread
 _TOP_WORD = 1 if sys.byteorder == "little" else 0  # which 16-bit half of a float32 holds its top bits
 
 
@@ -172,7 +172,8 @@ def della_keep_probability(magnitudes: torch.Tensor, density: float, epsilon: fl
             order = torch.sort(block, dim=1, stable=stable).indices
         probability[lo:lo + step].scatter_(1, order, ramp.expand(order.shape[0], -1))
 
-    step = max(1, RANK_BLOCK_ENTRIES // max(1, n_cols))  # bounds the sort's int64 scratch
+    # a thread's block stays in its caches; torch's sort (a GPU's) takes large blocks, which bound its int64 scratch
+    step = max(1, (RANK_BLOCK_ENTRIES if radix else 1 << 24) // max(1, n_cols))
     starts = range(0, rows.shape[0], step)
     threads = torch.get_num_threads() if radix else 1
     if threads > 1 and len(starts) > 1:
